@@ -1,0 +1,3 @@
+"""edge-intercom board agent."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Audio I/O: ALSA devices through PyAudio, file and tone sources, resampling."""

@@ -1,0 +1,9 @@
+"""The one audio format used inside the agent: 48 kHz mono int16, 20 ms frames."""
+
+SAMPLE_RATE = 48_000
+CHANNELS = 1
+SAMPLE_BYTES = 2
+FRAME_MS = 20
+FRAME_SAMPLES = SAMPLE_RATE * FRAME_MS // 1000  # 960
+FRAME_BYTES = FRAME_SAMPLES * CHANNELS * SAMPLE_BYTES  # 1920
+SILENCE = bytes(FRAME_BYTES)

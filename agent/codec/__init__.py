@@ -1,0 +1,1 @@
+"""Opus encoder and decoder."""

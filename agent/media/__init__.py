@@ -1,0 +1,1 @@
+"""RTP/RTCP, RED, jitter buffer, SRTP and the media session."""

@@ -1,0 +1,1 @@
+"""Datagram transports for media (UDP now, ICE later)."""

@@ -1,0 +1,1 @@
+"""edge-intercom cloud relay."""

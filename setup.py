@@ -1,0 +1,37 @@
+"""Packaging for edge-intercom: the board agent and the cloud relay."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="edge-intercom",
+    version="0.1.0",
+    description="Voice intercom for Raspberry-class boards: agent and cloud relay",
+    python_requires=">=3.11",
+    packages=find_packages(include=["agent", "agent.*", "cloud_relay", "cloud_relay.*"]),
+    package_data={"agent": ["py.typed"]},
+    install_requires=[
+        "numpy>=1.24",
+        "opuslib==3.0.1",
+        "pyaudio>=0.2.13",
+        "pylibsrtp>=0.10",
+        "soxr>=0.3",
+    ],
+    extras_require={
+        "test": [
+            "coverage>=7",
+            "hypothesis>=6.90",
+            "mypy>=1.8",
+            "pesq>=0.0.4",
+            "pytest>=8",
+            "pytest-asyncio>=0.23",
+            "pytest-timeout>=2.2",
+            "ruff>=0.5",
+        ],
+    },
+    entry_points={
+        "console_scripts": [
+            "edge-intercom-agent=agent.app:main",
+            "edge-intercom-relay=cloud_relay.__main__:main",
+        ],
+    },
+)
