@@ -93,7 +93,11 @@ class _Side(asyncio.DatagramProtocol):
         self.transport = typing.cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: Address) -> None:
-        if addr[:2] != self.peer or self.other is None or self.model is None:
+        if self.peer is None:
+            self.peer = addr[:2]  # latch onto the first sender, like a NAT would
+        elif addr[:2] != self.peer:
+            return
+        if self.other is None or self.model is None:
             return
         if self.model.lost():
             self.proxy._dropped += 1
@@ -131,12 +135,13 @@ class ImpairmentProxy:
 
     def connect(
         self,
-        a: Address,
-        b: Address,
+        a: Address | None,
+        b: Address | None,
         a_to_b: Impairment = Impairment(),
         b_to_a: Impairment = Impairment(),
     ) -> None:
-        """Set the two endpoints and the impairment applied in each direction."""
+        """Set the endpoints and the impairment in each direction; an endpoint left None is
+        learnt from the first datagram that reaches its side."""
         self._a.peer, self._b.peer = a, b
         self._a.model = LossModel(a_to_b)
         self._b.model = LossModel(b_to_a)

@@ -80,7 +80,9 @@ class UdpTransport:
         self._send_errors = 0
 
     @classmethod
-    async def bind(cls, host: str = "127.0.0.1", port: int = 0, queue_size: int = 256) -> UdpTransport:
+    async def bind(
+        cls, host: str = "127.0.0.1", port: int = 0, queue_size: int = 256
+    ) -> UdpTransport:
         self = cls(queue_size)
         loop = asyncio.get_running_loop()
         transport, _ = await loop.create_datagram_endpoint(

@@ -1,0 +1,105 @@
+"""RFC 2198 redundant audio (RED) as browsers use it for Opus: same-PT blocks, oldest first."""
+
+from __future__ import annotations
+
+import struct
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+OPUS_PAYLOAD_TYPE = 111
+MAX_TIMESTAMP_OFFSET = (1 << 14) - 1
+MAX_BLOCK_LENGTH = (1 << 10) - 1
+MAX_DISTANCE = 3
+
+# Redundant block header: F=1, PT (7), timestamp offset (14), block length (10).
+_BLOCK_HEADER = struct.Struct("!I")
+_TS_MASK = 0xFFFFFFFF
+
+
+class RedError(ValueError):
+    """Raised for RED payloads that cannot be parsed or blocks that cannot be encoded."""
+
+
+@dataclass(frozen=True, slots=True)
+class RedBlock:
+    payload_type: int
+    timestamp_offset: int  # how far before the RTP packet's timestamp this block starts
+    payload: bytes
+
+
+def encode_red(primary_pt: int, primary: bytes, redundant: Sequence[tuple[int, bytes]]) -> bytes:
+    """Build a RED payload: redundant (offset, payload) blocks oldest first, then the primary.
+
+    Redundant blocks use primary_pt. Blocks whose offset or length does not fit the
+    14/10-bit header fields are left out, as libwebrtc does.
+    """
+    if not 0 <= primary_pt <= 0x7F:
+        raise RedError(f"payload type {primary_pt} out of range 0..127")
+    headers = []
+    blocks = []
+    block_flag = (0x80 | primary_pt) << 24
+    for offset, payload in redundant:
+        if offset < 0:
+            raise RedError(f"negative timestamp offset {offset}")
+        length = len(payload)
+        if offset > MAX_TIMESTAMP_OFFSET or length > MAX_BLOCK_LENGTH:
+            continue
+        headers.append(_BLOCK_HEADER.pack(block_flag | (offset << 10) | length))
+        blocks.append(payload)
+    headers.append(bytes((primary_pt,)))
+    return b"".join(headers + blocks + [primary])
+
+
+def decode_red(data: bytes) -> list[RedBlock]:
+    """Split a RED payload into blocks, oldest first; the primary comes last with offset 0."""
+    size = len(data)
+    headers: list[tuple[int, int, int]] = []
+    offset = 0
+    while True:
+        if offset >= size:
+            raise RedError("RED payload truncated inside the block headers")
+        if not data[offset] & 0x80:
+            primary_pt = data[offset]
+            offset += 1
+            break
+        if size - offset < _BLOCK_HEADER.size:
+            raise RedError("RED payload truncated inside a redundant block header")
+        (word,) = _BLOCK_HEADER.unpack_from(data, offset)
+        offset += _BLOCK_HEADER.size
+        headers.append(((word >> 24) & 0x7F, (word >> 10) & MAX_TIMESTAMP_OFFSET, word & 0x3FF))
+    result = []
+    for payload_type, ts_offset, length in headers:
+        end = offset + length
+        if end > size:
+            raise RedError(f"RED block of {length} bytes overruns the {size}-byte payload")
+        result.append(RedBlock(payload_type, ts_offset, bytes(data[offset:end])))
+        offset = end
+    result.append(RedBlock(primary_pt, 0, bytes(data[offset:])))
+    return result
+
+
+class RedEncoder:
+    """Produces the RED payload for each new frame, repeating up to `distance` earlier frames."""
+
+    __slots__ = ("_history", "_payload_type")
+
+    def __init__(self, distance: int = 2, *, payload_type: int = OPUS_PAYLOAD_TYPE) -> None:
+        if not 0 <= distance <= MAX_DISTANCE:
+            raise ValueError(f"RED distance {distance} out of range 0..{MAX_DISTANCE}")
+        if not 0 <= payload_type <= 0x7F:
+            raise ValueError(f"payload type {payload_type} out of range 0..127")
+        self._payload_type = payload_type
+        self._history: deque[tuple[int, bytes]] = deque(maxlen=distance)
+
+    def encode(self, timestamp: int, payload: bytes) -> bytes:
+        """RED payload for the frame at RTP `timestamp` (the RTP packet carries this timestamp)."""
+        redundant = []
+        for old_timestamp, old_payload in self._history:
+            # Older frames have offsets in 1..16383; a timestamp jump backwards wraps to a
+            # huge offset and is dropped, as are DTX frames that carry nothing worth repeating.
+            ts_offset = (timestamp - old_timestamp) & _TS_MASK
+            if old_payload and 0 < ts_offset <= MAX_TIMESTAMP_OFFSET:
+                redundant.append((ts_offset, old_payload))
+        self._history.append((timestamp & _TS_MASK, payload))
+        return encode_red(self._payload_type, payload, redundant)

@@ -1,0 +1,194 @@
+"""RFC 2198 RED encoding/decoding and the per-frame RedEncoder."""
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from agent.media.red import RedBlock, RedEncoder, RedError, decode_red, encode_red
+
+
+def test_no_redundancy_is_a_one_byte_header() -> None:
+    data = encode_red(111, b"abc", [])
+    assert data == b"\x6f" + b"abc"  # F=0, PT=111
+    assert decode_red(data) == [RedBlock(111, 0, b"abc")]
+
+
+def test_one_redundant_block_built_by_hand() -> None:
+    data = encode_red(111, b"primary", [(960, b"xy")])
+    # F=1 PT=111 -> 0xEF; offset 960 (0x3C0) << 10 | length 2 -> 0x0F0002.
+    assert data == bytes([0xEF, 0x0F, 0x00, 0x02, 0x6F]) + b"xy" + b"primary"
+    assert decode_red(data) == [RedBlock(111, 960, b"xy"), RedBlock(111, 0, b"primary")]
+
+
+def test_two_redundant_blocks_oldest_first() -> None:
+    data = encode_red(111, b"P", [(1920, b"old"), (960, b"mid!")])
+    # 1920 << 10 | 3 -> 0x1E0003; 960 << 10 | 4 -> 0x0F0004.
+    expected = bytes([0xEF, 0x1E, 0x00, 0x03, 0xEF, 0x0F, 0x00, 0x04, 0x6F]) + b"oldmid!P"
+    assert data == expected
+    assert decode_red(data) == [
+        RedBlock(111, 1920, b"old"),
+        RedBlock(111, 960, b"mid!"),
+        RedBlock(111, 0, b"P"),
+    ]
+
+
+def test_field_limits() -> None:
+    data = encode_red(111, b"p", [(16383, bytes(1023))])
+    assert data[:4] == bytes([0xEF, 0xFF, 0xFF, 0xFF])
+    assert decode_red(data)[0] == RedBlock(111, 16383, bytes(1023))
+
+
+def test_oversize_blocks_are_left_out() -> None:
+    data = encode_red(
+        111,
+        b"p",
+        [(2880, bytes(1024)), (16384, b"far"), (1920, b"keep"), (960, bytes(2000))],
+    )
+    assert decode_red(data) == [RedBlock(111, 1920, b"keep"), RedBlock(111, 0, b"p")]
+
+
+def test_primary_may_exceed_block_length_limit_and_be_empty() -> None:
+    big = bytes(range(256)) * 5
+    assert decode_red(encode_red(111, big, [(960, b"r")]))[-1] == RedBlock(111, 0, big)
+    assert decode_red(b"\x6f") == [RedBlock(111, 0, b"")]
+
+
+def test_decode_keeps_block_payload_types() -> None:
+    data = bytes([0x80 | 0, 0x00, 0x04, 0x01, 0x08]) + b"a" + b"pcma"
+    assert decode_red(data) == [RedBlock(0, 1, b"a"), RedBlock(8, 0, b"pcma")]
+
+
+def test_encode_rejects_bad_arguments() -> None:
+    with pytest.raises(RedError, match="payload type"):
+        encode_red(128, b"", [])
+    with pytest.raises(RedError, match="negative"):
+        encode_red(111, b"", [(-960, b"x")])
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"", "block headers"),
+        (b"\xef", "redundant block header"),
+        (b"\xef\x0f\x00", "redundant block header"),
+        (b"\xef\x0f\x00\x02", "block headers"),
+        (b"\xef\x0f\x00\x02\x6f" + b"x", "overruns"),
+        (b"\xef\x0f\x00\x01\xef\x0f\x00\x01\x6f" + b"x", "overruns"),
+    ],
+)
+def test_decode_rejects_malformed(data: bytes, message: str) -> None:
+    with pytest.raises(RedError, match=message):
+        decode_red(data)
+
+
+def _offsets(data: bytes) -> list[tuple[int, bytes]]:
+    return [(b.timestamp_offset, b.payload) for b in decode_red(data)]
+
+
+def test_encoder_distance_two() -> None:
+    enc = RedEncoder()
+    assert _offsets(enc.encode(0, b"f0")) == [(0, b"f0")]
+    assert _offsets(enc.encode(960, b"f1")) == [(960, b"f0"), (0, b"f1")]
+    assert _offsets(enc.encode(1920, b"f2")) == [(1920, b"f0"), (960, b"f1"), (0, b"f2")]
+    assert _offsets(enc.encode(2880, b"f3")) == [(1920, b"f1"), (960, b"f2"), (0, b"f3")]
+    assert all(b.payload_type == 111 for b in decode_red(enc.encode(3840, b"f4")))
+
+
+def test_encoder_skips_dtx_frames() -> None:
+    enc = RedEncoder(2)
+    enc.encode(0, b"f0")
+    enc.encode(960, b"")
+    assert _offsets(enc.encode(1920, b"f2")) == [(1920, b"f0"), (0, b"f2")]
+    assert _offsets(enc.encode(2880, b"")) == [(960, b"f2"), (0, b"")]
+
+
+def test_encoder_timestamp_wrap() -> None:
+    enc = RedEncoder(2)
+    enc.encode(0xFFFFFFFF - 959 - 960, b"a")
+    enc.encode(0xFFFFFFFF - 959, b"b")
+    assert _offsets(enc.encode(0, b"c")) == [(1920, b"a"), (960, b"b"), (0, b"c")]
+
+
+def test_encoder_leaves_out_frames_outside_the_offset_range() -> None:
+    enc = RedEncoder(2)
+    enc.encode(1000, b"a")
+    enc.encode(1000 + 16383, b"b")
+    # "a" is now 16384 + 960 behind, "b" 960 behind.
+    assert _offsets(enc.encode(1000 + 16383 + 960, b"c")) == [(960, b"b"), (0, b"c")]
+    # A timestamp going backwards (sender reset) must not produce redundancy.
+    assert _offsets(enc.encode(0, b"d")) == [(0, b"d")]
+    # Nor must a repeated timestamp.
+    assert _offsets(enc.encode(0, b"e")) == [(0, b"e")]
+
+
+def test_encoder_leaves_out_oversize_frames() -> None:
+    enc = RedEncoder(1)
+    enc.encode(0, bytes(1024))
+    assert _offsets(enc.encode(960, b"x")) == [(0, b"x")]
+
+
+def test_encoder_distance_zero_and_three() -> None:
+    enc0 = RedEncoder(0)
+    enc0.encode(0, b"a")
+    assert enc0.encode(960, b"b") == b"\x6fb"
+    enc3 = RedEncoder(3, payload_type=100)
+    for i in range(5):
+        out = enc3.encode(960 * i, bytes([i]))
+    assert decode_red(out) == [
+        RedBlock(100, 2880, b"\x01"),
+        RedBlock(100, 1920, b"\x02"),
+        RedBlock(100, 960, b"\x03"),
+        RedBlock(100, 0, b"\x04"),
+    ]
+
+
+def test_encoder_rejects_bad_configuration() -> None:
+    with pytest.raises(ValueError, match="distance"):
+        RedEncoder(4)
+    with pytest.raises(ValueError, match="distance"):
+        RedEncoder(-1)
+    with pytest.raises(ValueError, match="payload type"):
+        RedEncoder(2, payload_type=128)
+
+
+redundant_blocks = st.lists(st.tuples(st.integers(0, 20000), st.binary(max_size=1100)), max_size=4)
+
+
+@given(st.integers(0, 127), st.binary(max_size=1500), redundant_blocks)
+def test_round_trip(pt: int, primary: bytes, redundant: list[tuple[int, bytes]]) -> None:
+    kept = [(o, p) for o, p in redundant if o <= 16383 and len(p) <= 1023]
+    expected = [RedBlock(pt, o, p) for o, p in kept] + [RedBlock(pt, 0, primary)]
+    assert decode_red(encode_red(pt, primary, redundant)) == expected
+
+
+@given(
+    st.integers(0, 3),
+    st.integers(0, 0xFFFFFFFF),
+    st.lists(st.tuples(st.integers(1, 3000), st.binary(max_size=20)), min_size=1, max_size=8),
+)
+def test_encoder_blocks_reconstruct_their_timestamps(
+    distance: int, start: int, frames: list[tuple[int, bytes]]
+) -> None:
+    enc = RedEncoder(distance)
+    sent: dict[int, bytes] = {}
+    ts = start
+    for step, payload in frames:
+        ts = (ts + step) & 0xFFFFFFFF
+        blocks = decode_red(enc.encode(ts, payload))
+        assert blocks[-1] == RedBlock(111, 0, payload)
+        assert len(blocks) <= distance + 1
+        for block in blocks[:-1]:
+            assert 0 < block.timestamp_offset <= 16383
+            assert block.payload
+            assert sent[(ts - block.timestamp_offset) & 0xFFFFFFFF] == block.payload
+        sent[ts] = payload
+
+
+@given(st.binary(max_size=200))
+def test_arbitrary_bytes_decode_or_raise_red_error(data: bytes) -> None:
+    try:
+        blocks = decode_red(data)
+    except RedError:
+        return
+    assert sum(len(b.payload) for b in blocks) + 4 * (len(blocks) - 1) + 1 == len(data)
+    assert blocks[-1].timestamp_offset == 0
