@@ -10,10 +10,10 @@ from __future__ import annotations
 import ctypes
 from dataclasses import dataclass
 
-import opuslib  # type: ignore[import-untyped]
-import opuslib.api.ctl as _ctl  # type: ignore[import-untyped]
-import opuslib.api.decoder as _dec  # type: ignore[import-untyped]
-import opuslib.api.encoder as _enc  # type: ignore[import-untyped]
+import opuslib
+import opuslib.api.ctl as _ctl
+import opuslib.api.decoder as _dec
+import opuslib.api.encoder as _enc
 
 from agent.audio.format import CHANNELS, FRAME_SAMPLES, SAMPLE_RATE
 
@@ -89,7 +89,11 @@ class OpusEncoder:
     def encode(self, pcm: bytes) -> bytes:
         """One frame (``FRAME_BYTES`` bytes) in, one packet out (1-2 bytes in DTX silence)."""
         n = _enc.libopus_encode(
-            self._state, ctypes.cast(pcm, _INT16_P), FRAME_SAMPLES, self._out, _MAX_PACKET
+            self._state,
+            ctypes.cast(pcm, _INT16_P),  # type: ignore[arg-type]
+            FRAME_SAMPLES,
+            self._out,
+            _MAX_PACKET,
         )
         return self._out.raw[: _check(n)]
 

@@ -1,0 +1,438 @@
+"""One full-duplex audio call over a datagram transport.
+
+Four owned tasks: send (capture -> Opus -> RED -> RTP -> SRTP), receive
+(SRTP -> RTP/RTCP -> RED -> jitter buffer), playout (jitter buffer -> Opus ->
+speaker, clocked by the speaker) and RTCP (reports, RTT, loss feedback to the
+encoder). Bad datagrams are counted and dropped; they never end the call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import os
+import random
+import struct
+import time
+from dataclasses import dataclass, field
+
+from agent.audio.base import AudioSink, AudioSource, EndOfStream
+from agent.audio.format import FRAME_SAMPLES, SAMPLE_RATE, SILENCE
+from agent.codec.opus import CodecError, OpusConfig, OpusDecoder, OpusEncoder
+from agent.media import rtcp
+from agent.media.jitterbuffer import JitterBuffer, JitterConfig, PlayoutKind, PushResult
+from agent.media.red import RedEncoder, RedError, decode_red
+from agent.media.rtp import RtpError, RtpPacket, is_rtcp
+from agent.media.srtp import Keying, SrtpContext, SrtpError
+from agent.media.stats import ReceiverStats
+from agent.net.transport import DatagramTransport, TransportClosed
+
+logger = logging.getLogger(__name__)
+
+_TS_MASK = 0xFFFFFFFF
+
+
+@dataclass(frozen=True, slots=True)
+class MediaConfig:
+    """Per-call media settings; both ends must agree on payload types (SDP does that later)."""
+
+    opus: OpusConfig = field(default_factory=OpusConfig)
+    opus_payload_type: int = 111
+    """Dynamic payload type of opus/48000/2 (the WebRTC convention)."""
+    red_payload_type: int = 63
+    """Payload type of red/48000/2 (what Chrome offers)."""
+    red_distance: int = 2
+    """Earlier frames repeated in each packet (RFC 2198); 0 turns RED off."""
+    jitter: JitterConfig = field(default_factory=JitterConfig)
+    rtcp_interval_s: float = 1.0
+    """Mean RTCP report interval; each one is randomised by +-50% (RFC 3550 6.2)."""
+    media_timeout_s: float = 10.0
+    """End the call when nothing valid arrives from the peer for this long."""
+    cname: str = "edge-intercom"
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.red_distance <= 3:
+            raise ValueError("red_distance must be 0..3")
+        for pt in (self.opus_payload_type, self.red_payload_type):
+            if not 96 <= pt <= 127 and not 35 <= pt <= 63:
+                raise ValueError(f"payload type {pt} is not a dynamic one")
+
+
+class EndReason(enum.Enum):
+    LOCAL_HANGUP = "local hangup"
+    REMOTE_BYE = "remote hangup"
+    MEDIA_TIMEOUT = "no media from peer"
+    TRANSPORT_CLOSED = "transport closed"
+    SOURCE_ENDED = "audio source ended"
+
+
+@dataclass(frozen=True, slots=True)
+class MediaStats:
+    """A snapshot for telemetry and the demo's live line."""
+
+    packets_sent: int
+    packets_received: int
+    packets_lost: int
+    loss_fraction: float
+    """Loss the peer sees on our stream, from its last RTCP report (0..1)."""
+    jitter_ms: float
+    rtt_ms: float | None
+    jitter_target_ms: float
+    jitter_buffered_ms: float
+    played: int
+    fec_recovered: int
+    concealed: int
+    red_recovered: int
+    late: int
+    dropped_for_latency: int
+    srtp_auth_failed: int
+    srtp_replayed: int
+    malformed: int
+    wrong_ssrc: int
+    unknown_payload_type: int
+    decode_errors: int
+    encoder_loss_hint: int
+
+
+class MediaSession:
+    """Runs one call until ``close()`` or until it ends by itself (see ``ended``)."""
+
+    def __init__(
+        self,
+        transport: DatagramTransport,
+        keying: Keying,
+        source: AudioSource,
+        sink: AudioSink,
+        config: MediaConfig = MediaConfig(),
+        *,
+        remote_red: bool = True,
+        call_id: str = "-",
+    ) -> None:
+        self._transport = transport
+        self._keying = keying
+        self._source = source
+        self._sink = sink
+        self._config = config
+        self._send_red = remote_red and config.red_distance > 0
+        self._log = logging.LoggerAdapter(logger, {"call": call_id})
+        self._call_id = call_id
+        self._srtp: SrtpContext | None = None
+        self._encoder = OpusEncoder(config.opus)
+        self._decoder = OpusDecoder()
+        self._red = (
+            RedEncoder(config.red_distance, payload_type=config.opus_payload_type)
+            if self._send_red
+            else None
+        )
+        self._jitter = JitterBuffer(config.jitter)
+        # RED repeats `distance` frames; FEC alone reaches back one.
+        self._jitter.set_recovery_frames(config.red_distance if self._send_red else 1)
+        self._rx_stats = ReceiverStats(SAMPLE_RATE)
+        self.ssrc = struct.unpack("!I", os.urandom(4))[0]
+        self._seq = struct.unpack("!H", os.urandom(2))[0]
+        self._ts = struct.unpack("!I", os.urandom(4))[0]
+        self._remote_ssrc: int | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._ended: asyncio.Future[EndReason] | None = None
+        self._last_rx = 0.0
+        self._last_sr_ntp32 = 0
+        self._last_sr_arrival = 0.0
+        self._last_tx_time = 0.0
+        self._octets_sent = 0
+        self._rtt: float | None = None
+        self._loss_fraction = 0.0
+        self._packets_sent = 0
+        self._red_recovered = 0
+        self._auth_failed = 0
+        self._replayed = 0
+        self._malformed = 0
+        self._wrong_ssrc = 0
+        self._unknown_pt = 0
+        self._decode_errors = 0
+
+    async def start(self) -> None:
+        """Key the session and start media; returns once the tasks run."""
+        loop = asyncio.get_running_loop()
+        self._ended = loop.create_future()
+        self._srtp = SrtpContext(await self._keying.keys())
+        self._last_rx = loop.time()
+        for name, coro in (
+            ("send", self._send_loop()),
+            ("recv", self._recv_loop()),
+            ("playout", self._playout_loop()),
+            ("rtcp", self._rtcp_loop()),
+        ):
+            self._tasks.append(loop.create_task(coro, name=f"media-{name}-{self._call_id}"))
+        self._log.info("media started ssrc=%08x red=%s", self.ssrc, self._send_red)
+
+    async def ended(self) -> EndReason:
+        """Wait until the session ends by itself or is closed."""
+        assert self._ended is not None, "start() first"
+        return await asyncio.shield(self._ended)
+
+    def _end(self, reason: EndReason) -> None:
+        if self._ended is not None and not self._ended.done():
+            self._log.info("media ending: %s", reason.value)
+            self._ended.set_result(reason)
+
+    async def close(self, reason: EndReason = EndReason.LOCAL_HANGUP) -> EndReason:
+        """Stop every task, say BYE to the peer (best effort) and return why it ended."""
+        self._end(reason)
+        current = asyncio.current_task()
+        tasks = [t for t in self._tasks if t is not current]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._tasks.clear()
+        assert self._ended is not None
+        final = self._ended.result()
+        if final is not EndReason.REMOTE_BYE and final is not EndReason.TRANSPORT_CLOSED:
+            await self._send_rtcp(bye=True)
+        return final
+
+    # -- sending ---------------------------------------------------------------
+
+    async def _send_loop(self) -> None:
+        opus_pt = self._config.opus_payload_type
+        red_pt = self._config.red_payload_type
+        encode = self._encoder.encode
+        red = self._red
+        send = self._transport.send
+        assert self._srtp is not None
+        protect = self._srtp.protect
+        clock = asyncio.get_running_loop().time
+        try:
+            while True:
+                pcm = await self._source.read()
+                payload = encode(pcm)
+                if red is not None:
+                    packet = RtpPacket(
+                        red_pt, self._seq, self._ts, self.ssrc, red.encode(self._ts, payload)
+                    )
+                else:
+                    packet = RtpPacket(opus_pt, self._seq, self._ts, self.ssrc, payload)
+                await send(protect(packet.to_bytes()))
+                self._last_tx_time = clock()
+                self._packets_sent += 1
+                self._octets_sent += len(packet.payload)
+                self._seq = (self._seq + 1) & 0xFFFF
+                self._ts = (self._ts + FRAME_SAMPLES) & _TS_MASK
+        except EndOfStream:
+            self._end(EndReason.SOURCE_ENDED)
+        except TransportClosed:
+            self._end(EndReason.TRANSPORT_CLOSED)
+
+    # -- receiving -------------------------------------------------------------
+
+    async def _recv_loop(self) -> None:
+        recv = self._transport.recv
+        clock = asyncio.get_running_loop().time
+        try:
+            while True:
+                data = await recv()
+                now = clock()
+                if is_rtcp(data):
+                    self._on_rtcp(data, now)
+                else:
+                    self._on_rtp(data, now)
+        except TransportClosed:
+            self._end(EndReason.TRANSPORT_CLOSED)
+
+    def _unprotect(self, data: bytes, rtcp_packet: bool) -> bytes | None:
+        assert self._srtp is not None
+        try:
+            if rtcp_packet:
+                return self._srtp.unprotect_rtcp(data)
+            return self._srtp.unprotect(data)
+        except SrtpError as exc:
+            if exc.replay:
+                self._replayed += 1
+            else:
+                self._auth_failed += 1
+            if self._log.isEnabledFor(logging.DEBUG):
+                self._log.debug("dropped %d-byte datagram: %s", len(data), exc)
+            return None
+
+    def _on_rtp(self, data: bytes, now: float) -> None:
+        plain = self._unprotect(data, False)
+        if plain is None:
+            return
+        try:
+            packet = RtpPacket.parse(plain)
+        except RtpError as exc:
+            self._drop_malformed(exc)
+            return
+        if self._remote_ssrc is None:
+            self._remote_ssrc = packet.ssrc
+        elif packet.ssrc != self._remote_ssrc:
+            self._wrong_ssrc += 1
+            return
+        pt = packet.payload_type
+        if pt == self._config.red_payload_type:
+            try:
+                blocks = decode_red(packet.payload)
+            except RedError as exc:
+                self._drop_malformed(exc)
+                return
+            if any(b.payload_type != self._config.opus_payload_type for b in blocks):
+                self._unknown_pt += 1
+                return
+            for block in blocks[:-1]:
+                ts = (packet.timestamp - block.timestamp_offset) & _TS_MASK
+                if self._jitter.push(ts, block.payload, now, redundant=True) is PushResult.ACCEPTED:
+                    self._red_recovered += 1
+            self._jitter.push(packet.timestamp, blocks[-1].payload, now)
+        elif pt == self._config.opus_payload_type:
+            self._jitter.push(packet.timestamp, packet.payload, now)
+        else:
+            self._unknown_pt += 1
+            return
+        self._rx_stats.update(packet.sequence, packet.timestamp, now)
+        self._last_rx = now
+
+    def _drop_malformed(self, exc: Exception) -> None:
+        self._malformed += 1
+        if self._log.isEnabledFor(logging.DEBUG):
+            self._log.debug("dropped malformed packet: %s", exc)
+
+    def _on_rtcp(self, data: bytes, now: float) -> None:
+        plain = self._unprotect(data, True)
+        if plain is None:
+            return
+        try:
+            packets = rtcp.parse_compound(plain)
+        except rtcp.RtcpError as exc:
+            self._drop_malformed(exc)
+            return
+        self._last_rx = now
+        arrival32 = rtcp.ntp_middle32(rtcp.ntp_now(time.time()))
+        for p in packets:
+            if isinstance(p, rtcp.SenderReport):
+                self._last_sr_ntp32 = rtcp.ntp_middle32(p.ntp_timestamp)
+                self._last_sr_arrival = now
+            if isinstance(p, rtcp.SenderReport | rtcp.ReceiverReport):
+                for block in p.reports:
+                    if block.ssrc == self.ssrc:
+                        self._on_report(block, arrival32)
+            elif isinstance(p, rtcp.Bye):
+                self._end(EndReason.REMOTE_BYE)
+
+    def _on_report(self, block: rtcp.ReportBlock, arrival32: int) -> None:
+        rtt = rtcp.rtt_from_report(block, arrival32)
+        if rtt is not None:
+            self._rtt = rtt
+        self._loss_fraction = block.fraction_lost / 256.0
+        # Size in-band FEC to the loss the peer reports, with headroom for bursts.
+        self._encoder.set_packet_loss(min(50, round(self._loss_fraction * 100 * 1.5) + 5))
+
+    # -- playout ---------------------------------------------------------------
+
+    async def _playout_loop(self) -> None:
+        pop = self._jitter.pop
+        write = self._sink.write
+        clock = asyncio.get_running_loop().time
+        decoder = self._decoder
+        started = False
+        while True:
+            out = pop(clock())
+            kind = out.kind
+            try:
+                if kind is PlayoutKind.NORMAL:
+                    assert out.payload is not None
+                    pcm = decoder.decode(out.payload)
+                    started = True
+                elif kind is PlayoutKind.FEC:
+                    assert out.payload is not None
+                    pcm = decoder.decode_fec(out.payload)
+                elif started:
+                    pcm = decoder.conceal()
+                else:
+                    pcm = SILENCE
+            except CodecError as exc:
+                self._decode_errors += 1
+                if self._log.isEnabledFor(logging.DEBUG):
+                    self._log.debug("decode failed: %s", exc)
+                pcm = decoder.conceal() if started else SILENCE
+            await write(pcm)
+
+    # -- RTCP ------------------------------------------------------------------
+
+    async def _rtcp_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        interval = self._config.rtcp_interval_s
+        try:
+            while True:
+                await asyncio.sleep(interval * random.uniform(0.5, 1.5))
+                if loop.time() - self._last_rx > self._config.media_timeout_s:
+                    self._end(EndReason.MEDIA_TIMEOUT)
+                    return
+                await self._send_rtcp(bye=False)
+        except TransportClosed:
+            self._end(EndReason.TRANSPORT_CLOSED)
+
+    def _report_blocks(self) -> tuple[rtcp.ReportBlock, ...]:
+        if self._remote_ssrc is None:
+            return ()
+        dlsr = 0
+        if self._last_sr_ntp32:
+            elapsed = asyncio.get_running_loop().time() - self._last_sr_arrival
+            dlsr = int(elapsed * 65536) & 0xFFFFFFFF
+        return (self._rx_stats.report_block(self._remote_ssrc, self._last_sr_ntp32, dlsr),)
+
+    async def _send_rtcp(self, *, bye: bool) -> None:
+        if self._srtp is None:
+            return
+        now = asyncio.get_running_loop().time()
+        blocks = self._report_blocks()
+        report: rtcp.SenderReport | rtcp.ReceiverReport
+        if self._packets_sent:
+            rtp_ts = (self._ts + int((now - self._last_tx_time) * SAMPLE_RATE)) & _TS_MASK
+            report = rtcp.SenderReport(
+                ssrc=self.ssrc,
+                ntp_timestamp=rtcp.ntp_now(time.time()),
+                rtp_timestamp=rtp_ts,
+                packet_count=self._packets_sent & 0xFFFFFFFF,
+                octet_count=self._octets_sent & 0xFFFFFFFF,
+                reports=blocks,
+            )
+        else:
+            report = rtcp.ReceiverReport(ssrc=self.ssrc, reports=blocks)
+        packets: list[rtcp.RtcpPacket] = [report, rtcp.Sdes(((self.ssrc, self._config.cname),))]
+        if bye:
+            packets.append(rtcp.Bye((self.ssrc,)))
+        try:
+            await self._transport.send(self._srtp.protect_rtcp(rtcp.serialize_compound(packets)))
+        except TransportClosed:
+            if not bye:
+                raise
+
+    # -- statistics ------------------------------------------------------------
+
+    @property
+    def stats(self) -> MediaStats:
+        jb = self._jitter.stats
+        rx = self._rx_stats
+        return MediaStats(
+            packets_sent=self._packets_sent,
+            packets_received=rx.packets_received,
+            packets_lost=rx.packets_lost,
+            loss_fraction=self._loss_fraction,
+            jitter_ms=rx.jitter_ms,
+            rtt_ms=None if self._rtt is None else self._rtt * 1000.0,
+            jitter_target_ms=jb.target_delay_ms,
+            jitter_buffered_ms=jb.buffered_ms,
+            played=jb.played,
+            fec_recovered=jb.fec,
+            concealed=jb.plc,
+            red_recovered=self._red_recovered,
+            late=jb.late,
+            dropped_for_latency=jb.dropped_for_latency,
+            srtp_auth_failed=self._auth_failed,
+            srtp_replayed=self._replayed,
+            malformed=self._malformed,
+            wrong_ssrc=self._wrong_ssrc,
+            unknown_payload_type=self._unknown_pt,
+            decode_errors=self._decode_errors,
+            encoder_loss_hint=self._encoder.packet_loss,
+        )

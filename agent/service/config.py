@@ -1,0 +1,117 @@
+"""Agent configuration: a tree of frozen dataclasses read from TOML.
+
+A board profile (``firmware_configs/*.toml``) gives the hardware defaults;
+the agent's own file overrides them key by key. Unknown keys and wrong types
+are errors that name the offending key, so a typo never silently does nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from agent.audio.device import DeviceConfig
+from agent.media.session import MediaConfig
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the key."""
+
+
+@dataclass(frozen=True, slots=True)
+class AudioConfig:
+    capture: DeviceConfig = field(default_factory=lambda: DeviceConfig(name="default"))
+    """Microphone, matched by device name."""
+    playback: DeviceConfig = field(default_factory=lambda: DeviceConfig(name="default"))
+    """Speaker, matched by device name."""
+
+
+@dataclass(frozen=True, slots=True)
+class AgentConfig:
+    device_id: str = "unpaired"
+    """Identity issued at pairing; appears in every log line."""
+    board: str = "generic"
+    """Board profile name (a file in firmware_configs/)."""
+    audio: AudioConfig = field(default_factory=AudioConfig)
+    media: MediaConfig = field(default_factory=MediaConfig)
+
+
+def _convert(tp: Any, value: Any, where: str) -> Any:
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table")
+        return from_dict(tp, value, where)
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(inner[0], value, where)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if (isinstance(tp, type) and not isinstance(value, tp)) or (
+        tp is int and isinstance(value, bool)
+    ):
+        raise ConfigError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
+    return value
+
+
+def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
+    """Build dataclass ``cls`` from a parsed TOML table, checking keys and types."""
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{where or 'config'}: unknown key(s) {', '.join(unknown)}")
+    kwargs = {
+        key: _convert(hints[key], value, f"{where}.{key}" if where else key)
+        for key, value in data.items()
+    }
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where or 'config'}: {exc}") from exc
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+
+
+PROFILE_DIR = Path(__file__).resolve().parents[2] / "firmware_configs"
+
+
+def load_config(path: Path | None, profile_dir: Path = PROFILE_DIR) -> AgentConfig:
+    """The agent file's settings on top of its board profile's ``[agent]`` table."""
+    data = _read_toml(path) if path is not None else {}
+    board = data.get("board", "generic")
+    if not isinstance(board, str) or not board.replace("-", "").replace("_", "").isalnum():
+        raise ConfigError(f"board: invalid profile name {board!r}")
+    profile_path = profile_dir / f"{board}.toml"
+    profile = _read_toml(profile_path).get("agent", {}) if profile_path.exists() else {}
+    if board != "generic" and not profile_path.exists():
+        raise ConfigError(f"board: no profile {profile_path}")
+    return from_dict(AgentConfig, _merge(profile, data))

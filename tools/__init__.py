@@ -1,0 +1,1 @@
+"""Project tooling: benchmarks, demo, and the lab harness (virtual boards, agent processes)."""

@@ -1,0 +1,216 @@
+"""Media benchmark: CPU, memory, latency and speech quality of a full-duplex call.
+
+Two agent processes on loopback, each on a virtual board (real ALSA through
+PulseAudio, real-time pacing), with SRTP on. Figures:
+
+- pipeline_cpu_per_audio_s: CPU seconds of both agent processes per second of call;
+- floor_cpu_per_audio_s: the bare codec + crypto work of the same call (per 20 ms:
+  two Opus encodes, two decodes, SRTP protect/unprotect both ways) as a plain
+  Python loop of opuslib + pylibsrtp calls, measured in this run; ratio = pipeline/floor;
+- rss_mb: resident memory of one agent process in the call;
+- added_latency_ms: microphone-to-speaker delay measured with clicks and cross-correlation;
+- pesq_wb_clean / _loss10 / _burst: PESQ wideband of espeak-ng speech through the
+  impairment proxy with no loss, 10 % random loss, and Gilbert-Elliott bursts.
+
+The last line printed is a JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import opuslib
+import opuslib.api.ctl
+import opuslib.api.encoder
+import pylibsrtp
+import soxr
+from pesq import pesq
+
+from agent.audio.format import FRAME_BYTES, FRAME_SAMPLES, SAMPLE_RATE
+from agent.codec.opus import OpusConfig
+from agent.net.impair import Impairment
+from tools.lab.agents import AgentCall
+from tools.lab.virtual_audio import VirtualAudio, read_wav, speech_wav, write_wav
+
+TEXT = (
+    "The delivery driver is at the front gate. Please open the door and sign for the parcel. "
+    "Thank you, I will be down in a minute."
+)
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def floor_cpu(speech: np.ndarray, opus: OpusConfig, seconds: float) -> float:
+    """CPU seconds per audio second of the bare codec and crypto work of one call."""
+    encoders = [opuslib.Encoder(SAMPLE_RATE, 1, opuslib.APPLICATION_VOIP) for _ in range(2)]
+    for enc in encoders:
+        enc.bitrate = opus.bitrate
+        enc.complexity = opus.complexity
+        enc.packet_loss_perc = opus.packet_loss_perc
+        # opuslib 3.0.1's inband_fec setter is broken; use the ctl API.
+        opuslib.api.encoder.encoder_ctl(enc.encoder_state, opuslib.api.ctl.set_inband_fec, 1)
+    decoders = [opuslib.Decoder(SAMPLE_RATE, 1) for _ in range(2)]
+    key = os.urandom(28)
+    tx = [pylibsrtp.Session(pylibsrtp.Policy(key, pylibsrtp.Policy.SSRC_ANY_OUTBOUND,
+                                             srtp_profile=pylibsrtp.Policy.SRTP_PROFILE_AEAD_AES_128_GCM))
+          for _ in range(2)]  # fmt: skip
+    rx = [pylibsrtp.Session(pylibsrtp.Policy(key, pylibsrtp.Policy.SSRC_ANY_INBOUND,
+                                             srtp_profile=pylibsrtp.Policy.SRTP_PROFILE_AEAD_AES_128_GCM))
+          for _ in range(2)]  # fmt: skip
+    pcm = speech.astype("<i2").tobytes()
+    frames = [pcm[i : i + FRAME_BYTES] for i in range(0, len(pcm) - FRAME_BYTES, FRAME_BYTES)]
+    count = int(seconds * 50)
+    start = time.process_time()
+    for n in range(count):
+        frame = frames[n % len(frames)]
+        header = bytes([0x80, 111]) + (n & 0xFFFF).to_bytes(2, "big") + (n * 960).to_bytes(4, "big")
+        for side in range(2):
+            packet = encoders[side].encode(frame, FRAME_SAMPLES)
+            wire = tx[side].protect(header + (side + 1).to_bytes(4, "big") + packet)
+            plain = rx[side].unprotect(wire)
+            decoders[side].decode(plain[12:], FRAME_SAMPLES)
+    return (time.process_time() - start) / (count * 0.020)
+
+
+def _proc_cpu(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def _proc_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+def _to16k(x: np.ndarray) -> np.ndarray:
+    return np.asarray(soxr.resample(x.astype(np.float32) / 32768.0, SAMPLE_RATE, 16_000))
+
+
+async def measure_pesq(audio: VirtualAudio, work: Path, speech: Path, imp: Impairment,
+                       opus: OpusConfig) -> float:  # fmt: skip
+    """Speech into a's microphone, PESQ of what b's speaker plays against what a's mic heard."""
+    samples, _ = read_wav(speech)
+    length = len(samples) / SAMPLE_RATE
+    call = AgentCall(audio, work, imp, opus)
+    await call.start(length + 6.0)
+    await asyncio.sleep(3.0)  # PulseAudio's first capture callback comes ~2 s after opening
+    player = audio.play(speech, "a_mic")
+    rec = await asyncio.to_thread(audio.record_probe, length + 1.5, work / "pesq")
+    player.wait(10)
+    await call.wait()
+    ref, deg = audio.channel(rec, "a_mic"), audio.channel(rec, "b_spk")
+    return float(pesq(16_000, _to16k(ref), _to16k(deg), "wb"))
+
+
+def estimate_delay_ms(ref: np.ndarray, out: np.ndarray) -> float:
+    """Lag of ``out`` behind ``ref`` by cross-correlation (FFT), in milliseconds."""
+    n = 1 << (len(ref) + len(out)).bit_length()
+    corr = np.fft.irfft(
+        np.fft.rfft(out.astype(float), n) * np.conj(np.fft.rfft(ref.astype(float), n)), n
+    )
+    lag = int(np.argmax(corr[: len(out)]))
+    return lag * 1000.0 / SAMPLE_RATE
+
+
+def clicks(seconds: float) -> np.ndarray:
+    """A short decaying chirp every 500 ms: sharp in time, broadband, survives Opus."""
+    x = np.zeros(int(seconds * SAMPLE_RATE))
+    t = np.arange(int(0.010 * SAMPLE_RATE)) / SAMPLE_RATE
+    burst = np.sin(2 * np.pi * (500 + 150_000 * t) * t) * np.exp(-t / 0.003) * 20_000
+    for start in range(SAMPLE_RATE // 2, len(x) - len(burst), SAMPLE_RATE // 2):
+        x[start : start + len(burst)] = burst
+    return x
+
+
+async def measure_latency(audio: VirtualAudio, work: Path, opus: OpusConfig) -> float:
+    call = AgentCall(audio, work, Impairment(), opus)
+    await call.start(12.0)
+    await asyncio.sleep(3.0)
+    wav = write_wav(work / "clicks.wav", clicks(6.0))
+    player = audio.play(wav, "a_mic")
+    rec = await asyncio.to_thread(audio.record_probe, 6.5, work / "latency")
+    player.wait(10)
+    await call.wait()
+    return estimate_delay_ms(audio.channel(rec, "a_mic"), audio.channel(rec, "b_spk"))
+
+
+async def measure_cpu(audio: VirtualAudio, work: Path, speech: Path, opus: OpusConfig,
+                      window: float) -> tuple[float, float, list[dict[str, object]]]:  # fmt: skip
+    """Both agents' CPU per audio second while speech flows both ways, and one agent's RSS."""
+    samples, _ = read_wav(speech)
+    reps = int(np.ceil((window + 8) * SAMPLE_RATE / len(samples)))
+    long = write_wav(work / "long.wav", np.tile(samples, reps))
+    call = AgentCall(audio, work, Impairment(), opus)
+    await call.start(window + 6.0)
+    players = [audio.play(long, "a_mic"), audio.play(long, "b_mic")]
+    await asyncio.sleep(4.0)
+    pids = call.pids
+    before = sum(_proc_cpu(pid) for pid in pids)
+    t0 = time.monotonic()
+    await asyncio.sleep(window)
+    cpu = sum(_proc_cpu(pid) for pid in pids) - before
+    elapsed = time.monotonic() - t0
+    rss = _proc_rss_mb(pids[0])
+    results = await call.wait()
+    for p in players:
+        p.kill()
+        p.wait()
+    return cpu / elapsed, rss, results
+
+
+async def main_async(args: argparse.Namespace) -> dict[str, object]:
+    opus = OpusConfig(complexity=args.complexity)
+    with tempfile.TemporaryDirectory(prefix="edge-bench-") as tmp:
+        work = Path(tmp)
+        speech = speech_wav(work / "speech.wav", TEXT)
+        samples, _ = read_wav(speech)
+        floor = floor_cpu(samples, opus, args.floor_seconds)
+        with VirtualAudio.start(("a", "b")) as audio:
+            pipeline, rss, call_stats = await measure_cpu(
+                audio, work, speech, opus, args.cpu_seconds
+            )
+            latency = await measure_latency(audio, work, opus)
+            scores = {
+                name: await measure_pesq(audio, work, speech, imp, opus)
+                for name, imp in (
+                    ("pesq_wb_clean", Impairment()),
+                    ("pesq_wb_loss10", Impairment(loss=0.10, seed=10)),
+                    ("pesq_wb_burst", Impairment(loss=0.10, mean_burst=3.0, seed=11)),
+                )
+            }
+    return {
+        "benchmark": "media",
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
+        f"Python {platform.python_version()}",
+        "opus_complexity": opus.complexity,
+        "opus_bitrate": opus.bitrate,
+        "pipeline_cpu_per_audio_s": round(pipeline, 4),
+        "floor_cpu_per_audio_s": round(floor, 4),
+        "ratio": round(pipeline / floor, 2),
+        "rss_mb": round(rss, 1),
+        "added_latency_ms": round(latency, 1),
+        **{k: round(v, 2) for k, v in scores.items()},
+        "call_packets_received": [r.get("packets_received") for r in call_stats],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--complexity", type=int, default=OpusConfig().complexity)
+    parser.add_argument("--cpu-seconds", type=float, default=20.0)
+    parser.add_argument("--floor-seconds", type=float, default=30.0)
+    args = parser.parse_args()
+    print(json.dumps(asyncio.run(main_async(args))))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,192 @@
+"""Virtual boards for tests, the demo and benchmarks: real ALSA, real-time pacing, no sound card.
+
+A private PulseAudio daemon holds one null "probe" sink with one channel per
+virtual device; each board's microphone and speaker is a mono remap sink onto
+its own probe channel. Agents reach them through ALSA ``pulse`` PCMs defined
+in a generated ``$HOME/.asoundrc``, so the agent runs its real PyAudio path.
+What is played into a microphone and what a speaker plays can be recorded
+together, sample-aligned, from the probe's monitor (that is how added latency
+is measured).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+import wave
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from agent.audio.format import SAMPLE_RATE
+
+logger = logging.getLogger(__name__)
+
+
+class VirtualAudioError(RuntimeError):
+    """The PulseAudio daemon or one of its tools failed."""
+
+
+@dataclass(frozen=True, slots=True)
+class VirtualBoard:
+    """Names of one board's devices: ALSA PCM names, and the Pulse sinks behind them."""
+
+    name: str
+
+    @property
+    def mic(self) -> str:
+        """ALSA PCM (and Pulse sink) of the microphone: play into the sink, capture the PCM."""
+        return f"{self.name}_mic"
+
+    @property
+    def speaker(self) -> str:
+        """ALSA PCM (and Pulse sink) of the speaker."""
+        return f"{self.name}_spk"
+
+
+class VirtualAudio:
+    """A running PulseAudio daemon with virtual boards; ``with VirtualAudio.start(...)``."""
+
+    def __init__(
+        self, root: Path, boards: tuple[VirtualBoard, ...], process: subprocess.Popen[bytes]
+    ):
+        self.root = root
+        self.boards = boards
+        self._process = process
+        self.socket = root / "pulse.sock"
+
+    @property
+    def devices(self) -> list[str]:
+        return [d for b in self.boards for d in (b.mic, b.speaker)]
+
+    @property
+    def env(self) -> dict[str, str]:
+        """Environment for agents and Pulse tools: HOME holds the generated .asoundrc."""
+        return {
+            **os.environ,
+            "HOME": str(self.root),
+            "PULSE_SERVER": f"unix:{self.socket}",
+            "XDG_RUNTIME_DIR": str(self.root),
+        }
+
+    @classmethod
+    @contextlib.contextmanager
+    def start(
+        cls, names: tuple[str, ...] = ("a", "b"), timeout: float = 10.0
+    ) -> Iterator[VirtualAudio]:
+        root = Path(tempfile.mkdtemp(prefix="edge-vaudio-"))
+        boards = tuple(VirtualBoard(n) for n in names)
+        devices = [d for b in boards for d in (b.mic, b.speaker)]
+        channels = ",".join(f"aux{i}" for i in range(len(devices)))
+        lines = [
+            f"load-module module-native-protocol-unix auth-anonymous=1 socket={root}/pulse.sock",
+            f"load-module module-null-sink sink_name=probe format=s16le rate={SAMPLE_RATE} "
+            f"channels={len(devices)} channel_map={channels}",
+        ]
+        lines += [
+            f"load-module module-remap-sink sink_name={dev} master=probe channels=1 "
+            f"master_channel_map=aux{i} channel_map=mono remix=no"
+            for i, dev in enumerate(devices)
+        ]
+        (root / "pulse.pa").write_text("\n".join(lines) + "\n")
+        pcms = [f'pcm.{b.mic} {{ type pulse device "{b.mic}.monitor" }}' for b in boards]
+        pcms += [f'pcm.{b.speaker} {{ type pulse device "{b.speaker}" }}' for b in boards]
+        (root / ".asoundrc").write_text("\n".join(pcms) + "\n")
+        env = {**os.environ, "HOME": str(root), "XDG_RUNTIME_DIR": str(root)}
+        log = (root / "pulse.log").open("wb")
+        process = subprocess.Popen(
+            ["pulseaudio", "-n", "-F", str(root / "pulse.pa"), "--daemonize=no",
+             "--exit-idle-time=-1", "--log-target=stderr"],
+            env=env, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        self = cls(root, boards, process)
+        try:
+            self._wait_ready(timeout)
+            yield self
+        finally:
+            process.terminate()
+            try:
+                process.wait(5)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+            log.close()
+            shutil.rmtree(root, ignore_errors=True)
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                raise VirtualAudioError(
+                    f"pulseaudio exited: {(self.root / 'pulse.log').read_text()}"
+                )
+            if self.socket.exists() and self._pactl("info", check=False).returncode == 0:
+                return
+            time.sleep(0.05)
+        raise VirtualAudioError(f"pulseaudio not ready after {timeout} s")
+
+    def _pactl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(
+            ["pactl", *args], env=self.env, capture_output=True, check=check, timeout=10
+        )
+
+    def play(self, wav: Path, sink: str) -> subprocess.Popen[bytes]:
+        """Start playing a WAV file into a sink (a microphone); the caller waits or kills it."""
+        return subprocess.Popen(
+            ["paplay", f"--device={sink}", "--latency-msec=20", str(wav)],
+            env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )  # fmt: skip
+
+    def record_probe(self, seconds: float, path: Path) -> np.ndarray:
+        """Record every virtual device at once, sample-aligned: shape (samples, len(devices))."""
+        raw = path.with_suffix(".raw")
+        with raw.open("wb") as out:
+            proc = subprocess.Popen(
+                ["parec", "--device=probe.monitor", "--format=s16le", f"--rate={SAMPLE_RATE}",
+                 f"--channels={len(self.devices)}", "--latency-msec=20"],
+                env=self.env, stdout=out, stderr=subprocess.PIPE,
+            )  # fmt: skip
+            time.sleep(seconds)
+            proc.terminate()
+            proc.wait(5)
+        data = np.frombuffer(raw.read_bytes(), "<i2")
+        frames = data[: len(data) // len(self.devices) * len(self.devices)]
+        return frames.reshape(-1, len(self.devices))
+
+    def channel(self, recording: np.ndarray, device: str) -> np.ndarray:
+        return recording[:, self.devices.index(device)]
+
+
+def speech_wav(path: Path, text: str, rate: int = SAMPLE_RATE) -> Path:
+    """Synthesise speech with espeak-ng and convert it with sox to mono int16 at ``rate``."""
+    raw = path.with_suffix(".espeak.wav")
+    subprocess.run(["espeak-ng", "-s", "150", "-w", str(raw), text], check=True, timeout=60)
+    subprocess.run(
+        ["sox", str(raw), "-r", str(rate), "-c", "1", "-b", "16", str(path)], check=True, timeout=60
+    )
+    raw.unlink()
+    return path
+
+
+def write_wav(path: Path, samples: np.ndarray, rate: int = SAMPLE_RATE) -> Path:
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(np.asarray(samples, dtype="<i2").tobytes())
+    return path
+
+
+def read_wav(path: Path) -> tuple[np.ndarray, int]:
+    """Mono int16 samples and their rate."""
+    with wave.open(str(path), "rb") as w:
+        if w.getsampwidth() != 2 or w.getnchannels() != 1:
+            raise ValueError(f"{path}: expected mono 16-bit")
+        return np.frombuffer(w.readframes(w.getnframes()), "<i2"), w.getframerate()
