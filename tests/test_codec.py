@@ -54,7 +54,9 @@ def test_fec_recovers_lost_frames_better_than_concealment() -> None:
             for d in (clean, with_fec, concealed):
                 d.decode(p)
         ref = np.frombuffer(clean.decode(packets[lost]), "<i2").astype(float)
-        fec_error += float(np.mean((np.frombuffer(with_fec.decode_fec(packets[lost + 1]), "<i2") - ref) ** 2))
+        fec_error += float(
+            np.mean((np.frombuffer(with_fec.decode_fec(packets[lost + 1]), "<i2") - ref) ** 2)
+        )
         plc_error += float(np.mean((np.frombuffer(concealed.conceal(), "<i2") - ref) ** 2))
     assert fec_error < 0.6 * plc_error
 
