@@ -53,7 +53,7 @@ async def run(args: argparse.Namespace) -> None:
         await call.start(seconds + 6.0, stats_interval=1.0)
         await asyncio.sleep(3.0)  # PulseAudio delivers the first capture ~2 s after opening
         players = [audio.play(speech[b], f"{b}_mic") for b in ("a", "b")]
-        rec = await asyncio.to_thread(audio.record_probe, seconds + 1.5, work / "demo")
+        rec = await asyncio.to_thread(audio.record_probe, seconds + 1.5)
         for p in players:
             p.wait(10)
         for board, result in zip(("a", "b"), await call.wait(), strict=True):

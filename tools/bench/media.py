@@ -104,7 +104,7 @@ async def measure_pesq(audio: VirtualAudio, work: Path, speech: Path, imp: Impai
     await call.start(length + 6.0)
     await asyncio.sleep(3.0)  # PulseAudio's first capture callback comes ~2 s after opening
     player = audio.play(speech, "a_mic")
-    rec = await asyncio.to_thread(audio.record_probe, length + 1.5, work / "pesq")
+    rec = await asyncio.to_thread(audio.record_probe, length + 1.5)
     player.wait(10)
     await call.wait()
     ref, deg = audio.channel(rec, "a_mic"), audio.channel(rec, "b_spk")
@@ -137,7 +137,7 @@ async def measure_latency(audio: VirtualAudio, work: Path, opus: OpusConfig) -> 
     await asyncio.sleep(3.0)
     wav = write_wav(work / "clicks.wav", clicks(6.0))
     player = audio.play(wav, "a_mic")
-    rec = await asyncio.to_thread(audio.record_probe, 6.5, work / "latency")
+    rec = await asyncio.to_thread(audio.record_probe, 6.5)
     player.wait(10)
     await call.wait()
     return estimate_delay_ms(audio.channel(rec, "a_mic"), audio.channel(rec, "b_spk"))

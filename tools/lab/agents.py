@@ -14,12 +14,13 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from agent.codec.opus import OpusConfig
 from agent.net.impair import Impairment, ImpairmentProxy
 from tools.lab.virtual_audio import VirtualAudio
 
-LineHandler = Callable[[str, dict[str, object]], None]
+LineHandler = Callable[[str, dict[str, Any]], None]
 
 
 class AgentCall:
@@ -36,7 +37,7 @@ class AgentCall:
         self.audio, self.work, self.impairment, self.opus = audio, work, impairment, opus
         self.on_line = on_line
         self.procs: list[asyncio.subprocess.Process] = []
-        self._readers: list[asyncio.Task[dict[str, object]]] = []
+        self._readers: list[asyncio.Task[dict[str, Any]]] = []
         self.proxy: ImpairmentProxy | None = None
 
     def _config(self, board: str) -> Path:
@@ -71,16 +72,16 @@ class AgentCall:
             self.procs.append(proc)
             self._readers.append(asyncio.create_task(self._read(board, proc), name=f"read-{board}"))
 
-    async def _read(self, board: str, proc: asyncio.subprocess.Process) -> dict[str, object]:
+    async def _read(self, board: str, proc: asyncio.subprocess.Process) -> dict[str, Any]:
         assert proc.stdout is not None
-        last: dict[str, object] = {}
+        last: dict[str, Any] = {}
         async for raw in proc.stdout:
             last = json.loads(raw)
             if self.on_line is not None:
                 self.on_line(board, last)
         return last
 
-    async def wait(self, limit_s: float = 120.0) -> list[dict[str, object]]:
+    async def wait(self, limit_s: float = 120.0) -> list[dict[str, Any]]:
         """Each agent's ``ended`` record once both have hung up."""
         try:
             async with asyncio.timeout(limit_s):

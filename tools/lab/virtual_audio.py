@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import select
 import shutil
 import subprocess
 import tempfile
@@ -67,6 +68,10 @@ class VirtualAudio:
         return [d for b in self.boards for d in (b.mic, b.speaker)]
 
     @property
+    def _channel_map(self) -> str:
+        return ",".join(f"aux{i}" for i in range(len(self.devices)))
+
+    @property
     def env(self) -> dict[str, str]:
         """Environment for agents and Pulse tools: HOME holds the generated .asoundrc."""
         return {
@@ -107,10 +112,21 @@ class VirtualAudio:
             env=env, stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
         self = cls(root, boards, process)
+        keeper: subprocess.Popen[bytes] | None = None
         try:
             self._wait_ready(timeout)
+            # An idle null sink renders in blocks of up to 2 s, so new streams wait that long
+            # for their first audio. A permanent low-latency reader keeps it ticking at 10 ms.
+            keeper = subprocess.Popen(
+                ["parec", "--device=probe.monitor", "--latency-msec=10", "--raw"],
+                env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+            self._wait_ticking(deadline=time.monotonic() + timeout)
             yield self
         finally:
+            if keeper is not None:
+                keeper.kill()
+                keeper.wait()
             process.terminate()
             try:
                 process.wait(5)
@@ -132,6 +148,21 @@ class VirtualAudio:
             time.sleep(0.05)
         raise VirtualAudioError(f"pulseaudio not ready after {timeout} s")
 
+    def _wait_ticking(self, deadline: float) -> None:
+        """Block until the probe delivers audio to a new reader (the sink left its 2 s blocks)."""
+        while time.monotonic() < deadline:
+            proc = subprocess.Popen(
+                ["parec", "--device=probe.monitor", "--latency-msec=10", "--raw"],
+                env=self.env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+            assert proc.stdout is not None
+            ready, _, _ = select.select([proc.stdout], [], [], 0.5)
+            proc.kill()
+            proc.wait()
+            if ready:
+                return
+        raise VirtualAudioError("the probe sink delivers no audio")
+
     def _pactl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[bytes]:
         return subprocess.run(
             ["pactl", *args], env=self.env, capture_output=True, check=check, timeout=10
@@ -144,21 +175,23 @@ class VirtualAudio:
             env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )  # fmt: skip
 
-    def record_probe(self, seconds: float, path: Path) -> np.ndarray:
+    def record_probe(self, seconds: float) -> np.ndarray:
         """Record every virtual device at once, sample-aligned: shape (samples, len(devices))."""
-        raw = path.with_suffix(".raw")
-        with raw.open("wb") as out:
-            proc = subprocess.Popen(
-                ["parec", "--device=probe.monitor", "--format=s16le", f"--rate={SAMPLE_RATE}",
-                 f"--channels={len(self.devices)}", "--latency-msec=20"],
-                env=self.env, stdout=out, stderr=subprocess.PIPE,
-            )  # fmt: skip
-            time.sleep(seconds)
+        channels = len(self.devices)
+        proc = subprocess.Popen(
+            ["parec", "--device=probe.monitor", "--format=s16le", f"--rate={SAMPLE_RATE}",
+             f"--channels={channels}", f"--channel-map={self._channel_map}",
+             "--latency-msec=20", "--raw"],
+            env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        # parec only flushes to a pipe reliably, so read it while it records.
+        try:
+            out, _ = proc.communicate(timeout=seconds)
+        except subprocess.TimeoutExpired:
             proc.terminate()
-            proc.wait(5)
-        data = np.frombuffer(raw.read_bytes(), "<i2")
-        frames = data[: len(data) // len(self.devices) * len(self.devices)]
-        return frames.reshape(-1, len(self.devices))
+            out, _ = proc.communicate(timeout=10)
+        data = np.frombuffer(out, "<i2")
+        return data[: len(data) // channels * channels].reshape(-1, channels)
 
     def channel(self, recording: np.ndarray, device: str) -> np.ndarray:
         return recording[:, self.devices.index(device)]

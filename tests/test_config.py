@@ -1,0 +1,86 @@
+"""Config loading: board profile + agent file, with clear errors that name the key."""
+
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from agent.service.config import PROFILE_DIR, AgentConfig, ConfigError, from_dict, load_config
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "agent.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_without_a_file() -> None:
+    config = load_config(None)
+    assert config.board == "generic"
+    assert config.media.opus.bitrate == 32_000
+
+
+def test_every_shipped_profile_loads(tmp_path: Path) -> None:
+    profiles = sorted(PROFILE_DIR.glob("*.toml"))
+    assert len(profiles) >= 3
+    for profile in profiles:
+        config = load_config(_write(tmp_path, f'board = "{profile.stem}"\n'))
+        assert config.board == profile.stem
+        assert config.audio.capture.name and config.audio.playback.name
+
+
+def test_agent_file_overrides_the_profile(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path,
+        'board = "raspberry-pi-zero-2w-i2s"\ndevice_id = "door-1"\n'
+        "[media]\nred_distance = 1\n[media.opus]\nbitrate = 24000\n",
+    )
+    config = load_config(path)
+    assert config.device_id == "door-1"
+    assert config.media.red_distance == 1
+    assert config.media.opus.bitrate == 24_000
+    assert config.media.opus.complexity == 5  # from the Zero's profile
+    assert "googlevoicehat" in config.audio.capture.name
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[media.opus]\nbitrat = 1\n", "media.opus: unknown key"),
+        ('[media.opus]\nbitrate = "fast"\n', "media.opus.bitrate: expected int"),
+        ("[media.opus]\ncomplexity = 12\n", "complexity"),
+        ("media = 3\n", "media: expected a table"),
+        ('board = "../../etc/passwd"\n', "invalid profile name"),
+        ('board = "no-such-board"\n', "no profile"),
+        ("[media\n", "agent.toml"),
+    ],
+)
+def test_bad_config_names_the_key(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(_write(tmp_path, text))
+
+
+def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "absent.toml")
+
+
+_toml_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+
+
+@given(
+    st.dictionaries(st.sampled_from(["device_id", "board", "audio", "media", "x"]), _toml_values)
+)
+def test_arbitrary_tables_give_a_config_or_a_config_error(data: dict[str, object]) -> None:
+    try:
+        config = from_dict(AgentConfig, data)
+    except ConfigError:
+        return
+    assert isinstance(config, AgentConfig)
