@@ -89,15 +89,17 @@ async def run_call(config: AgentConfig, opts: CallOptions) -> EndReason:
         transport, keying, source, sink, config.media, call_id=f"{config.device_id}/direct"
     )
     loop = asyncio.get_running_loop()
-    hangup = loop.create_future()
+    hangup = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, lambda: hangup.done() or hangup.set_result(None))
+        loop.add_signal_handler(sig, hangup.set)
     tasks: list[asyncio.Task[None]] = []
     try:
         await session.start()
         tasks.append(loop.create_task(_print_stats(session, opts.stats_interval), name="stats"))
-        ended = loop.create_task(session.ended(), name="session-ended")
-        waits: list[asyncio.Future[object]] = [ended, hangup]  # type: ignore[list-item]
+        waits: list[asyncio.Task[object]] = [
+            loop.create_task(session.ended(), name="session-ended"),
+            loop.create_task(hangup.wait(), name="hangup"),
+        ]
         if opts.duration is not None:
             waits.append(loop.create_task(asyncio.sleep(opts.duration), name="duration"))
         await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)

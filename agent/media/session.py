@@ -166,6 +166,11 @@ class MediaSession:
             self._tasks.append(loop.create_task(coro, name=f"media-{name}-{self._call_id}"))
         self._log.info("media started ssrc=%08x red=%s", self.ssrc, self._send_red)
 
+    @property
+    def running(self) -> bool:
+        """Started and not ended."""
+        return self._ended is not None and not self._ended.done()
+
     async def ended(self) -> EndReason:
         """Wait until the session ends by itself or is closed."""
         assert self._ended is not None, "start() first"

@@ -1,0 +1,527 @@
+"""ALSA capture and playback through PortAudio callbacks, found by name, surviving unplugs.
+
+PortAudio calls us on its own thread; the callbacks only move bytes and hand
+the event to the loop with ``call_soon_threadsafe``. Everything else (queues,
+resampling, counters, recovery) happens on the loop.
+
+When a stream dies (stopped by PortAudio, a run of error callbacks, no
+callback for ``stall_timeout_s``), the device is "lost": one warning is
+logged and an owned task looks for the device by name again every
+``reopen_interval_s`` with a fresh PortAudio, so a card that comes back with
+another index is found. Until then capture reads silence and playback
+discards, both paced by the loop clock, so the call goes on.
+
+PortAudio refreshes its device list only when no instance is left in the
+process (see ``pyaudio_backend``). Each stream owns its own instance, so while
+the other direction's stream is still open a re-scan sees the old list: a
+device whose ALSA name is stable (an ``.asoundrc`` alias by card id, a pulse
+PCM) is found again, one that comes back under a new ``hw:N`` name is not.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import contextlib
+import functools
+import logging
+import re
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from agent.audio.format import CHANNELS, FRAME_BYTES, FRAME_SAMPLES, SAMPLE_RATE, SILENCE
+from agent.audio.pacing import FramePacer
+from agent.audio.pyaudio_backend import ERROR_FLAGS, DeviceInfo, PortAudio, Stream
+from agent.audio.resample import FrameResampler
+
+logger = logging.getLogger(__name__)
+
+# How often a healthy stream is checked; Pa_IsStreamActive is cheap.
+_WATCH_INTERVAL_S = 0.1
+# Consecutive callbacks flagged with lost samples (1 s of 20 ms buffers) that mean a dead device.
+_MAX_ERROR_CALLBACKS = 50
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceConfig:
+    """Which ALSA device to use and how to run it."""
+
+    name: str
+    """Regex (or, if not a valid regex, a substring), matched case-insensitively against the
+    PortAudio device names; an exact name wins over other matches."""
+    rate: int = SAMPLE_RATE
+    """Rate to open the device at; if it refuses, its default rate is used. Frames are always
+    resampled to and from 48 kHz."""
+    frames_per_buffer: int = FRAME_SAMPLES
+    """Samples per PortAudio callback at 48 kHz (scaled when the device runs at another rate)."""
+    queue_frames: int = 10
+    """Capture: frames kept for a slow reader; when full the oldest is dropped."""
+    prefill_frames: int = 2
+    """Playback: frames queued ahead of the device; ``write`` waits while this many are."""
+    reopen_interval_s: float = 1.0
+    """Pause between attempts to find and re-open a lost device."""
+    stall_timeout_s: float = 5.0
+    """A stream that makes no callback for this long is dead. PulseAudio-backed PCMs make
+    their first callback up to ~2 s after opening."""
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ValueError("device name must not be empty")
+        if self.rate <= 0 or self.frames_per_buffer <= 0:
+            raise ValueError("rate and frames_per_buffer must be positive")
+        if self.queue_frames < 1 or self.prefill_frames < 1:
+            raise ValueError("queue_frames and prefill_frames must be at least 1")
+        if self.reopen_interval_s <= 0 or self.stall_timeout_s <= 0:
+            raise ValueError("reopen_interval_s and stall_timeout_s must be positive")
+
+
+class DeviceNotFound(Exception):
+    """No PortAudio device matches the configured name; the message lists those there are."""
+
+    def __init__(self, pattern: str, kind: str, available: list[str]) -> None:
+        self.pattern = pattern
+        self.available = available
+        names = ", ".join(repr(n) for n in available) or "none"
+        super().__init__(f"no {kind} device matches {pattern!r}; available: {names}")
+
+
+@dataclass(frozen=True, slots=True)
+class CaptureStats:
+    """Counters of an ``AlsaCapture`` since ``start()``."""
+
+    frames_captured: int
+    """48 kHz frames that came from the device."""
+    frames_dropped: int
+    """Frames dropped (oldest first) because the reader fell behind."""
+    silence_frames: int
+    """Frames of silence ``read()`` returned while the device was lost."""
+    device_lost: int
+    """Times the stream died."""
+    reopen_attempts: int
+    """Attempts to find and re-open the device after it was lost."""
+    device_rate: int | None
+    """Rate the device is open at; None while it is lost."""
+
+
+@dataclass(frozen=True, slots=True)
+class PlaybackStats:
+    """Counters of an ``AlsaPlayback`` since ``start()``."""
+
+    frames_played: int
+    """Frames handed to the device."""
+    frames_discarded: int
+    """Frames thrown away while the device was lost."""
+    underruns: int
+    """Device callbacks that found nothing queued (after the first write) and played silence."""
+    device_lost: int
+    """Times the stream died."""
+    reopen_attempts: int
+    """Attempts to find and re-open the device after it was lost."""
+    device_rate: int | None
+    """Rate the device is open at; None while it is lost."""
+
+
+def find_device(devices: list[DeviceInfo], pattern: str, *, capture: bool) -> DeviceInfo:
+    """The device for ``pattern`` with channels in the wanted direction, or DeviceNotFound."""
+    usable = [
+        d for d in devices if (d.max_input_channels if capture else d.max_output_channels) > 0
+    ]
+    try:
+        regex = re.compile(pattern, re.IGNORECASE)
+    except re.error:
+        regex = re.compile(re.escape(pattern), re.IGNORECASE)
+    matches = [d for d in usable if regex.search(d.name)]
+    exact = [d for d in matches if d.name.casefold() == pattern.casefold()]
+    if exact or matches:
+        return (exact or matches)[0]
+    raise DeviceNotFound(pattern, "capture" if capture else "playback", [d.name for d in usable])
+
+
+@dataclass(slots=True)
+class _Opened:
+    """A stream and the PortAudio instance that owns it."""
+
+    pa: PortAudio
+    stream: Stream
+    device: DeviceInfo
+    rate: int
+
+
+async def _cancel_and_wait(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    # asyncio.wait does not raise the task's CancelledError, yet still propagates our own.
+    await asyncio.wait({task})
+    if not task.cancelled() and task.exception() is not None:
+        logger.error("%s failed", task.get_name(), exc_info=task.exception())
+
+
+class _DeviceStream(abc.ABC):
+    """What capture and playback share: open by name, watch, lose, re-open, close."""
+
+    _kind = ""
+
+    def __init__(self, config: DeviceConfig) -> None:
+        self.config = config
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._opened: _Opened | None = None
+        self._healthy = False
+        self._closed = False
+        self._generation = 0
+        self._last_callback = 0.0
+        self._error_callbacks = 0
+        self._supervisor: asyncio.Task[None] | None = None
+        # A PortAudio call running in a worker thread; close() waits for it and cleans up.
+        self._in_flight: asyncio.Future[_Opened | None] | None = None
+        self._pacer = FramePacer()
+        self._device_lost = 0
+        self._reopen_attempts = 0
+
+    @property
+    def healthy(self) -> bool:
+        """True while the device delivers (capture) or takes (playback) real audio."""
+        return self._healthy
+
+    async def start(self) -> None:
+        """Open the device; raises DeviceNotFound or OSError if that fails now."""
+        if self._loop is not None:
+            raise RuntimeError(f"{self._kind} already started")
+        self._loop = asyncio.get_running_loop()
+        try:
+            opened = await self._open_in_thread()
+        except asyncio.CancelledError:
+            await self.close()  # waits for the open to finish and closes what it opened
+            raise
+        except BaseException:
+            self._loop = None
+            raise
+        assert opened is not None
+        self._install(opened, healthy=True)
+        logger.info("%s device %r open at %d Hz", self._kind, opened.device.name, opened.rate)
+        self._supervisor = self._loop.create_task(
+            self._supervise(), name=f"{self._kind}-supervisor:{self.config.name}"
+        )
+
+    async def close(self) -> None:
+        """Stop the supervisor and close the stream; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._healthy = False
+        self._wake()
+        if self._supervisor is not None:
+            await _cancel_and_wait(self._supervisor)
+        if self._in_flight is not None:
+            # A worker call outlived the supervisor: let it finish, close what it opened.
+            await asyncio.wait({self._in_flight})
+            if self._in_flight.exception() is None and (late := self._in_flight.result()):
+                await self._run_blocking(functools.partial(self._release, late))
+        opened, self._opened = self._opened, None
+        if opened is not None:
+            await self._run_blocking(functools.partial(self._release, opened))
+
+    # -- subclass hooks ------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def _open_stream(self, pa: PortAudio, device: DeviceInfo, rate: int, gen: int) -> Stream:
+        """Blocking: open and start the stream; its callbacks carry ``gen``."""
+
+    @abc.abstractmethod
+    def _wake(self) -> None:
+        """Wake a reader or writer waiting on the device, to re-check ``healthy``."""
+
+    # -- opening ---------------------------------------------------------------------------
+
+    def _device_frames(self, rate: int) -> int:
+        return max(1, round(self.config.frames_per_buffer * rate / SAMPLE_RATE))
+
+    async def _open_in_thread(self) -> _Opened | None:
+        # A new generation: callbacks of earlier streams are ignored from now on, and this
+        # stream's first callbacks count even before _open returns.
+        self._generation += 1
+        return await self._run_blocking(functools.partial(self._open, self._generation))
+
+    def _open(self, gen: int) -> _Opened:
+        """Blocking: a fresh PortAudio (so the device list is current), find, open."""
+        pa = PortAudio()
+        try:
+            device = find_device(pa.devices(), self.config.name, capture=self._kind == "capture")
+            rate = self.config.rate
+            try:
+                stream = self._open_stream(pa, device, rate, gen)
+            except OSError as exc:
+                if device.default_rate == rate:
+                    raise
+                logger.info(
+                    "%s device %r refused %d Hz (%s); using its default %d Hz",
+                    self._kind, device.name, rate, exc, device.default_rate,
+                )  # fmt: skip
+                rate = device.default_rate
+                stream = self._open_stream(pa, device, rate, gen)
+        except BaseException:
+            pa.terminate()
+            raise
+        return _Opened(pa, stream, device, rate)
+
+    def _release(self, opened: _Opened) -> None:
+        """Blocking: close a stream, live or dead, and its PortAudio."""
+        try:
+            opened.stream.close()
+        except OSError as exc:
+            logger.debug("closing %s stream: %s", self._kind, exc)
+        finally:
+            opened.pa.terminate()
+
+    async def _run_blocking(self, fn: Callable[[], _Opened | None]) -> _Opened | None:
+        """Run a PortAudio call in a worker thread without blocking the loop."""
+        self._in_flight = asyncio.get_running_loop().run_in_executor(None, fn)
+        # Shielded: if we are cancelled the call still finishes and close() cleans up after it.
+        result = await asyncio.shield(self._in_flight)
+        self._in_flight = None
+        return result
+
+    def _install(self, opened: _Opened, *, healthy: bool) -> None:
+        self._opened = opened
+        self._error_callbacks = 0
+        assert self._loop is not None
+        self._last_callback = self._loop.time()
+        self._healthy = healthy
+
+    # -- called on the loop by the PortAudio callbacks ---------------------------------------
+
+    def _callback_arrived(self, gen: int, status: int) -> bool:
+        """Book-keeping for one callback; False if it belongs to a stream we dropped."""
+        if gen != self._generation or self._closed:
+            return False
+        assert self._loop is not None
+        self._last_callback = self._loop.time()
+        self._error_callbacks = self._error_callbacks + 1 if status & ERROR_FLAGS else 0
+        if not self._healthy and self._opened is not None:
+            # A re-opened stream counts as back once it actually calls us.
+            self._healthy = True
+            self._pacer.reset()
+            logger.info(
+                "%s device %r is back (index %d, %d Hz)",
+                self._kind, self._opened.device.name, self._opened.device.index,
+                self._opened.rate,
+            )  # fmt: skip
+        return True
+
+    # -- supervision -------------------------------------------------------------------------
+
+    async def _supervise(self) -> None:
+        while True:
+            if self._opened is None:
+                await asyncio.sleep(self.config.reopen_interval_s)
+                await self._reopen()
+                continue
+            await asyncio.sleep(_WATCH_INTERVAL_S)
+            reason = self._failure()
+            if reason is not None:
+                await self._lose(reason)
+
+    def _failure(self) -> str | None:
+        assert self._opened is not None and self._loop is not None
+        if not self._opened.stream.is_active():
+            return "stream stopped"
+        if self._error_callbacks >= _MAX_ERROR_CALLBACKS:
+            return f"{self._error_callbacks} callbacks in a row lost samples"
+        silent_for = self._loop.time() - self._last_callback
+        if silent_for > self.config.stall_timeout_s:
+            return f"no callback for {silent_for:.1f} s"
+        return None
+
+    async def _lose(self, reason: str) -> None:
+        self._generation += 1
+        opened, self._opened = self._opened, None
+        assert opened is not None
+        if self._healthy:
+            self._device_lost += 1
+            logger.warning(
+                "%s device %r lost (%s); trying to re-open it every %.1f s",
+                self._kind, opened.device.name, reason, self.config.reopen_interval_s,
+            )  # fmt: skip
+        elif logger.isEnabledFor(logging.DEBUG):
+            logger.debug("re-opened %s device failed again: %s", self._kind, reason)
+        self._healthy = False
+        self._pacer.reset()
+        self._wake()
+        await self._run_blocking(functools.partial(self._release, opened))
+
+    async def _reopen(self) -> None:
+        self._reopen_attempts += 1
+        try:
+            opened = await self._open_in_thread()
+        except (DeviceNotFound, OSError) as exc:
+            if logger.isEnabledFor(logging.DEBUG):
+                logger.debug("re-open of %s device failed: %s", self._kind, exc)
+            return
+        assert opened is not None
+        # Healthy again only at its first callback (PulseAudio takes up to ~2 s).
+        self._install(opened, healthy=False)
+
+
+class AlsaCapture(_DeviceStream):
+    """Microphone: ``read()`` returns the next 20 ms 48 kHz frame (silence while lost)."""
+
+    _kind = "capture"
+
+    def __init__(self, config: DeviceConfig) -> None:
+        super().__init__(config)
+        self._queue: deque[bytes] = deque(maxlen=config.queue_frames)
+        self._ready = asyncio.Event()
+        self._resampler: FrameResampler | None = None
+        self._resampler_key = (0, 0)
+        self._captured = 0
+        self._dropped = 0
+        self._silence = 0
+
+    @property
+    def stats(self) -> CaptureStats:
+        return CaptureStats(
+            frames_captured=self._captured,
+            frames_dropped=self._dropped,
+            silence_frames=self._silence,
+            device_lost=self._device_lost,
+            reopen_attempts=self._reopen_attempts,
+            device_rate=self._opened.rate if self._opened is not None and self._healthy else None,
+        )
+
+    async def read(self) -> bytes:
+        if self._loop is None or self._closed:
+            raise RuntimeError("capture is not running")
+        while True:
+            if self._queue:
+                return self._queue.popleft()
+            if not self._healthy:
+                await self._pacer.wait()
+                self._silence += 1
+                return SILENCE
+            self._ready.clear()
+            await self._ready.wait()
+
+    def _open_stream(self, pa: PortAudio, device: DeviceInfo, rate: int, gen: int) -> Stream:
+        loop = self._loop
+        assert loop is not None
+
+        def on_input(data: bytes, status: int) -> bool:
+            # PortAudio thread: hand over and return.
+            try:
+                loop.call_soon_threadsafe(self._deliver, gen, rate, data, status)
+            except RuntimeError:  # the loop is closed: nobody is listening any more
+                return False
+            return True
+
+        return pa.open_input(device.index, rate, CHANNELS, self._device_frames(rate), on_input)
+
+    def _wake(self) -> None:
+        self._ready.set()
+
+    def _deliver(self, gen: int, rate: int, data: bytes, status: int) -> None:
+        if not self._callback_arrived(gen, status):
+            return
+        if self._resampler is None or self._resampler_key != (gen, rate):
+            # Fresh per stream: resampler state must not carry across a re-open.
+            self._resampler = FrameResampler(rate, SAMPLE_RATE, FRAME_SAMPLES)
+            self._resampler_key = (gen, rate)
+        for frame in self._resampler.push(data):
+            if len(self._queue) == self._queue.maxlen:
+                self._dropped += 1  # the deque drops the oldest on append
+            self._queue.append(frame)
+            self._captured += 1
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("capture: %d bytes, status %#x, %d queued", len(data), status,
+                         len(self._queue))  # fmt: skip
+        self._ready.set()
+
+
+class AlsaPlayback(_DeviceStream):
+    """Speaker: ``write()`` queues a 48 kHz frame and waits while ``prefill_frames`` are queued."""
+
+    _kind = "playback"
+
+    def __init__(self, config: DeviceConfig) -> None:
+        super().__init__(config)
+        # Shared with the PortAudio thread: deque append/popleft are atomic.
+        self._buffer: deque[bytes] = deque()
+        self._space = asyncio.Event()
+        self._resampler: FrameResampler | None = None
+        self._silence_chunk = SILENCE
+        self._primed = False
+        self._played = 0
+        self._discarded = 0
+        self._underruns = 0  # written only by the PortAudio thread
+
+    @property
+    def stats(self) -> PlaybackStats:
+        return PlaybackStats(
+            frames_played=self._played,
+            frames_discarded=self._discarded,
+            underruns=self._underruns,
+            device_lost=self._device_lost,
+            reopen_attempts=self._reopen_attempts,
+            device_rate=self._opened.rate if self._opened is not None and self._healthy else None,
+        )
+
+    async def write(self, frame: bytes) -> None:
+        if len(frame) != FRAME_BYTES:
+            raise ValueError(f"expected a {FRAME_BYTES}-byte frame, got {len(frame)} bytes")
+        if self._loop is None or self._closed:
+            raise RuntimeError("playback is not running")
+        while self._healthy and len(self._buffer) >= self.config.prefill_frames:
+            self._space.clear()
+            await self._space.wait()
+        if not self._healthy:
+            await self._pacer.wait()
+            self._discarded += 1
+            return
+        assert self._resampler is not None
+        self._buffer.extend(self._resampler.push(frame))
+        self._primed = True
+        self._played += 1
+
+    async def close(self) -> None:
+        """Play what is queued (if the device is taking audio), then close."""
+        if self._healthy and not self._closed:
+            # Bounded: a device that stalls now must not hold up shutdown.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.5 + 0.04 * len(self._buffer)):
+                    while self._healthy and self._buffer:
+                        self._space.clear()
+                        await self._space.wait()
+        await super().close()
+
+    def _open_stream(self, pa: PortAudio, device: DeviceInfo, rate: int, gen: int) -> Stream:
+        loop = self._loop
+        assert loop is not None
+        frames = self._device_frames(rate)
+        silence = bytes(frames * 2)
+
+        def on_output(frame_count: int, status: int) -> bytes:
+            # PortAudio thread: one queued chunk per call, silence if there is none.
+            try:
+                data = self._buffer.popleft() if gen == self._generation else silence
+            except IndexError:
+                data = silence
+                if self._primed:
+                    self._underruns += 1
+            with contextlib.suppress(RuntimeError):  # loop closed: the stream is being closed
+                loop.call_soon_threadsafe(self._freed, gen, status)
+            if len(data) != frame_count * 2:
+                data = data[: frame_count * 2].ljust(frame_count * 2, b"\0")
+            return data
+
+        return pa.open_output(device.index, rate, CHANNELS, frames, on_output)
+
+    def _install(self, opened: _Opened, *, healthy: bool) -> None:
+        self._buffer.clear()
+        self._primed = False
+        self._resampler = FrameResampler(SAMPLE_RATE, opened.rate, self._device_frames(opened.rate))
+        super()._install(opened, healthy=healthy)
+
+    def _wake(self) -> None:
+        self._space.set()
+
+    def _freed(self, gen: int, status: int) -> None:
+        if self._callback_arrived(gen, status):
+            self._space.set()

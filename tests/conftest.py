@@ -1,0 +1,32 @@
+"""Shared fixtures. Audio: a private ALSA configuration and a PulseAudio daemon."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from audio_env import PulseServer, require_tools
+
+
+@pytest.fixture
+def alsa_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh HOME for this test: PortAudio instances created now read its ``.asoundrc``."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("PULSE_SERVER", raising=False)
+    return home
+
+
+@pytest.fixture(scope="session")
+def pulse_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PulseServer]:
+    """One PulseAudio daemon for the session, sinks ``mic``, ``spk``, ``hotmic``, ``hotspk``.
+
+    Tests that unload a sink (``hot*``) must load it again before they end.
+    """
+    require_tools("pulseaudio", "pactl", "paplay", "pacat")
+    with PulseServer.running(
+        tmp_path_factory.mktemp("pulse"), ("mic", "spk", "hotmic", "hotspk")
+    ) as server:
+        yield server
