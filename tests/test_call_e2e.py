@@ -73,11 +73,12 @@ def _tone_wav(path: Path, freq: float, seconds: float) -> Path:
 @pytest.mark.parametrize(
     ("impairment", "floor"),
     [
-        (Impairment(), 3.6),
-        (Impairment(loss=0.10, seed=3), 3.2),
-        (Impairment(loss=0.10, mean_burst=3.0, jitter_ms=20.0, seed=4), 2.7),
+        (Impairment(), 3.8),
+        (Impairment(loss=0.10, seed=3), 3.5),
+        (Impairment(loss=0.10, mean_burst=3.0, seed=4), 3.0),
+        (Impairment(jitter_ms=20.0, seed=5), 3.5),
     ],
-    ids=["clean", "loss10", "burst-jitter"],
+    ids=["clean", "loss10", "burst", "jitter"],
 )
 async def test_speech_survives_the_network(
     boards: VirtualAudio, speech: Path, tmp_path: Path, impairment: Impairment, floor: float

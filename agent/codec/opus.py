@@ -37,7 +37,7 @@ class OpusConfig:
     """In-band FEC (LBRR): each packet carries a coarse copy of the previous frame."""
     dtx: bool = False
     """Discontinuous transmission: near-empty packets during silence."""
-    packet_loss_perc: int = 10
+    packet_loss_perc: int = 0
     """Initial expected loss in percent; RTCP reports update it during a call."""
 
     def __post_init__(self) -> None:

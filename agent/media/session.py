@@ -328,8 +328,11 @@ class MediaSession:
         if rtt is not None:
             self._rtt = rtt
         self._loss_fraction = block.fraction_lost / 256.0
-        # Size in-band FEC to the loss the peer reports, with headroom for bursts.
-        self._encoder.set_packet_loss(min(50, round(self._loss_fraction * 100 * 1.5) + 5))
+        # Size in-band FEC to the loss that RED leaves: a frame is gone only when it and its
+        # `distance` repeats are all lost. FEC bits come out of the primary frame (at 32 kbit/s
+        # a 10 % hint costs ~0.7 PESQ on clean speech), so it must not duplicate RED's work.
+        distance = self._config.red_distance if self._send_red else 0
+        self._encoder.set_packet_loss(round(100 * self._loss_fraction ** (1 + distance)))
 
     # -- playout ---------------------------------------------------------------
 
