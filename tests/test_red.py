@@ -192,3 +192,19 @@ def test_arbitrary_bytes_decode_or_raise_red_error(data: bytes) -> None:
         return
     assert sum(len(b.payload) for b in blocks) + 4 * (len(blocks) - 1) + 1 == len(data)
     assert blocks[-1].timestamp_offset == 0
+
+
+def test_encoder_distance_can_change_mid_stream() -> None:
+    enc = RedEncoder(1)
+    for n in range(3):
+        enc.encode(n * 960, bytes([n + 1]) * 10)
+    enc.set_distance(3)
+    assert enc.distance == 3
+    blocks = decode_red(enc.encode(3 * 960, b"\x04" * 10))
+    assert [b.timestamp_offset for b in blocks] == [960, 0]  # only the kept frame so far
+    blocks = decode_red(enc.encode(4 * 960, b"\x05" * 10))
+    assert [b.timestamp_offset for b in blocks] == [1920, 960, 0]
+    enc.set_distance(1)
+    assert [b.timestamp_offset for b in decode_red(enc.encode(5 * 960, b"\x06" * 10))] == [960, 0]
+    with pytest.raises(ValueError):
+        enc.set_distance(4)

@@ -59,8 +59,13 @@ class JitterConfig:
     """Consecutive out-of-range packets (sender restart, timestamp jump) before resyncing."""
     small_payload_bytes: int = 3
     """Payloads up to this size are Opus DTX/silence: the cheapest frames to drop."""
+    jitter_tolerance_ms: float = 5.0
+    """Jitter this small adds no frame of delay: the phase between arrivals and the playback
+    clock absorbs it, and an unlucky phase shifts by itself after one underrun."""
 
     def __post_init__(self) -> None:
+        if self.jitter_tolerance_ms < 0:
+            raise ValueError("jitter_tolerance_ms must be >= 0")
         if self.clock_rate <= 0 or self.frame_samples <= 0:
             raise ValueError("clock_rate and frame_samples must be > 0")
         if not 0 < self.min_delay_ms <= self.max_delay_ms:
@@ -254,7 +259,8 @@ class JitterBuffer:
             del ordered[bisect.bisect_left(ordered, old)]
         rank = max(0, math.ceil(self._cfg.percentile / 100.0 * len(ordered)) - 1)
         spread = ordered[rank] - ordered[0]
-        self._jitter_frames = math.ceil(spread / self._frame_s - _SPREAD_EPSILON) + 1
+        excess = max(0.0, spread - self._cfg.jitter_tolerance_ms / 1000.0)
+        self._jitter_frames = math.ceil(excess / self._frame_s - _SPREAD_EPSILON) + 1
         self._update_target()
 
     # -- playout ---------------------------------------------------------------

@@ -92,6 +92,17 @@ class RedEncoder:
         self._payload_type = payload_type
         self._history: deque[tuple[int, bytes]] = deque(maxlen=distance)
 
+    @property
+    def distance(self) -> int:
+        return self._history.maxlen or 0
+
+    def set_distance(self, distance: int) -> None:
+        """Repeat this many earlier frames from now on (the newest ones are kept)."""
+        if not 0 <= distance <= MAX_DISTANCE:
+            raise ValueError(f"RED distance {distance} out of range 0..{MAX_DISTANCE}")
+        if distance != self.distance:
+            self._history = deque(self._history, maxlen=distance)
+
     def encode(self, timestamp: int, payload: bytes) -> bytes:
         """RED payload for the frame at RTP `timestamp` (the RTP packet carries this timestamp)."""
         redundant = []

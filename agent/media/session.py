@@ -42,8 +42,12 @@ class MediaConfig:
     """Dynamic payload type of opus/48000/2 (the WebRTC convention)."""
     red_payload_type: int = 63
     """Payload type of red/48000/2 (what Chrome offers)."""
-    red_distance: int = 2
-    """Earlier frames repeated in each packet (RFC 2198); 0 turns RED off."""
+    red_distance: int = 3
+    """Most earlier frames repeated in each packet (RFC 2198); 0 turns RED off. The sender
+    repeats one frame while the peer reports no loss, two under loss, this many under heavy
+    loss (``red_heavy_loss``): bursts of loss need the deeper history, a clean link does not."""
+    red_heavy_loss: float = 0.05
+    """Reported loss fraction from which the full ``red_distance`` is used."""
     jitter: JitterConfig = field(default_factory=JitterConfig)
     rtcp_interval_s: float = 1.0
     """Mean RTCP report interval; each one is randomised by +-50% (RFC 3550 6.2)."""
@@ -121,13 +125,14 @@ class MediaSession:
         self._encoder = OpusEncoder(config.opus)
         self._decoder = OpusDecoder()
         self._red = (
-            RedEncoder(config.red_distance, payload_type=config.opus_payload_type)
+            RedEncoder(min(1, config.red_distance), payload_type=config.opus_payload_type)
             if self._send_red
             else None
         )
         self._jitter = JitterBuffer(config.jitter)
-        # RED repeats `distance` frames; FEC alone reaches back one.
-        self._jitter.set_recovery_frames(config.red_distance if self._send_red else 1)
+        # FEC alone reaches back one frame; RED packets tell how far theirs reaches.
+        self._jitter.set_recovery_frames(1)
+        self._peer_red_distance = 0
         self._rx_stats = ReceiverStats(SAMPLE_RATE)
         self.ssrc = struct.unpack("!I", os.urandom(4))[0]
         self._seq = struct.unpack("!H", os.urandom(2))[0]
@@ -142,6 +147,7 @@ class MediaSession:
         self._octets_sent = 0
         self._rtt: float | None = None
         self._loss_fraction = 0.0
+        self._loss_estimate = 0.0
         self._packets_sent = 0
         self._red_recovered = 0
         self._auth_failed = 0
@@ -283,6 +289,9 @@ class MediaSession:
             if any(b.payload_type != self._config.opus_payload_type for b in blocks):
                 self._unknown_pt += 1
                 return
+            if len(blocks) - 1 != self._peer_red_distance:
+                self._peer_red_distance = len(blocks) - 1
+                self._jitter.set_recovery_frames(max(1, self._peer_red_distance))
             for block in blocks[:-1]:
                 ts = (packet.timestamp - block.timestamp_offset) & _TS_MASK
                 if self._jitter.push(ts, block.payload, now, redundant=True) is PushResult.ACCEPTED:
@@ -328,11 +337,20 @@ class MediaSession:
         if rtt is not None:
             self._rtt = rtt
         self._loss_fraction = block.fraction_lost / 256.0
+        # Fast attack, slow release: one lucky interval must not switch protection off.
+        self._loss_estimate = max(
+            self._loss_fraction, 0.8 * self._loss_estimate + 0.2 * self._loss_fraction
+        )
         # Size in-band FEC to the loss that RED leaves: a frame is gone only when it and its
         # `distance` repeats are all lost. FEC bits come out of the primary frame (at 32 kbit/s
         # a 10 % hint costs ~0.7 PESQ on clean speech), so it must not duplicate RED's work.
-        distance = self._config.red_distance if self._send_red else 0
-        self._encoder.set_packet_loss(round(100 * self._loss_fraction ** (1 + distance)))
+        distance = 0
+        loss = self._loss_estimate
+        if self._red is not None:
+            full = self._config.red_distance
+            distance = full if loss >= self._config.red_heavy_loss else min(full, 2 if loss else 1)
+            self._red.set_distance(distance)
+        self._encoder.set_packet_loss(round(100 * loss ** (1 + distance)))
 
     # -- playout ---------------------------------------------------------------
 

@@ -9,12 +9,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import socket
 from dataclasses import dataclass
 from typing import Protocol
 
 logger = logging.getLogger(__name__)
 
 Address = tuple[str, int]
+_MAX_DATAGRAM = 2048  # RTP audio packets are ~100-500 bytes; larger ones are not ours
 
 
 class TransportClosed(ConnectionError):
@@ -44,22 +46,6 @@ class UdpStats:
     send_errors: int
 
 
-class _Protocol(asyncio.DatagramProtocol):
-    def __init__(self, owner: UdpTransport) -> None:
-        self._owner = owner
-
-    def datagram_received(self, data: bytes, addr: Address) -> None:
-        self._owner._received(data, addr)
-
-    def error_received(self, exc: Exception) -> None:
-        # ICMP port unreachable while the peer is not up yet: not fatal for media.
-        self._owner._send_errors += 1
-        logger.debug("udp error: %s", exc)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._owner._closed()
-
-
 class UdpTransport:
     """A UDP socket bound first (port 0 is fine) and pointed at the peer later.
 
@@ -67,10 +53,10 @@ class UdpTransport:
     oldest is dropped, since stale audio is worth less than fresh audio.
     """
 
-    def __init__(self, queue_size: int = 256) -> None:
+    def __init__(self, sock: socket.socket, queue_size: int = 256) -> None:
+        self._sock = sock
         self._queue: collections.deque[bytes] = collections.deque(maxlen=queue_size)
         self._waiter: asyncio.Future[None] | None = None
-        self._transport: asyncio.DatagramTransport | None = None
         self._remote: Address | None = None
         self._is_closed = False
         self._received_count = 0
@@ -83,18 +69,23 @@ class UdpTransport:
     async def bind(
         cls, host: str = "127.0.0.1", port: int = 0, queue_size: int = 256
     ) -> UdpTransport:
-        self = cls(queue_size)
-        loop = asyncio.get_running_loop()
-        transport, _ = await loop.create_datagram_endpoint(
-            lambda: _Protocol(self), local_addr=(host, port)
-        )
-        self._transport = transport
+        # A plain non-blocking socket on the loop's reader: asyncio's datagram transport
+        # allocates a 256 KiB buffer (an mmap) for every packet it reads.
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            sock.bind((host, port))
+        except OSError:
+            sock.close()
+            raise
+        self = cls(sock, queue_size)
+        asyncio.get_running_loop().add_reader(sock.fileno(), self._readable)
         return self
 
     @property
     def local_address(self) -> Address:
-        assert self._transport is not None
-        host, port = self._transport.get_extra_info("sockname")[:2]
+        host, port = self._sock.getsockname()[:2]
         return host, port
 
     def connect(self, remote: Address) -> None:
@@ -107,14 +98,24 @@ class UdpTransport:
             self._received_count, self._sent, self._overflow, self._foreign, self._send_errors
         )
 
-    def _received(self, data: bytes, addr: Address) -> None:
-        if addr[:2] != self._remote:
-            self._foreign += 1
-            return
-        if len(self._queue) == self._queue.maxlen:
-            self._overflow += 1
-        self._queue.append(data)
-        self._received_count += 1
+    def _readable(self) -> None:
+        # Drain everything queued in the kernel: one loop wake-up for a burst of datagrams.
+        while True:
+            try:
+                data, addr = self._sock.recvfrom(_MAX_DATAGRAM)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:  # ICMP unreachable while the peer is not up yet
+                self._send_errors += 1
+                logger.debug("udp error: %s", exc)
+                break
+            if addr[:2] != self._remote:
+                self._foreign += 1
+                continue
+            if len(self._queue) == self._queue.maxlen:
+                self._overflow += 1
+            self._queue.append(data)
+            self._received_count += 1
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -126,12 +127,18 @@ class UdpTransport:
             waiter.set_result(None)
 
     async def send(self, data: bytes) -> None:
-        if self._is_closed or self._transport is None:
+        if self._is_closed:
             raise TransportClosed("udp transport closed")
         if self._remote is None:
             raise TransportClosed("udp transport has no peer address yet")
-        self._transport.sendto(data, self._remote)
-        self._sent += 1
+        try:
+            self._sock.sendto(data, self._remote)
+            self._sent += 1
+        except (BlockingIOError, InterruptedError):
+            self._send_errors += 1  # socket buffer full: drop, as the network would
+        except OSError as exc:
+            self._send_errors += 1
+            logger.debug("udp send failed: %s", exc)
 
     async def recv(self) -> bytes:
         while not self._queue:
@@ -145,6 +152,7 @@ class UdpTransport:
         return self._queue.popleft()
 
     async def close(self) -> None:
-        if self._transport is not None and not self._is_closed:
-            self._transport.close()
+        if not self._is_closed:
+            asyncio.get_running_loop().remove_reader(self._sock.fileno())
+            self._sock.close()
         self._closed()
