@@ -24,8 +24,6 @@ import os
 import shutil
 import subprocess
 import threading
-import time
-import wave
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,8 +32,10 @@ import numpy as np
 import numpy.typing as npt
 
 from agent.audio.format import SAMPLE_RATE
+from tools.lab.virtual_audio import PulseDaemon, VirtualAudioError, read_wav, write_wav
 
 Samples = npt.NDArray[np.int16]
+__all__ = ["read_wav", "write_wav"]  # re-exported: tests take their audio helpers from here
 
 # -- ALSA configuration -----------------------------------------------------------------------
 
@@ -118,28 +118,7 @@ def read_raw(path: Path) -> Samples:
     return np.fromfile(path, "<i2").astype(np.int16)
 
 
-def write_wav(path: Path, samples: Samples, rate: int = SAMPLE_RATE, channels: int = 1) -> Path:
-    """Write a 16-bit WAV; ``samples`` is (n,) or (n, channels). Returns ``path``."""
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(channels)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes(samples.astype("<i2").tobytes())
-    return path
-
-
-def read_wav(path: Path) -> tuple[Samples, int]:
-    """A 16-bit WAV's samples (interleaved if multichannel) and rate."""
-    with wave.open(str(path), "rb") as w:
-        data = np.frombuffer(w.readframes(w.getnframes()), "<i2").astype(np.int16)
-        return data, w.getframerate()
-
-
 # -- PulseAudio -------------------------------------------------------------------------------
-
-
-class PulseError(RuntimeError):
-    """The PulseAudio daemon or one of its tools failed."""
 
 
 class Recorder:
@@ -171,22 +150,15 @@ class Recorder:
         return self.samples()
 
 
-class PulseServer:
+class PulseServer(PulseDaemon):
     """A private PulseAudio daemon with named null sinks (48 kHz mono s16le).
 
     A sink that is the default makes its streams follow the default when it is
-    unloaded, so a never-unloaded ``idle`` sink is the default; and
-    ``rescue-streams = no`` makes unloading a sink kill its streams instead of
-    moving them, which is what an unplug looks like to a client.
+    unloaded, so a never-unloaded ``idle`` sink is the default.
     """
 
     def __init__(self, root: Path, process: subprocess.Popen[bytes]) -> None:
-        self.root = root
-        """Directory holding the socket, the daemon's HOME and its log."""
-        self.socket = root / "pulse.sock"
-        self.server = f"unix:{self.socket}"
-        """Value for ``PULSE_SERVER`` or a ``pulse`` PCM's ``server``."""
-        self._process = process
+        super().__init__(root, process)
         self._modules: dict[str, str] = {}
 
     @classmethod
@@ -195,42 +167,12 @@ class PulseServer:
         cls, root: Path, sinks: Sequence[str], timeout: float = 10.0
     ) -> Iterator[PulseServer]:
         """Start a daemon in ``root`` with ``sinks``; kill it on exit."""
-        root.mkdir(parents=True, exist_ok=True)
-        (root / ".config" / "pulse").mkdir(parents=True, exist_ok=True)
-        (root / ".config" / "pulse" / "daemon.conf").write_text("rescue-streams = no\n")
-        script = [
-            f"load-module module-native-protocol-unix auth-anonymous=1 socket={root}/pulse.sock",
-            _null_sink("idle"),
-            "set-default-sink idle",
-            "set-default-source idle.monitor",
-        ]
-        (root / "pulse.pa").write_text("\n".join(script) + "\n")
-        env = {**os.environ, "HOME": str(root), "XDG_RUNTIME_DIR": str(root)}
-        env.pop("PULSE_SERVER", None)
-        with (root / "pulse.log").open("wb") as log:
-            process = subprocess.Popen(
-                ["pulseaudio", "-n", "-F", str(root / "pulse.pa"), "--daemonize=no",
-                 "--exit-idle-time=-1", "--log-target=stderr"],
-                env=env, stdout=log, stderr=subprocess.STDOUT,
-            )  # fmt: skip
-        server = cls(root, process)
-        try:
-            server._wait_ready(timeout)
+        script = [_null_sink("idle"), "set-default-sink idle", "set-default-source idle.monitor"]
+        with super().running(root, script, timeout) as daemon:
+            assert isinstance(daemon, PulseServer)
             for sink in sinks:
-                server.load_sink(sink)
-            yield server
-        finally:
-            process.terminate()
-            try:
-                process.wait(5)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-
-    @property
-    def env(self) -> dict[str, str]:
-        """Environment for Pulse clients (``paplay``, ``pacat``, ``pactl``)."""
-        return {**os.environ, "PULSE_SERVER": self.server, "XDG_RUNTIME_DIR": str(self.root)}
+                daemon.load_sink(sink)
+            yield daemon
 
     def capture_pcm(self, sink: str) -> str:
         """Body of an ALSA PCM that captures what is played into ``sink``."""
@@ -242,28 +184,11 @@ class PulseServer:
 
     def load_sink(self, sink: str) -> None:
         """Create the null sink ``sink`` (again, after ``unload_sink``)."""
-        args = _null_sink(sink).split()
-        self._modules[sink] = self.pactl(*args).strip()
+        self._modules[sink] = self.pactl(*_null_sink(sink).split()).strip()
 
     def unload_sink(self, sink: str) -> None:
         """Remove ``sink``: streams on it and on its monitor die, as on an unplug."""
         self.pactl("unload-module", self._modules.pop(sink))
-
-    def pactl(self, *args: str) -> str:
-        """Run ``pactl`` against this daemon; its output."""
-        done = subprocess.run(
-            ["pactl", *args], env=self.env, capture_output=True, text=True, timeout=10, check=False
-        )
-        if done.returncode != 0:
-            raise PulseError(f"pactl {' '.join(args)}: {done.stderr.strip()}")
-        return done.stdout
-
-    def play(self, wav: Path, sink: str) -> subprocess.Popen[bytes]:
-        """Start playing ``wav`` into ``sink``; the caller waits for or kills the process."""
-        return subprocess.Popen(
-            ["paplay", f"--device={sink}", "--latency-msec=20", str(wav)],
-            env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
 
     def record(self, sink: str) -> Recorder:
         """Start recording what is played into ``sink`` (its monitor), 48 kHz mono."""
@@ -273,21 +198,6 @@ class PulseServer:
             env=self.env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         return Recorder(process)
-
-    def _wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._process.poll() is not None:
-                log = (self.root / "pulse.log").read_text(errors="replace")
-                raise PulseError(f"pulseaudio exited with {self._process.returncode}: {log}")
-            if self.socket.exists():
-                try:
-                    self.pactl("info")
-                    return
-                except PulseError:
-                    pass
-            time.sleep(0.05)
-        raise PulseError(f"pulseaudio not ready after {timeout} s")
 
 
 def _null_sink(name: str) -> str:
@@ -300,6 +210,6 @@ def require_tools(*names: str) -> None:
     """Fail (not skip) with what to install when a command-line tool is missing."""
     missing = [n for n in names if shutil.which(n) is None]
     if missing:
-        raise PulseError(
+        raise VirtualAudioError(
             f"missing {', '.join(missing)}: apt-get install pulseaudio pulseaudio-utils alsa-utils"
         )

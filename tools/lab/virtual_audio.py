@@ -52,16 +52,93 @@ class VirtualBoard:
         return f"{self.name}_spk"
 
 
-class VirtualAudio:
-    """A running PulseAudio daemon with virtual boards; ``with VirtualAudio.start(...)``."""
+class PulseDaemon:
+    """A private PulseAudio daemon in ``root`` running ``script`` (lines of a ``.pa`` file).
 
-    def __init__(
-        self, root: Path, boards: tuple[VirtualBoard, ...], process: subprocess.Popen[bytes]
-    ):
+    ``rescue-streams = no``: unloading a sink kills its streams instead of moving them
+    elsewhere, which is what an unplug looks like to a client.
+    """
+
+    def __init__(self, root: Path, process: subprocess.Popen[bytes]) -> None:
         self.root = root
-        self.boards = boards
-        self._process = process
         self.socket = root / "pulse.sock"
+        self.server = f"unix:{self.socket}"
+        """Value for ``PULSE_SERVER`` or a ``pulse`` PCM's ``server``."""
+        self.process = process
+
+    @property
+    def env(self) -> dict[str, str]:
+        """Environment for Pulse clients; HOME is ``root``, where an ``.asoundrc`` may live."""
+        return {
+            **os.environ,
+            "HOME": str(self.root),
+            "PULSE_SERVER": self.server,
+            "XDG_RUNTIME_DIR": str(self.root),
+        }
+
+    def pactl(self, *args: str) -> str:
+        args_ = ["pactl", *args]
+        done = subprocess.run(args_, check=False, env=self.env, capture_output=True, timeout=10)
+        if done.returncode != 0:
+            raise VirtualAudioError(f"pactl {' '.join(args)}: {done.stderr.decode().strip()}")
+        return done.stdout.decode()
+
+    def play(self, wav: Path, sink: str) -> subprocess.Popen[bytes]:
+        """Start playing a WAV file into a sink (a microphone); the caller waits or kills it."""
+        return subprocess.Popen(
+            ["paplay", f"--device={sink}", "--latency-msec=20", str(wav)],
+            env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+
+    @classmethod
+    @contextlib.contextmanager
+    def running(cls, root: Path, script: list[str], timeout: float = 10.0) -> Iterator[PulseDaemon]:
+        """Start the daemon, wait until it answers, and stop it on exit."""
+        (root / ".config" / "pulse").mkdir(parents=True, exist_ok=True)
+        (root / ".config" / "pulse" / "daemon.conf").write_text("rescue-streams = no\n")
+        listen = (
+            f"load-module module-native-protocol-unix auth-anonymous=1 socket={root}/pulse.sock"
+        )
+        (root / "pulse.pa").write_text("\n".join([listen, *script]) + "\n")
+        env = {**os.environ, "HOME": str(root), "XDG_RUNTIME_DIR": str(root)}
+        env.pop("PULSE_SERVER", None)
+        with (root / "pulse.log").open("wb") as log:
+            process = subprocess.Popen(
+                ["pulseaudio", "-n", "-F", str(root / "pulse.pa"), "--daemonize=no",
+                 "--exit-idle-time=-1", "--log-target=stderr"],
+                env=env, stdout=log, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+            daemon = cls(root, process)
+            try:
+                daemon._wait_ready(time.monotonic() + timeout)
+                yield daemon
+            finally:
+                process.terminate()
+                try:
+                    process.wait(5)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+
+    def _wait_ready(self, deadline: float) -> None:
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                log = (self.root / "pulse.log").read_text(errors="replace")
+                raise VirtualAudioError(f"pulseaudio exited with {self.process.returncode}: {log}")
+            if self.socket.exists():
+                with contextlib.suppress(VirtualAudioError):
+                    self.pactl("info")
+                    return
+            time.sleep(0.05)
+        raise VirtualAudioError("pulseaudio not ready in time")
+
+
+class VirtualAudio:
+    """Virtual boards on a private PulseAudio daemon; ``with VirtualAudio.start(...)``."""
+
+    def __init__(self, daemon: PulseDaemon, boards: tuple[VirtualBoard, ...]) -> None:
+        self.daemon = daemon
+        self.boards = boards
 
     @property
     def devices(self) -> list[str]:
@@ -74,12 +151,7 @@ class VirtualAudio:
     @property
     def env(self) -> dict[str, str]:
         """Environment for agents and Pulse tools: HOME holds the generated .asoundrc."""
-        return {
-            **os.environ,
-            "HOME": str(self.root),
-            "PULSE_SERVER": f"unix:{self.socket}",
-            "XDG_RUNTIME_DIR": str(self.root),
-        }
+        return self.daemon.env
 
     @classmethod
     @contextlib.contextmanager
@@ -90,90 +162,53 @@ class VirtualAudio:
         boards = tuple(VirtualBoard(n) for n in names)
         devices = [d for b in boards for d in (b.mic, b.speaker)]
         channels = ",".join(f"aux{i}" for i in range(len(devices)))
-        lines = [
-            f"load-module module-native-protocol-unix auth-anonymous=1 socket={root}/pulse.sock",
+        script = [
             f"load-module module-null-sink sink_name=probe format=s16le rate={SAMPLE_RATE} "
             f"channels={len(devices)} channel_map={channels}",
+            *(
+                f"load-module module-remap-sink sink_name={dev} master=probe channels=1 "
+                f"master_channel_map=aux{i} channel_map=mono remix=no"
+                for i, dev in enumerate(devices)
+            ),
         ]
-        lines += [
-            f"load-module module-remap-sink sink_name={dev} master=probe channels=1 "
-            f"master_channel_map=aux{i} channel_map=mono remix=no"
-            for i, dev in enumerate(devices)
-        ]
-        (root / "pulse.pa").write_text("\n".join(lines) + "\n")
         pcms = [f'pcm.{b.mic} {{ type pulse device "{b.mic}.monitor" }}' for b in boards]
         pcms += [f'pcm.{b.speaker} {{ type pulse device "{b.speaker}" }}' for b in boards]
         (root / ".asoundrc").write_text("\n".join(pcms) + "\n")
-        env = {**os.environ, "HOME": str(root), "XDG_RUNTIME_DIR": str(root)}
-        log = (root / "pulse.log").open("wb")
-        process = subprocess.Popen(
-            ["pulseaudio", "-n", "-F", str(root / "pulse.pa"), "--daemonize=no",
-             "--exit-idle-time=-1", "--log-target=stderr"],
-            env=env, stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        self = cls(root, boards, process)
         keeper: subprocess.Popen[bytes] | None = None
         try:
-            self._wait_ready(timeout)
-            # An idle null sink renders in blocks of up to 2 s, so new streams wait that long
-            # for their first audio. A permanent low-latency reader keeps it ticking at 10 ms.
-            keeper = subprocess.Popen(
-                ["parec", "--device=probe.monitor", "--latency-msec=10", "--raw"],
-                env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            )  # fmt: skip
-            self._wait_ticking(deadline=time.monotonic() + timeout)
-            yield self
+            with PulseDaemon.running(root, script, timeout) as daemon:
+                self = cls(daemon, boards)
+                # An idle null sink renders in blocks of up to 2 s, so new streams wait that
+                # long for their first audio. A permanent low-latency reader keeps it at 10 ms.
+                keeper = subprocess.Popen(
+                    ["parec", "--device=probe.monitor", "--latency-msec=10", "--raw"],
+                    env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                )  # fmt: skip
+                self._wait_ticking(deadline=time.monotonic() + timeout)
+                yield self
         finally:
             if keeper is not None:
                 keeper.kill()
                 keeper.wait()
-            process.terminate()
-            try:
-                process.wait(5)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-            log.close()
             shutil.rmtree(root, ignore_errors=True)
-
-    def _wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._process.poll() is not None:
-                raise VirtualAudioError(
-                    f"pulseaudio exited: {(self.root / 'pulse.log').read_text()}"
-                )
-            if self.socket.exists() and self._pactl("info", check=False).returncode == 0:
-                return
-            time.sleep(0.05)
-        raise VirtualAudioError(f"pulseaudio not ready after {timeout} s")
 
     def _wait_ticking(self, deadline: float) -> None:
         """Block until the probe delivers audio to a new reader (the sink left its 2 s blocks)."""
         while time.monotonic() < deadline:
-            proc = subprocess.Popen(
+            with subprocess.Popen(
                 ["parec", "--device=probe.monitor", "--latency-msec=10", "--raw"],
                 env=self.env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-            )  # fmt: skip
-            assert proc.stdout is not None
-            ready, _, _ = select.select([proc.stdout], [], [], 0.5)
-            proc.kill()
-            proc.wait()
+            ) as proc:  # fmt: skip
+                assert proc.stdout is not None
+                ready, _, _ = select.select([proc.stdout], [], [], 0.5)
+                proc.kill()
             if ready:
                 return
         raise VirtualAudioError("the probe sink delivers no audio")
 
-    def _pactl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[bytes]:
-        return subprocess.run(
-            ["pactl", *args], env=self.env, capture_output=True, check=check, timeout=10
-        )
-
     def play(self, wav: Path, sink: str) -> subprocess.Popen[bytes]:
         """Start playing a WAV file into a sink (a microphone); the caller waits or kills it."""
-        return subprocess.Popen(
-            ["paplay", f"--device={sink}", "--latency-msec=20", str(wav)],
-            env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        )  # fmt: skip
+        return self.daemon.play(wav, sink)
 
     def record_probe(self, seconds: float) -> np.ndarray:
         """Record every virtual device at once, sample-aligned: shape (samples, len(devices))."""
@@ -208,18 +243,20 @@ def speech_wav(path: Path, text: str, rate: int = SAMPLE_RATE) -> Path:
     return path
 
 
-def write_wav(path: Path, samples: np.ndarray, rate: int = SAMPLE_RATE) -> Path:
+def write_wav(path: Path, samples: np.ndarray, rate: int = SAMPLE_RATE, channels: int = 1) -> Path:
+    """Write a 16-bit WAV; ``samples`` is (n,) or (n, channels). Returns ``path``."""
     with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
+        w.setnchannels(channels)
         w.setsampwidth(2)
         w.setframerate(rate)
-        w.writeframes(np.asarray(samples, dtype="<i2").tobytes())
+        w.writeframes(np.asarray(samples).astype("<i2").tobytes())
     return path
 
 
 def read_wav(path: Path) -> tuple[np.ndarray, int]:
-    """Mono int16 samples and their rate."""
+    """A 16-bit WAV's samples (interleaved if multichannel) and its rate."""
     with wave.open(str(path), "rb") as w:
-        if w.getsampwidth() != 2 or w.getnchannels() != 1:
-            raise ValueError(f"{path}: expected mono 16-bit")
-        return np.frombuffer(w.readframes(w.getnframes()), "<i2"), w.getframerate()
+        if w.getsampwidth() != 2:
+            raise ValueError(f"{path}: expected 16-bit samples")
+        data = np.frombuffer(w.readframes(w.getnframes()), "<i2").astype(np.int16)
+        return data, w.getframerate()
