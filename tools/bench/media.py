@@ -25,6 +25,7 @@ import platform
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import opuslib
@@ -79,9 +80,14 @@ def floor_cpu(speech: np.ndarray, opus: OpusConfig, seconds: float) -> float:
     return (time.process_time() - start) / (count * 0.020)
 
 
-def _proc_cpu(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+def _cpu(stat: Path) -> float:
+    fields = stat.read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def _proc_cpu(pid: int) -> tuple[float, float]:
+    """CPU seconds of the whole process and of its main (event loop) thread."""
+    return _cpu(Path(f"/proc/{pid}/stat")), _cpu(Path(f"/proc/{pid}/task/{pid}/stat"))
 
 
 def _proc_rss_mb(pid: int) -> float:
@@ -143,9 +149,11 @@ async def measure_latency(audio: VirtualAudio, work: Path, opus: OpusConfig) -> 
     return estimate_delay_ms(audio.channel(rec, "a_mic"), audio.channel(rec, "b_spk"))
 
 
-async def measure_cpu(audio: VirtualAudio, work: Path, speech: Path, opus: OpusConfig,
-                      window: float) -> tuple[float, float, list[dict[str, object]]]:  # fmt: skip
-    """Both agents' CPU per audio second while speech flows both ways, and one agent's RSS."""
+async def measure_cpu(
+    audio: VirtualAudio, work: Path, speech: Path, opus: OpusConfig, window: float
+) -> tuple[float, float, float, list[dict[str, Any]]]:
+    """Both agents' CPU per audio second (all threads, and the event-loop threads alone) while
+    speech flows both ways, and one agent's RSS."""
     samples, _ = read_wav(speech)
     reps = int(np.ceil((window + 8) * SAMPLE_RATE / len(samples)))
     long = write_wav(work / "long.wav", np.tile(samples, reps))
@@ -154,17 +162,19 @@ async def measure_cpu(audio: VirtualAudio, work: Path, speech: Path, opus: OpusC
     players = [audio.play(long, "a_mic"), audio.play(long, "b_mic")]
     await asyncio.sleep(4.0)
     pids = call.pids
-    before = sum(_proc_cpu(pid) for pid in pids)
+    before = [_proc_cpu(pid) for pid in pids]
     t0 = time.monotonic()
     await asyncio.sleep(window)
-    cpu = sum(_proc_cpu(pid) for pid in pids) - before
+    after = [_proc_cpu(pid) for pid in pids]
     elapsed = time.monotonic() - t0
+    cpu = sum(a[0] - b[0] for a, b in zip(after, before, strict=True))
+    loop_cpu = sum(a[1] - b[1] for a, b in zip(after, before, strict=True))
     rss = _proc_rss_mb(pids[0])
     results = await call.wait()
     for p in players:
         p.kill()
         p.wait()
-    return cpu / elapsed, rss, results
+    return cpu / elapsed, loop_cpu / elapsed, rss, results
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, object]:
@@ -175,7 +185,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
         samples, _ = read_wav(speech)
         floor = floor_cpu(samples, opus, args.floor_seconds)
         with VirtualAudio.start(("a", "b")) as audio:
-            pipeline, rss, call_stats = await measure_cpu(
+            pipeline, loop_cpu, rss, call_stats = await measure_cpu(
                 audio, work, speech, opus, args.cpu_seconds
             )
             latency = await measure_latency(audio, work, opus)
@@ -194,6 +204,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
         "opus_complexity": opus.complexity,
         "opus_bitrate": opus.bitrate,
         "pipeline_cpu_per_audio_s": round(pipeline, 4),
+        # Of which the agents' event-loop threads (codec, crypto, RTP, jitter buffer); the
+        # rest is PortAudio's callback threads and the ALSA pulse plugin's client threads.
+        "pipeline_loop_thread_cpu_per_audio_s": round(loop_cpu, 4),
         "floor_cpu_per_audio_s": round(floor, 4),
         "ratio": round(pipeline / floor, 2),
         "rss_mb": round(rss, 1),
