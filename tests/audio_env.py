@@ -147,6 +147,8 @@ class Recorder:
         self._process.terminate()
         self._process.wait(10)
         self._reader.join(10)
+        if self._process.stdout is not None:
+            self._process.stdout.close()
         return self.samples()
 
 

@@ -7,6 +7,14 @@ from pathlib import Path
 
 import pytest
 from audio_env import PulseServer, require_tools
+from hypothesis import HealthCheck, settings
+
+# Hypothesis times its own data generation; on a loaded 2-core CI machine a garbage
+# collection or a busy neighbour makes that look slow. What is tested stays the same.
+settings.register_profile(
+    "edge", deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True
+)
+settings.load_profile("edge")
 
 
 @pytest.fixture
