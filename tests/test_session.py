@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import os
 import struct
-import wave
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from agent.media.session import EndReason, MediaConfig, MediaSession
 from agent.media.srtp import PresharedKeying, SrtpContext, SrtpProfile
 from agent.net.impair import Impairment, ImpairmentProxy
 from agent.net.transport import TransportClosed, UdpTransport
+from tools.lab.virtual_audio import write_wav
 
 KEYS = PresharedKeying.from_secret(b"k" * 32, offerer=True, profile=SrtpProfile.AEAD_AES_128_GCM)
 FAST = MediaConfig(rtcp_interval_s=0.2, media_timeout_s=1.0)
@@ -162,12 +162,7 @@ async def test_bad_datagrams_are_counted_and_the_call_goes_on() -> None:
 
 
 async def test_source_end_ends_the_call_for_both(tmp_path: Path) -> None:
-    short = tmp_path / "short.wav"
-    with wave.open(str(short), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(SAMPLE_RATE)
-        w.writeframes(bytes(SAMPLE_RATE))  # half a second
+    short = write_wav(tmp_path / "short.wav", np.zeros(SAMPLE_RATE // 2))
     ta, tb = await UdpTransport.bind(), await UdpTransport.bind()
     ta.connect(tb.local_address)
     tb.connect(ta.local_address)
