@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import signal
@@ -81,41 +82,41 @@ async def run_call(config: AgentConfig, opts: CallOptions) -> EndReason:
     """One call until hang-up (signal or duration), a BYE from the peer, or media loss."""
     secret = opts.psk_file.read_bytes().strip()
     keying = PresharedKeying.from_secret(secret, offerer=opts.offerer, profile=opts.profile)
-    transport = await UdpTransport.bind(*opts.bind)
-    transport.connect(opts.peer)
-    source = await _open_source(opts.source, config)
-    sink = await _open_sink(opts.sink, config)
-    session = MediaSession(
-        transport, keying, source, sink, config.media, call_id=f"{config.device_id}/direct"
-    )
     loop = asyncio.get_running_loop()
     hangup = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, hangup.set)
-    tasks: list[asyncio.Task[None]] = []
-    try:
-        await session.start()
-        tasks.append(loop.create_task(_print_stats(session, opts.stats_interval), name="stats"))
-        waits: list[asyncio.Task[object]] = [
-            loop.create_task(session.ended(), name="session-ended"),
-            loop.create_task(hangup.wait(), name="hangup"),
-        ]
-        if opts.duration is not None:
-            waits.append(loop.create_task(asyncio.sleep(opts.duration), name="duration"))
-        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-        for w in waits:
-            if not w.done():
-                w.cancel()
-        reason = await session.close()
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+    tasks: list[asyncio.Task[object]] = []
+    async with contextlib.AsyncExitStack() as stack:
+        # Closed in reverse order, whatever fails on the way.
+        transport = await UdpTransport.bind(*opts.bind)
+        stack.push_async_callback(transport.close)
+        transport.connect(opts.peer)
+        source = await _open_source(opts.source, config)
+        stack.push_async_callback(source.close)
+        sink = await _open_sink(opts.sink, config)
+        stack.push_async_callback(sink.close)
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
-        await source.close()
-        await sink.close()
-        await transport.close()
+            loop.add_signal_handler(sig, hangup.set)
+            stack.callback(loop.remove_signal_handler, sig)
+        session = MediaSession(
+            transport, keying, source, sink, config.media, call_id=f"{config.device_id}/direct"
+        )
+        try:
+            await session.start()
+            stack.push_async_callback(session.close)  # on any failure below; else a no-op
+            tasks.append(loop.create_task(_print_stats(session, opts.stats_interval), name="stats"))
+            waits = [
+                loop.create_task(session.ended(), name="session-ended"),
+                loop.create_task(hangup.wait(), name="hangup"),
+            ]
+            if opts.duration is not None:
+                waits.append(loop.create_task(asyncio.sleep(opts.duration), name="duration"))
+            tasks += waits
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            reason = await session.close()
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
     _emit({"event": "ended", "reason": reason.name, **asdict(session.stats)})
     return reason
 

@@ -247,10 +247,13 @@ class ClosedTransport(QueueTransport):
         raise TransportClosed("gone")
 
 
-async def test_closed_transport_ends_the_session() -> None:
+async def test_close_is_idempotent_and_safe_before_start() -> None:
+    unstarted = MediaSession(QueueTransport(), KEYS, ToneSource(300.0), MemorySink(), FAST)
+    assert await unstarted.close() is EndReason.LOCAL_HANGUP
     session = MediaSession(
         ClosedTransport(), KEYS, ToneSource(300.0, paced=True), MemorySink(paced=True), FAST
     )
     await session.start()
     assert await asyncio.wait_for(session.ended(), 2) is EndReason.TRANSPORT_CLOSED
-    await session.close()
+    assert await session.close() is EndReason.TRANSPORT_CLOSED
+    assert await session.close(EndReason.LOCAL_HANGUP) is EndReason.TRANSPORT_CLOSED

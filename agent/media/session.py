@@ -140,6 +140,7 @@ class MediaSession:
         self._remote_ssrc: int | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._ended: asyncio.Future[EndReason] | None = None
+        self._closed = False
         self._last_rx = 0.0
         self._last_sr_ntp32 = 0
         self._last_sr_arrival = 0.0
@@ -188,7 +189,15 @@ class MediaSession:
             self._ended.set_result(reason)
 
     async def close(self, reason: EndReason = EndReason.LOCAL_HANGUP) -> EndReason:
-        """Stop every task, say BYE to the peer (best effort) and return why it ended."""
+        """Stop every task, say BYE to the peer (best effort) and return why it ended.
+
+        Closing again, or closing a session that never started, only returns the reason.
+        """
+        if self._ended is None:
+            return reason
+        if self._closed:
+            return self._ended.result()
+        self._closed = True
         self._end(reason)
         current = asyncio.current_task()
         tasks = [t for t in self._tasks if t is not current]
@@ -196,7 +205,6 @@ class MediaSession:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._tasks.clear()
-        assert self._ended is not None
         final = self._ended.result()
         if final is not EndReason.REMOTE_BYE and final is not EndReason.TRANSPORT_CLOSED:
             await self._send_rtcp(bye=True)
