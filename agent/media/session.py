@@ -31,6 +31,7 @@ from agent.net.transport import DatagramTransport, TransportClosed
 logger = logging.getLogger(__name__)
 
 _TS_MASK = 0xFFFFFFFF
+_SOME_LOSS = 0.005  # below this the decaying loss estimate counts as a clean link
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,7 +47,7 @@ class MediaConfig:
     """Most earlier frames repeated in each packet (RFC 2198); 0 turns RED off. The sender
     repeats one frame while the peer reports no loss, two under loss, this many under heavy
     loss (``red_heavy_loss``): bursts of loss need the deeper history, a clean link does not."""
-    red_heavy_loss: float = 0.05
+    red_heavy_loss: float = 0.03
     """Reported loss fraction from which the full ``red_distance`` is used."""
     jitter: JitterConfig = field(default_factory=JitterConfig)
     rtcp_interval_s: float = 1.0
@@ -347,7 +348,7 @@ class MediaSession:
         self._loss_fraction = block.fraction_lost / 256.0
         # Fast attack, slow release: one lucky interval must not switch protection off.
         self._loss_estimate = max(
-            self._loss_fraction, 0.8 * self._loss_estimate + 0.2 * self._loss_fraction
+            self._loss_fraction, 0.9 * self._loss_estimate + 0.1 * self._loss_fraction
         )
         # Size in-band FEC to the loss that RED leaves: a frame is gone only when it and its
         # `distance` repeats are all lost. FEC bits come out of the primary frame (at 32 kbit/s
@@ -356,7 +357,10 @@ class MediaSession:
         loss = self._loss_estimate
         if self._red is not None:
             full = self._config.red_distance
-            distance = full if loss >= self._config.red_heavy_loss else min(full, 2 if loss else 1)
+            if loss >= self._config.red_heavy_loss:
+                distance = full
+            else:
+                distance = min(full, 2 if loss >= _SOME_LOSS else 1)
             self._red.set_distance(distance)
         self._encoder.set_packet_loss(round(100 * loss ** (1 + distance)))
 
