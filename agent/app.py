@@ -19,7 +19,6 @@ from pathlib import Path
 from agent.audio.base import AudioSink, AudioSource
 from agent.audio.device import AlsaCapture, AlsaPlayback, DeviceNotFound
 from agent.audio.pyaudio_backend import list_devices
-from agent.audio.sources import NullSink, ToneSource, WavSink, WavSource
 from agent.media.session import EndReason, MediaSession
 from agent.media.srtp import PresharedKeying, SrtpProfile
 from agent.net.transport import Address, UdpTransport
@@ -57,6 +56,9 @@ async def _open_source(spec: str, config: AgentConfig) -> AudioSource:
         capture = AlsaCapture(config.audio.capture)
         await capture.start()
         return capture
+    # Test and demo sources need numpy; a board on its microphone never loads it.
+    from agent.audio.sources import ToneSource, WavSource  # noqa: PLC0415
+
     if kind == "wav":
         return WavSource(Path(arg), paced=True)
     if kind == "tone":
@@ -71,6 +73,8 @@ async def _open_sink(spec: str, config: AgentConfig) -> AudioSink:
         playback = AlsaPlayback(config.audio.playback)
         await playback.start()
         return playback
+    from agent.audio.sources import NullSink, WavSink  # noqa: PLC0415
+
     if kind == "wav":
         return WavSink(Path(arg), paced=True)
     if kind == "null":

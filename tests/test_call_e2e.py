@@ -70,9 +70,9 @@ def _tone_wav(path: Path, freq: float, seconds: float) -> Path:
     return write_wav(path, 6000 * np.sin(2 * np.pi * freq * t))
 
 
-# Floors sit 0.3-0.5 below the benchmark targets (3.8 / 3.5 / 3.0): the agents run under
-# coverage tracing on a 2-core CI machine, and one scheduling hiccup costs that much. A broken
-# path scores far lower: Opus FEC alone gives ~2.4 at 10 % loss, concealment alone ~1.5.
+# Floors sit 0.3-0.5 below the benchmark targets (3.8 / 3.5 / 3.0): on a 2-core CI machine
+# one scheduling hiccup costs that much. A broken path scores far lower: Opus FEC alone gives
+# ~2.4 at 10 % loss, concealment alone ~1.5.
 @pytest.mark.parametrize(
     ("impairment", "floor"),
     [
