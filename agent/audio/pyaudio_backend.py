@@ -107,16 +107,8 @@ class PortAudio:
                 return (None, pyaudio.paAbort)
             return (None, pyaudio.paContinue if keep else pyaudio.paAbort)
 
-        return Stream(
-            self._pa.open(
-                format=pyaudio.paInt16,
-                channels=channels,
-                rate=rate,
-                input=True,
-                input_device_index=index,
-                frames_per_buffer=frames_per_buffer,
-                stream_callback=on_buffer,
-            )
+        return self._open(
+            on_buffer, rate, channels, frames_per_buffer, input=True, input_device_index=index
         )
 
     def open_output(
@@ -137,15 +129,21 @@ class PortAudio:
                 return (bytes(frame_count * channels * 2), pyaudio.paAbort)
             return (data, pyaudio.paContinue)
 
+        return self._open(
+            on_buffer, rate, channels, frames_per_buffer, output=True, output_device_index=index
+        )
+
+    def _open(
+        self, on_buffer: Any, rate: int, channels: int, frames_per_buffer: int, **direction: Any
+    ) -> Stream:
         return Stream(
             self._pa.open(
                 format=pyaudio.paInt16,
                 channels=channels,
                 rate=rate,
-                output=True,
-                output_device_index=index,
                 frames_per_buffer=frames_per_buffer,
                 stream_callback=on_buffer,
+                **direction,
             )
         )
 
