@@ -10,14 +10,18 @@ setup(
     packages=find_packages(include=["agent", "agent.*", "cloud_relay", "cloud_relay.*"]),
     package_data={"agent": ["py.typed"]},
     install_requires=[
+        "aioice>=0.10",
+        "cryptography>=42",
         "numpy>=1.24",
         "opuslib==3.0.1",
         "pyaudio>=0.2.13",
         "pylibsrtp>=0.10",
+        "pyOpenSSL>=24",
         "soxr>=0.3",
     ],
     extras_require={
         "test": [
+            "aiortc>=1.9",
             "coverage>=7",
             "hypothesis>=6.90",
             "mypy>=1.8",
