@@ -137,3 +137,19 @@ def test_resampler_rechunks_a_stream_into_exact_frames() -> None:
     y = _samples(frames)
     assert dominant_frequency(y[4800:-4800]) == pytest.approx(1000.0, abs=0.5)
     assert rms(y[4800:-4800]) == pytest.approx(rms(x[4410:-4410]), rel=0.02)
+
+
+def test_resampler_at_equal_rates_keeps_every_byte_in_order() -> None:
+    data = np.random.default_rng(7).integers(-(2**15), 2**15, 20 * FRAME_SAMPLES, np.int16)
+    raw = data.tobytes()
+    resampler = FrameResampler(SAMPLE_RATE, SAMPLE_RATE, FRAME_SAMPLES)
+    # Whole frames (handed through), then odd sizes that straddle frame edges, then whole again.
+    sizes = [FRAME_BYTES, FRAME_BYTES, 1000, 3000, FRAME_BYTES, 2 * FRAME_BYTES]
+    out: list[bytes] = []
+    pos = 0
+    for size in sizes:
+        out += resampler.push(raw[pos : pos + size])
+        pos += size
+    out += resampler.push(raw[pos:])
+    assert all(len(f) == FRAME_BYTES for f in out)
+    assert b"".join(out) == raw

@@ -36,6 +36,12 @@ class FrameResampler:
     def push(self, samples: bytes | Samples) -> list[bytes]:
         """Feed input samples (int16 bytes or array); return the frames now complete."""
         if self._stream is None:
+            if (
+                not self._pending
+                and len(samples) == self._frame_bytes
+                and isinstance(samples, bytes)
+            ):
+                return [samples]  # the common case: the device hands over whole 20 ms frames
             self._pending += samples if isinstance(samples, bytes) else samples.tobytes()
         else:
             import numpy as np  # noqa: PLC0415 (loaded with soxr already)

@@ -8,7 +8,8 @@ PulseAudio, real-time pacing), with SRTP on. Figures:
   two Opus encodes, two decodes, SRTP protect/unprotect both ways) as a plain
   Python loop of opuslib + pylibsrtp calls, measured in this run; ratio = pipeline/floor;
 - rss_mb: resident memory of one agent process in the call;
-- added_latency_ms: microphone-to-speaker delay measured with clicks and cross-correlation;
+- added_latency_ms: microphone-to-speaker delay (clicks and cross-correlation) of the call,
+  minus that of a bare full-duplex copy between the same two devices measured in this run;
 - pesq_wb_clean / _loss10 / _burst: PESQ wideband of espeak-ng speech through the
   impairment proxy with no loss, 10 % random loss, and Gilbert-Elliott bursts.
 
@@ -22,6 +23,7 @@ import asyncio
 import json
 import os
 import platform
+import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -138,16 +140,42 @@ def clicks(seconds: float) -> np.ndarray:
     return x
 
 
-async def measure_latency(audio: VirtualAudio, work: Path, opus: OpusConfig) -> float:
-    call = AgentCall(audio, work, Impairment(), opus)
-    await call.start(12.0)
-    await asyncio.sleep(3.0)
+async def _click_delay(audio: VirtualAudio, work: Path) -> float:
+    """Clicks into a's microphone; how late they come out of b's speaker, in milliseconds."""
     wav = write_wav(work / "clicks.wav", clicks(6.0))
     player = audio.play(wav, "a_mic")
     rec = await asyncio.to_thread(audio.record_probe, 6.5)
     player.wait(10)
-    await call.wait()
     return estimate_delay_ms(audio.channel(rec, "a_mic"), audio.channel(rec, "b_spk"))
+
+
+async def measure_latency(audio: VirtualAudio, work: Path, opus: OpusConfig) -> float:
+    """Microphone-to-speaker delay of a call between the two boards."""
+    call = AgentCall(audio, work, Impairment(), opus)
+    await call.start(12.0)
+    await asyncio.sleep(3.0)  # first capture callbacks, jitter buffer settled
+    delay = await _click_delay(audio, work)
+    await call.wait()
+    return delay
+
+
+async def measure_device_latency(audio: VirtualAudio, work: Path) -> float:
+    """The same path through the bare devices: a's microphone copied to b's speaker."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tools.lab.passthrough", "a_mic", "b_spk", "11",
+        env=audio.env, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        await asyncio.sleep(3.0)
+        delay = await _click_delay(audio, work)
+        async with asyncio.timeout(30):
+            if await proc.wait():
+                raise RuntimeError(f"passthrough exited with {proc.returncode}")
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    return delay
 
 
 async def measure_cpu(
@@ -189,14 +217,21 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
             pipeline, loop_cpu, rss, call_stats = await measure_cpu(
                 audio, work, speech, opus, args.cpu_seconds
             )
-            latency = await measure_latency(audio, work, opus)
+            # The delay depends on where capture and playback periods fall relative to each
+            # other, which each call draws anew: take medians.
+            device_latency = float(
+                np.median([await measure_device_latency(audio, work) for _ in range(args.runs)])
+            )
+            latency = float(
+                np.median([await measure_latency(audio, work, opus) for _ in range(args.runs)])
+            )
             # One sentence meets only a few loss bursts: take the median over loss patterns.
             scores = {
                 name: float(
                     np.median(
                         [
                             await measure_pesq(audio, work, speech, replace(imp, seed=run), opus)
-                            for run in range(args.pesq_runs)
+                            for run in range(args.runs)
                         ]
                     )
                 )
@@ -219,7 +254,11 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
         "floor_cpu_per_audio_s": round(floor, 4),
         "ratio": round(pipeline / floor, 2),
         "rss_mb": round(rss, 1),
-        "added_latency_ms": round(latency, 1),
+        # Mic-to-speaker delay of a call, minus that of a bare full-duplex copy between the same
+        # two virtual devices (PulseAudio's own buffering, which a board's ALSA driver lacks).
+        "added_latency_ms": round(latency - device_latency, 1),
+        "loopback_latency_ms": round(latency, 1),
+        "device_latency_ms": round(device_latency, 1),
         **{k: round(v, 2) for k, v in scores.items()},
         "call_packets_received": [r.get("packets_received") for r in call_stats],
     }
@@ -230,7 +269,9 @@ def main() -> None:
     parser.add_argument("--complexity", type=int, default=OpusConfig().complexity)
     parser.add_argument("--cpu-seconds", type=float, default=20.0)
     parser.add_argument("--floor-seconds", type=float, default=30.0)
-    parser.add_argument("--pesq-runs", type=int, default=3, help="PESQ is the median of these")
+    parser.add_argument(
+        "--runs", type=int, default=3, help="latency and PESQ figures are medians of this many"
+    )
     args = parser.parse_args()
     print(json.dumps(asyncio.run(main_async(args))))
 
