@@ -1,7 +1,7 @@
 """Composition root: builds the agent's parts from config and owns their lifetime.
 
-For now the agent runs one direct call (``call``) with pre-shared SRTP keys;
-signaling, ICE and DTLS-SRTP plug in here in later issues.
+For now the agent runs one call (``call``) whose offer, answer and candidates
+travel as JSON lines on stdin/stdout; MQTT signaling plugs in here next.
 """
 
 from __future__ import annotations
@@ -13,40 +13,43 @@ import json
 import logging
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from agent.audio.base import AudioSink, AudioSource
 from agent.audio.device import AlsaCapture, AlsaPlayback, DeviceNotFound
 from agent.audio.pyaudio_backend import list_devices
+from agent.media.dtls import DtlsCertificate
+from agent.media.peer import CallSetupError, MediaPeer, PeerConfig
 from agent.media.session import EndReason, MediaSession
-from agent.media.srtp import PresharedKeying, SrtpProfile
-from agent.net.transport import Address, UdpTransport
+from agent.net.candidate import Candidate, CandidateError
 from agent.service.config import AgentConfig, ConfigError, load_config
+from agent.signaling.messages import (
+    MAX_MESSAGE_BYTES,
+    Description,
+    Hangup,
+    RemoteCandidate,
+    Signal,
+    SignalError,
+    from_json,
+    to_json,
+)
 
 logger = logging.getLogger(__name__)
-
-
-def _address(text: str) -> Address:
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit():
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
-    return host or "127.0.0.1", int(port)
 
 
 @dataclass(frozen=True, slots=True)
 class CallOptions:
     """What ``edge-intercom-agent call`` was asked to do."""
 
-    bind: Address
-    peer: Address
-    psk_file: Path
     offerer: bool
-    profile: SrtpProfile
+    trickle: bool
     source: str
     sink: str
     duration: float | None
     stats_interval: float
+    setup_timeout: float
 
 
 async def _open_source(spec: str, config: AgentConfig) -> AudioSource:
@@ -82,18 +85,119 @@ async def _open_sink(spec: str, config: AgentConfig) -> AudioSink:
     raise ConfigError(f"unknown sink {spec!r}: use device, wav:PATH or null")
 
 
+async def _stdin() -> asyncio.StreamReader:
+    reader = asyncio.StreamReader(limit=MAX_MESSAGE_BYTES + 1)
+    await asyncio.get_running_loop().connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader), sys.stdin
+    )
+    return reader
+
+
+class PipeSignaling:
+    """Signaling over this process's stdin/stdout as JSON lines (tests, demo, benchmarks).
+
+    Outgoing messages are ``{"event": "signal", ...}`` lines among the agent's other output;
+    incoming ones are read from stdin. A bad line is logged, counted and skipped.
+    """
+
+    def __init__(self, reader: asyncio.StreamReader) -> None:
+        self._reader = reader
+        self.rejected = 0
+
+    def send(self, signal: Signal) -> None:
+        sys.stdout.write('{"event":"signal",' + to_json(signal)[1:] + "\n")
+        sys.stdout.flush()
+
+    async def recv(self) -> Signal:
+        """The next valid message; EOFError when stdin is closed."""
+        while True:
+            try:
+                line = await self._reader.readline()
+            except ValueError:  # longer than the limit: skip to the end of that line
+                self.rejected += 1
+                logger.warning("signal rejected: message too long")
+                continue
+            if not line:
+                raise EOFError("signaling pipe closed")
+            try:
+                return from_json(line)
+            except SignalError as exc:
+                self.rejected += 1
+                logger.warning("signal rejected: %s", exc)
+
+
+async def _negotiate(
+    peer: MediaPeer, signaling: PipeSignaling, opts: CallOptions, trickle: Callable[[], None]
+) -> None:
+    """Offer/answer over the pipe, calling ``trickle`` once our description is out;
+    candidates that come early wait for the description."""
+    early: list[RemoteCandidate] = []
+    if opts.offerer:
+        signaling.send(Description("offer", await peer.create_offer(trickle=opts.trickle)))
+        trickle()
+    while True:
+        signal = await signaling.recv()
+        if isinstance(signal, Hangup):
+            raise CallSetupError(f"peer hung up during setup: {signal.reason}")
+        if isinstance(signal, RemoteCandidate):
+            early.append(signal)
+            continue
+        if signal.kind == "answer" and opts.offerer:
+            await peer.accept_answer(signal.sdp)
+            break
+        if signal.kind == "offer" and not opts.offerer:
+            answer = await peer.accept_offer(signal.sdp, trickle=opts.trickle)
+            signaling.send(Description("answer", answer))
+            trickle()
+            break
+        logger.warning("ignored unexpected %s", signal.kind)
+    for candidate in early:
+        await _add_candidate(peer, candidate)
+
+
+async def _add_candidate(peer: MediaPeer, signal: RemoteCandidate) -> None:
+    try:
+        candidate = None if signal.candidate is None else Candidate.parse(signal.candidate)
+    except CandidateError as exc:
+        logger.warning("skipped remote candidate: %s", exc)  # one bad one must not end a call
+        return
+    await peer.add_remote_candidate(candidate)
+
+
+async def _trickle(peer: MediaPeer, signaling: PipeSignaling) -> None:
+    async for candidate in peer.local_candidates():
+        signaling.send(RemoteCandidate(candidate.to_sdp()))
+    signaling.send(RemoteCandidate(None))
+
+
+async def _follow(peer: MediaPeer, signaling: PipeSignaling, hangup: asyncio.Event) -> None:
+    """After the offer/answer: remote candidates, and the peer's hang-up."""
+    try:
+        while True:
+            signal = await signaling.recv()
+            if isinstance(signal, RemoteCandidate):
+                await _add_candidate(peer, signal)
+            elif isinstance(signal, Hangup):
+                hangup.set()
+                return
+    except EOFError:
+        return  # no more signaling; the media path decides how the call ends
+
+
 async def run_call(config: AgentConfig, opts: CallOptions) -> EndReason:
-    """One call until hang-up (signal or duration), a BYE from the peer, or media loss."""
-    secret = opts.psk_file.read_bytes().strip()
-    keying = PresharedKeying.from_secret(secret, offerer=opts.offerer, profile=opts.profile)
+    """One call: signaling over the pipe, then until hang-up (signal, duration, peer) or
+    media loss."""
+    certificate = await asyncio.to_thread(
+        DtlsCertificate.load_or_create, Path(config.state_dir) / "dtls", config.device_id
+    )
+    peer_config = PeerConfig(ice=config.ice, media=config.media, dtls=config.dtls)
+    call_id = f"{config.device_id}/pipe"
     loop = asyncio.get_running_loop()
     hangup = asyncio.Event()
     tasks: list[asyncio.Task[object]] = []
+    signaling = PipeSignaling(await _stdin())
     async with contextlib.AsyncExitStack() as stack:
         # Closed in reverse order, whatever fails on the way.
-        transport = await UdpTransport.bind(*opts.bind)
-        stack.push_async_callback(transport.close)
-        transport.connect(opts.peer)
         source = await _open_source(opts.source, config)
         stack.push_async_callback(source.close)
         sink = await _open_sink(opts.sink, config)
@@ -101,12 +205,26 @@ async def run_call(config: AgentConfig, opts: CallOptions) -> EndReason:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, hangup.set)
             stack.callback(loop.remove_signal_handler, sig)
-        session = MediaSession(
-            transport, keying, source, sink, config.media, call_id=f"{config.device_id}/direct"
-        )
+        peer = MediaPeer(peer_config, certificate, source, sink, call_id=call_id)
+        stack.push_async_callback(peer.close)  # on any failure below; else a no-op
         try:
-            await session.start()
-            stack.push_async_callback(session.close)  # on any failure below; else a no-op
+            setup_started = loop.time()
+
+            def trickle() -> None:
+                if opts.trickle:
+                    tasks.append(loop.create_task(_trickle(peer, signaling), name="trickle"))
+
+            async with asyncio.timeout(opts.setup_timeout):
+                await _negotiate(peer, signaling, opts, trickle)
+                tasks.append(loop.create_task(_follow(peer, signaling, hangup), name="signals"))
+                session = await peer.connect()
+            pair = peer.ice.selected_pair if peer.ice is not None else None
+            _emit({
+                "event": "connected",
+                "setup_ms": round(1000 * (loop.time() - setup_started), 1),
+                "local_candidate": pair.local.type if pair else None,
+                "remote_candidate": pair.remote.type if pair else None,
+            })  # fmt: skip
             tasks.append(loop.create_task(_print_stats(session, opts.stats_interval), name="stats"))
             waits = [
                 loop.create_task(session.ended(), name="session-ended"),
@@ -116,7 +234,7 @@ async def run_call(config: AgentConfig, opts: CallOptions) -> EndReason:
                 waits.append(loop.create_task(asyncio.sleep(opts.duration), name="duration"))
             tasks += waits
             await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-            reason = await session.close()
+            reason = await peer.close()
         finally:
             for task in tasks:
                 task.cancel()
@@ -142,14 +260,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="INFO")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("devices", help="list the audio devices PortAudio sees")
-    call = sub.add_parser("call", help="one direct call with pre-shared SRTP keys")
-    call.add_argument("--bind", type=_address, default=("127.0.0.1", 0))
-    call.add_argument("--peer", type=_address, required=True)
-    call.add_argument("--psk-file", type=Path, required=True, help="file holding the secret")
+    call = sub.add_parser(
+        "call", help="one call, signaled as JSON lines on stdin/stdout (tests, demo)"
+    )
     call.add_argument("--role", choices=("offerer", "answerer"), required=True)
     call.add_argument(
-        "--srtp-profile", choices=[p.name for p in SrtpProfile], default="AEAD_AES_128_GCM"
+        "--no-trickle", action="store_true", help="put every candidate into the SDP instead"
     )
+    call.add_argument("--setup-timeout", type=float, default=30.0)
     call.add_argument("--source", default="device", help="device | wav:PATH | tone:HZ")
     call.add_argument("--sink", default="device", help="device | wav:PATH | null")
     call.add_argument("--duration", type=float, help="hang up after this many seconds")
@@ -171,20 +289,22 @@ def main(argv: list[str] | None = None) -> int:
                 print(dev)
             return 0
         opts = CallOptions(
-            bind=args.bind,
-            peer=args.peer,
-            psk_file=args.psk_file,
             offerer=args.role == "offerer",
-            profile=SrtpProfile[args.srtp_profile],
+            trickle=not args.no_trickle,
             source=args.source,
             sink=args.sink,
             duration=args.duration,
             stats_interval=args.stats_interval,
+            setup_timeout=args.setup_timeout,
         )
         asyncio.run(run_call(config, opts))
     except (ConfigError, DeviceNotFound, OSError, ValueError) as exc:
         logger.error("%s", exc)
         return 2
+    except (CallSetupError, TimeoutError, EOFError) as exc:
+        logger.error("call setup failed: %s", exc or "timed out")
+        _emit({"event": "failed", "reason": str(exc) or "setup timed out"})
+        return 1
     return 0
 
 

@@ -14,6 +14,11 @@ class AudioSource(Protocol):
         """Wait for and return the next frame; raise EndOfStream when exhausted."""
         ...
 
+    def discard_pending(self) -> int:
+        """Drop audio captured but not read yet, so that a call starts from now (a device
+        keeps capturing between calls); returns how many frames were dropped."""
+        ...
+
     async def close(self) -> None: ...
 
 

@@ -387,6 +387,11 @@ class AlsaCapture(_DeviceStream):
             device_rate=self._opened.rate if self._opened is not None and self._healthy else None,
         )
 
+    def discard_pending(self) -> int:
+        dropped = len(self._queue)
+        self._queue.clear()
+        return dropped
+
     async def read(self) -> bytes:
         if self._loop is None or self._closed:
             raise RuntimeError("capture is not running")

@@ -74,6 +74,9 @@ class WavSource:
         mono = x[:, 0] if self._channels == 1 else x.mean(axis=1).round().astype(np.int16)
         self._frames.extend(self._resampler.push(np.ascontiguousarray(mono, dtype=np.int16)))
 
+    def discard_pending(self) -> int:
+        return 0  # frames are made on demand: nothing waits
+
     async def close(self) -> None:
         self._wav.close()
 
@@ -98,6 +101,9 @@ class ToneSource:
         self._phase = (self._phase + self._step * FRAME_SAMPLES) % (2 * math.pi)
         wave_: npt.NDArray[np.float64] = self._amplitude * np.sin(phases)
         return wave_.round().astype("<i2").tobytes()
+
+    def discard_pending(self) -> int:
+        return 0  # frames are made on demand: nothing waits
 
     async def close(self) -> None:
         return None

@@ -141,6 +141,7 @@ class MediaSession:
         self._remote_ssrc: int | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._ended: asyncio.Future[EndReason] | None = None
+        self._first_audio: asyncio.Future[float] | None = None
         self._closed = False
         self._last_rx = 0.0
         self._last_sr_ntp32 = 0
@@ -163,6 +164,7 @@ class MediaSession:
         """Key the session and start media; returns once the tasks run."""
         loop = asyncio.get_running_loop()
         self._ended = loop.create_future()
+        self._first_audio = loop.create_future()
         self._srtp = SrtpContext(await self._keying.keys())
         self._last_rx = loop.time()
         for name, coro in (
@@ -183,6 +185,11 @@ class MediaSession:
         """Wait until the session ends by itself or is closed."""
         assert self._ended is not None, "start() first"
         return await asyncio.shield(self._ended)
+
+    async def first_audio(self) -> float:
+        """Loop time at which the first frame from the peer was decoded for playback."""
+        assert self._first_audio is not None, "start() first"
+        return await asyncio.shield(self._first_audio)
 
     def _end(self, reason: EndReason) -> None:
         if self._ended is not None and not self._ended.done():
@@ -222,6 +229,9 @@ class MediaSession:
         assert self._srtp is not None
         protect = self._srtp.protect
         clock = asyncio.get_running_loop().time
+        stale = self._source.discard_pending()
+        if stale:
+            self._log.debug("dropped %d frames captured before the call", stale)
         try:
             while True:
                 pcm = await self._source.read()
@@ -379,7 +389,10 @@ class MediaSession:
                 if kind is PlayoutKind.NORMAL:
                     assert out.payload is not None
                     pcm = decoder.decode(out.payload)
-                    started = True
+                    if not started:
+                        started = True
+                        assert self._first_audio is not None
+                        self._first_audio.set_result(clock())
                 elif kind is PlayoutKind.FEC:
                     assert out.payload is not None
                     pcm = decoder.decode_fec(out.payload)

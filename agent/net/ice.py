@@ -2,14 +2,14 @@
 
 ``IceTransport`` implements ``DatagramTransport`` once ``connect()`` has selected a
 candidate pair. Every aioice type stays in this module: the rest of the code sees
-``IceCandidate``, ``IceConfig`` and friends. One component only (RTP and RTCP are
-muxed, RFC 5761).
+``Candidate`` (``agent.net.candidate``), ``IceConfig`` and friends. One component only
+(RTP and RTCP are muxed, RFC 5761).
 
 What aioice 0.13 does, and what this module adds. ``_Connection`` and ``_Protocol``
 below are the only places that reach into aioice: they override the methods
 ``get_component_candidates``, ``check_state``, ``query_consent``, ``protocol_lost``
 and ``StunProtocol.datagram_received``, and read the private ``_protocols``,
-``_nominated``, ``_remote_candidates`` and ``Candidate._network_host`` (written
+``_nominated``, ``_remote_candidates`` and ``aioice.Candidate._network_host`` (written
 against aioice 0.13.0):
 
 * Gathering: ``Connection.gather_candidates()`` returns only when every candidate
@@ -67,6 +67,7 @@ import aioice.ice
 import aioice.stun
 from aioice.candidate import candidate_foundation, candidate_priority
 
+from agent.net.candidate import MAX_PRIORITY, Candidate, CandidateType
 from agent.net.transport import Address, TransportClosed
 
 logger = logging.getLogger(__name__)
@@ -75,29 +76,10 @@ COMPONENT = 1
 """The only ICE component: RTP and RTCP share it (RFC 5761)."""
 
 _ICE_CHARS = re.compile(r"[A-Za-z0-9+/]+")
-_DIGITS = re.compile(r"[0-9]{1,10}")
-_HOSTNAME = re.compile(
-    r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?"
-)
-_CANDIDATE_TYPES = ("host", "srflx", "prflx", "relay")
-_TCP_TYPES = ("active", "passive", "so")
-_MAX_PRIORITY = 2**31 - 1
 
 
 class IceError(ConnectionError):
     """ICE could not produce a working candidate pair; the message says why."""
-
-
-# --- candidates -----------------------------------------------------------------
-
-
-def _check_host(value: str, what: str) -> None:
-    try:
-        ipaddress.ip_address(value)
-    except ValueError:
-        if not _HOSTNAME.fullmatch(value):
-            raise ValueError(f"{what} {value[:64]!r} is not an IP address or host name") from None
 
 
 def _check_port(value: int, what: str) -> None:
@@ -105,142 +87,27 @@ def _check_port(value: int, what: str) -> None:
         raise ValueError(f"{what} {value} is not in 0..65535")
 
 
-def _parse_int(token: str, what: str) -> int:
-    if not _DIGITS.fullmatch(token):
-        raise ValueError(f"{what} {token[:24]!r} is not a number")
-    return int(token)
+# --- candidates: aioice's and ours ---------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class IceCandidate:
-    """One ICE candidate, as in the SDP ``candidate`` attribute (RFC 8839 section 5.1)."""
-
-    foundation: str
-    """1..32 ice-chars; candidates with the same foundation share a base and a server."""
-    component: int
-    """1..256; ours are always 1 (RTP/RTCP muxed)."""
-    transport: str
-    """``udp`` or ``tcp`` (lowercase)."""
-    priority: int
-    """1..2**31-1 (RFC 8445 section 5.1.2)."""
-    host: str
-    """An IP address, or a host name (e.g. an mDNS ``.local`` name from a browser)."""
-    port: int
-    type: str
-    """``host``, ``srflx``, ``prflx`` or ``relay``."""
-    related_address: str | None = None
-    """``raddr``: the base or mapped address behind a srflx/prflx/relay candidate."""
-    related_port: int | None = None
-    """``rport``."""
-    tcptype: str | None = None
-    """``active``, ``passive`` or ``so``; TCP candidates only (RFC 6544)."""
-
-    def __post_init__(self) -> None:
-        if not (1 <= len(self.foundation) <= 32 and _ICE_CHARS.fullmatch(self.foundation)):
-            raise ValueError(
-                f"candidate foundation {self.foundation[:40]!r} is not 1..32 ice-chars"
-            )
-        if not 1 <= self.component <= 256:
-            raise ValueError(f"candidate component {self.component} is not in 1..256")
-        if self.transport not in ("udp", "tcp"):
-            raise ValueError(f"candidate transport {self.transport[:24]!r} is not udp or tcp")
-        if not 1 <= self.priority <= _MAX_PRIORITY:
-            raise ValueError(f"candidate priority {self.priority} is not in 1..2**31-1")
-        _check_host(self.host, "candidate address")
-        _check_port(self.port, "candidate port")
-        if self.type not in _CANDIDATE_TYPES:
-            raise ValueError(f"candidate type {self.type[:24]!r} is not one of {_CANDIDATE_TYPES}")
-        if self.related_address is not None:
-            _check_host(self.related_address, "candidate raddr")
-        if self.related_port is not None:
-            _check_port(self.related_port, "candidate rport")
-        if self.tcptype is not None:
-            if self.transport != "tcp":
-                raise ValueError("candidate tcptype is only for tcp candidates")
-            if self.tcptype not in _TCP_TYPES:
-                raise ValueError(
-                    f"candidate tcptype {self.tcptype[:24]!r} is not one of {_TCP_TYPES}"
-                )
-
-    @property
-    def address(self) -> Address:
-        return self.host, self.port
-
-    def to_sdp(self) -> str:
-        """The value of the ``candidate:`` attribute (without the ``candidate:`` prefix)."""
-        value = (
-            f"{self.foundation} {self.component} {self.transport} {self.priority} "
-            f"{self.host} {self.port} typ {self.type}"
-        )
-        if self.related_address is not None:
-            value += f" raddr {self.related_address}"
-        if self.related_port is not None:
-            value += f" rport {self.related_port}"
-        if self.tcptype is not None:
-            value += f" tcptype {self.tcptype}"
-        return value
-
-    @classmethod
-    def from_sdp(cls, value: str) -> IceCandidate:
-        """Parse a ``candidate:`` attribute value; the ``candidate:`` prefix is optional.
-
-        Extensions other than raddr/rport/tcptype (``generation``, ``ufrag``,
-        ``network-cost``, ...) are dropped. ``ValueError`` says what is wrong; a caller
-        receiving a candidate it cannot use should skip it, not fail the call.
-        """
-        text = value.strip()
-        if text.startswith("candidate:"):
-            text = text[len("candidate:") :]
-        fields = text.split()
-        if len(fields) < 8:
-            raise ValueError(
-                "candidate needs at least 8 fields: "
-                "'<foundation> <component> <transport> <priority> <address> <port> typ <type>'"
-            )
-        if fields[6] != "typ":
-            raise ValueError(f"candidate field 7 is {fields[6][:24]!r}, expected 'typ'")
-        extensions = fields[8:]
-        if len(extensions) % 2:
-            raise ValueError("candidate extensions must be name/value pairs")
-        known: dict[str, str] = {}
-        for name, item in zip(extensions[::2], extensions[1::2], strict=True):
-            if name in ("raddr", "rport", "tcptype"):
-                if name in known:
-                    raise ValueError(f"candidate has {name} twice")
-                known[name] = item
-        rport = known.get("rport")
-        return cls(
-            foundation=fields[0],
-            component=_parse_int(fields[1], "candidate component"),
-            transport=fields[2].lower(),
-            priority=_parse_int(fields[3], "candidate priority"),
-            host=fields[4],
-            port=_parse_int(fields[5], "candidate port"),
-            type=fields[7],
-            related_address=known.get("raddr"),
-            related_port=None if rport is None else _parse_int(rport, "candidate rport"),
-            tcptype=known.get("tcptype"),
-        )
-
-
-def _from_aioice(c: aioice.Candidate) -> IceCandidate:
+def _from_aioice(c: aioice.Candidate) -> Candidate:
     # A peer-reflexive candidate's priority comes from the peer's PRIORITY attribute,
     # which may be any 32-bit number.
-    return IceCandidate(
+    return Candidate(
         foundation=c.foundation,
         component=c.component,
         transport=c.transport.lower(),
-        priority=min(max(c.priority, 1), _MAX_PRIORITY),
+        priority=min(max(c.priority, 1), MAX_PRIORITY),
         host=c.host,
         port=c.port,
-        type=c.type,
+        type=CandidateType(c.type),
         related_address=c.related_address,
         related_port=c.related_port,
         tcptype=c.tcptype,
     )
 
 
-def _to_aioice(c: IceCandidate) -> aioice.Candidate:
+def _to_aioice(c: Candidate) -> aioice.Candidate:
     return aioice.Candidate(
         foundation=c.foundation,
         component=c.component,
@@ -248,7 +115,7 @@ def _to_aioice(c: IceCandidate) -> aioice.Candidate:
         priority=c.priority,
         host=c.host,
         port=c.port,
-        type=c.type,
+        type=c.type.value,
         related_address=c.related_address,
         related_port=c.related_port,
         tcptype=c.tcptype,
@@ -423,13 +290,13 @@ class IceParameters:
 class SelectedPair:
     """The candidate pair media flows over."""
 
-    local: IceCandidate
-    remote: IceCandidate
+    local: Candidate
+    remote: Candidate
 
     @property
     def relayed(self) -> bool:
         """True when either side goes through a TURN relay."""
-        return "relay" in (self.local.type, self.remote.type)
+        return CandidateType.RELAY in (self.local.type, self.remote.type)
 
     def __str__(self) -> str:
         return (
@@ -623,9 +490,9 @@ class _Connection(aioice.Connection):
         self._inbox = inbox
         self._on_lost = on_lost
         self._turn = turn
-        self.candidates: asyncio.Queue[IceCandidate | None] = asyncio.Queue()
+        self.candidates: asyncio.Queue[Candidate | None] = asyncio.Queue()
         """Local candidates as they are gathered, then None."""
-        self.gathered: list[IceCandidate] = []
+        self.gathered: list[Candidate] = []
         self.gather_failures: list[str] = []
         self.gather_task: asyncio.Task[None] | None = None
         self.gather_consumed = False
@@ -942,11 +809,11 @@ class IceTransport:
         return "controlling" if self._conn.ice_controlling else "controlled"
 
     @property
-    def local_candidates(self) -> tuple[IceCandidate, ...]:
+    def local_candidates(self) -> tuple[Candidate, ...]:
         """This generation's candidates gathered so far."""
         return tuple(self._conn.gathered)
 
-    async def gather(self) -> AsyncGenerator[IceCandidate, None]:
+    async def gather(self) -> AsyncGenerator[Candidate, None]:
         """Gather this generation's local candidates, yielding each as it is found.
 
         Host candidates come at once, then server-reflexive and relay ones as their
@@ -985,7 +852,7 @@ class IceTransport:
         self._conn.remote_password = pwd
         self._conn.remote_is_lite = ice_lite
 
-    async def add_remote_candidate(self, candidate: IceCandidate | None) -> None:
+    async def add_remote_candidate(self, candidate: Candidate | None) -> None:
         """Add a peer candidate (trickled any time before or during connect); None ends them.
 
         Candidates we cannot pair with (TCP, another component) are ignored; after

@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from agent.audio.device import DeviceConfig
+from agent.media.dtls import DtlsTimers
 from agent.media.session import MediaConfig
+from agent.net.ice import IceConfig
 
 T = TypeVar("T")
 
@@ -39,8 +41,13 @@ class AgentConfig:
     """Identity issued at pairing; appears in every log line."""
     board: str = "generic"
     """Board profile name (a file in firmware_configs/)."""
+    state_dir: str = "/var/lib/edge-intercom"
+    """Where the device keeps what must survive restarts (its DTLS certificate, ...)."""
     audio: AudioConfig = field(default_factory=AudioConfig)
     media: MediaConfig = field(default_factory=MediaConfig)
+    ice: IceConfig = field(default_factory=IceConfig)
+    """STUN/TURN servers and ICE timers (the relay's retained config can set the servers)."""
+    dtls: DtlsTimers = field(default_factory=DtlsTimers)
 
 
 def _convert(tp: Any, value: Any, where: str) -> Any:
@@ -49,6 +56,16 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a table")
         return from_dict(tp, value, where)
     origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        if value not in typing.get_args(tp):
+            choices = ", ".join(repr(a) for a in typing.get_args(tp))
+            raise ConfigError(f"{where}: expected one of {choices}, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected an array")
+        item = typing.get_args(tp)[0]
+        return tuple(_convert(item, v, f"{where}[{i}]") for i, v in enumerate(value))
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:

@@ -1,0 +1,212 @@
+"""Splits one datagram transport into a DTLS channel and an RTP/RTCP channel (RFC 7983).
+
+DTLS-SRTP runs its handshake and the media on the same 5-tuple; the first byte
+of each datagram tells them apart:
+
+    0..3      STUN     (answered inside ICE; reaching us is unexpected)
+    20..63    DTLS
+    128..191  RTP/RTCP (SRTP/SRTCP once keyed)
+
+Anything else (ZRTP, TURN channel data, noise) is dropped and counted. Each
+channel is itself a ``DatagramTransport``: ``send`` goes straight to the
+underlying transport, ``recv`` reads that channel's bounded queue, which drops
+its oldest datagram when the reader falls behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from dataclasses import dataclass
+
+from agent.net.transport import DatagramTransport, TransportClosed
+
+logger = logging.getLogger(__name__)
+
+# What the first byte of a datagram says it is (RFC 7983 section 7).
+_UNKNOWN, _STUN, _DTLS, _MEDIA = 0, 1, 2, 3
+
+
+def _kind_of(first_byte: int) -> int:
+    if first_byte <= 3:
+        return _STUN
+    if 20 <= first_byte <= 63:
+        return _DTLS
+    if 128 <= first_byte <= 191:
+        return _MEDIA
+    return _UNKNOWN
+
+
+# A table lookup per datagram instead of a chain of comparisons.
+_KIND: tuple[int, ...] = tuple(_kind_of(b) for b in range(256))
+
+
+@dataclass(frozen=True, slots=True)
+class DemuxStats:
+    dtls: int
+    """Datagrams queued for the DTLS channel."""
+    media: int
+    """Datagrams queued for the RTP/RTCP channel."""
+    unexpected_stun: int
+    """STUN datagrams (first byte 0..3): ICE answers those, they should not reach us."""
+    dropped_unknown: int
+    """Empty datagrams and datagrams whose first byte belongs to no protocol we run."""
+    dtls_overflow: int
+    """DTLS datagrams dropped (oldest first) because its reader fell behind."""
+    media_overflow: int
+    """RTP/RTCP datagrams dropped (oldest first) because its reader fell behind."""
+
+
+class DemuxChannel:
+    """One side of a ``Demux``: a ``DatagramTransport`` for one protocol.
+
+    ``close()`` closes only this channel (its datagrams are then dropped and
+    counted as overflow); the demux and the underlying transport go on.
+    """
+
+    def __init__(self, name: str, underlying: DatagramTransport, queue_size: int) -> None:
+        if queue_size < 1:
+            raise ValueError("queue_size must be at least 1")
+        self.name = name
+        self._underlying = underlying
+        self._queue: collections.deque[bytes] = collections.deque(maxlen=queue_size)
+        self._waiter: asyncio.Future[None] | None = None
+        self._is_closed = False
+        self._queued = 0
+        self._overflow = 0
+
+    def _push(self, data: bytes) -> None:
+        """Called by the demux task for each datagram of this channel."""
+        if self._is_closed:
+            self._overflow += 1
+            return
+        queue = self._queue
+        if len(queue) == queue.maxlen:
+            self._overflow += 1
+        queue.append(data)
+        self._queued += 1
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _end(self, *, discard: bool) -> None:
+        """No more datagrams: ``recv`` raises once the queue is empty (at once if discarded)."""
+        self._is_closed = True
+        if discard:
+            self._queue.clear()
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    @property
+    def closed(self) -> bool:
+        return self._is_closed
+
+    async def send(self, data: bytes) -> None:
+        if self._is_closed:
+            raise TransportClosed(f"demux {self.name} channel closed")
+        await self._underlying.send(data)
+
+    async def recv(self) -> bytes:
+        while not self._queue:
+            if self._is_closed:
+                raise TransportClosed(f"demux {self.name} channel closed")
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self._queue.popleft()
+
+    async def close(self) -> None:
+        self._end(discard=True)
+
+
+class Demux:
+    """Owns the one reader of ``transport`` and hands each datagram to its channel.
+
+    The demux does not own ``transport``: ``close()`` stops the reader and closes
+    both channels, and whoever made the transport closes it. When the transport
+    closes by itself, both channels deliver what they hold and then raise
+    ``TransportClosed``.
+    """
+
+    def __init__(
+        self,
+        transport: DatagramTransport,
+        *,
+        dtls_queue_size: int = 32,
+        media_queue_size: int = 256,
+        name: str = "-",
+    ) -> None:
+        self._transport = transport
+        self.dtls = DemuxChannel("dtls", transport, dtls_queue_size)
+        self.media = DemuxChannel("media", transport, media_queue_size)
+        self._stun = 0
+        self._unknown = 0
+        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"demux-{name}")
+
+    @property
+    def stats(self) -> DemuxStats:
+        return DemuxStats(
+            dtls=self.dtls._queued,
+            media=self.media._queued,
+            unexpected_stun=self._stun,
+            dropped_unknown=self._unknown,
+            dtls_overflow=self.dtls._overflow,
+            media_overflow=self.media._overflow,
+        )
+
+    @property
+    def running(self) -> bool:
+        """The reader still runs (the demux is not closed and the transport is open)."""
+        return not self._task.done()
+
+    async def _run(self) -> None:
+        recv = self._transport.recv
+        kinds = _KIND
+        dtls = self.dtls._push
+        media = self.media._push
+        debug = logger.isEnabledFor(logging.DEBUG)
+        try:
+            while True:
+                data = await recv()
+                kind = kinds[data[0]] if data else _UNKNOWN
+                if kind == _MEDIA:
+                    media(data)
+                elif kind == _DTLS:
+                    dtls(data)
+                elif kind == _STUN:
+                    self._stun += 1
+                    if debug:
+                        logger.debug("demux: unexpected STUN datagram (%d bytes)", len(data))
+                else:
+                    self._unknown += 1
+                    if debug:
+                        logger.debug(
+                            "demux: dropped datagram, first byte %s",
+                            data[0] if data else "(empty)",
+                        )
+        except TransportClosed:
+            logger.debug("demux: underlying transport closed")
+            self.dtls._end(discard=False)
+            self.media._end(discard=False)
+        finally:
+            # Cancelled (close()) or failed: nothing more will come either way.
+            if not self.dtls.closed or not self.media.closed:
+                self.dtls._end(discard=True)
+                self.media._end(discard=True)
+
+    async def close(self) -> None:
+        """Stop the reader; both channels raise ``TransportClosed`` from now on."""
+        self._task.cancel()
+        try:
+            await self._task
+        except asyncio.CancelledError:
+            # Our own cancellation of the reader, unless the caller is being cancelled too.
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise
+        self.dtls._end(discard=True)
+        self.media._end(discard=True)
