@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -109,8 +110,15 @@ async def test_garbage_offer_is_refused_with_a_clear_error() -> None:
     await b.close()
 
 
-@pytest.mark.parametrize("agent_offers", [True, False])
-async def test_agent_and_aiortc_hear_each_other(agent_offers: bool) -> None:
+async def _closed(peer: AiortcPeer) -> None:
+    while peer.pc.connectionState != "closed":
+        await asyncio.sleep(0.02)
+
+
+@pytest.mark.parametrize(
+    ("agent_offers", "agent_hangs_up"), [(True, False), (False, True), (True, True)]
+)
+async def test_agent_and_aiortc_hear_each_other(agent_offers: bool, agent_hangs_up: bool) -> None:
     agent, heard_by_agent = _peer(CERT_A, 440.0)
     other = AiortcPeer(1000.0)
     try:
@@ -127,10 +135,32 @@ async def test_agent_and_aiortc_hear_each_other(agent_offers: bool) -> None:
         stats = session.stats
         assert stats.rtt_ms is not None  # aiortc's receiver reports were parsed
         assert stats.malformed == 0 and stats.unknown_payload_type == 0
-        await other.close()  # aiortc hangs up: BYE and close_notify
-        assert await asyncio.wait_for(agent.ended(), 5) is EndReason.REMOTE_BYE
+        if agent_hangs_up:
+            assert await agent.close() is EndReason.LOCAL_HANGUP
+            await asyncio.wait_for(_closed(other), 5)  # our close_notify reached aiortc
+        else:
+            await other.close()  # aiortc hangs up: BYE and close_notify
+            assert await asyncio.wait_for(agent.ended(), 5) is EndReason.REMOTE_BYE
     finally:
         await agent.close()
         await other.close()
     assert peak_hz(heard_by_agent.samples()[-SAMPLE_RATE // 2 :]) == pytest.approx(1000, abs=5)
     assert peak_hz(other.samples()[-SAMPLE_RATE // 2 :]) == pytest.approx(440, abs=5)
+
+
+async def test_a_listen_only_call_sends_nothing_the_other_way() -> None:
+    listener, heard_by_listener = _peer(
+        CERT_A, 440.0, replace(CONFIG, direction=sdp.Direction.RECVONLY)
+    )
+    talker, heard_by_talker = _peer(CERT_B, 1000.0)
+    async with _connected(listener, talker, trickle=True):
+        assert talker.negotiated is not None
+        assert talker.negotiated.direction is sdp.Direction.SENDONLY
+        assert listener.session is not None and talker.session is not None
+        await asyncio.wait_for(listener.session.first_audio(), 5)
+        await asyncio.sleep(1.0)
+        assert listener.session.stats.packets_sent == 0
+        assert talker.session.stats.packets_received == 0
+        assert talker.session.running  # RTCP alone keeps the call alive
+    assert peak_hz(heard_by_listener.samples()[-SAMPLE_RATE // 2 :]) == pytest.approx(1000, abs=5)
+    assert not heard_by_talker.samples().any()

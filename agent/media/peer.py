@@ -53,6 +53,8 @@ class PeerConfig:
     """SRTP protection profiles we accept, most preferred first."""
     red: bool = True
     """Offer and accept RED (RFC 2198) redundancy."""
+    direction: sdp.Direction = sdp.Direction.SENDRECV
+    """What we want to do; the answer may narrow it (a peer that only listens)."""
 
 
 class CallSetupError(Exception):
@@ -105,6 +107,7 @@ class MediaPeer:
             end_of_candidates=bool(candidates),
             opus_payload_type=self._config.media.opus_payload_type,
             red_payload_type=self._config.media.red_payload_type if self._config.red else None,
+            direction=self._config.direction,
         )
 
     async def _gathered(self, ice: IceTransport, trickle: bool) -> tuple[Candidate, ...]:
@@ -210,7 +213,7 @@ class MediaPeer:
         )
         self._session = MediaSession(
             self._demux.media, self._dtls, self._source, self._sink, media,
-            remote_red=negotiated.red, call_id=self._call_id,
+            remote_red=negotiated.red, send=negotiated.direction.sends, call_id=self._call_id,
         )  # fmt: skip
         try:
             await self._session.start()  # awaits the DTLS keys

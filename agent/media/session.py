@@ -112,6 +112,7 @@ class MediaSession:
         config: MediaConfig = MediaConfig(),
         *,
         remote_red: bool = True,
+        send: bool = True,
         call_id: str = "-",
     ) -> None:
         self._transport = transport
@@ -120,6 +121,7 @@ class MediaSession:
         self._sink = sink
         self._config = config
         self._send_red = remote_red and config.red_distance > 0
+        self._send = send
         self._log = logging.LoggerAdapter(logger, {"call": call_id})
         self._call_id = call_id
         self._srtp: SrtpContext | None = None
@@ -167,13 +169,16 @@ class MediaSession:
         self._first_audio = loop.create_future()
         self._srtp = SrtpContext(await self._keying.keys())
         self._last_rx = loop.time()
-        for name, coro in (
-            ("send", self._send_loop()),
-            ("recv", self._recv_loop()),
-            ("playout", self._playout_loop()),
-            ("rtcp", self._rtcp_loop()),
-        ):
-            self._tasks.append(loop.create_task(coro, name=f"media-{name}-{self._call_id}"))
+        loops = {
+            "send": self._send_loop,
+            "recv": self._recv_loop,
+            "playout": self._playout_loop,
+            "rtcp": self._rtcp_loop,
+        }
+        if not self._send:
+            del loops["send"]  # receive only: the microphone is not even read
+        for name, run in loops.items():
+            self._tasks.append(loop.create_task(run(), name=f"media-{name}-{self._call_id}"))
         self._log.info("media started ssrc=%08x red=%s", self.ssrc, self._send_red)
 
     @property
