@@ -8,6 +8,9 @@ agent's candidates into one host candidate on the proxy, so ICE checks,
 DTLS and SRTP all cross the proxy (and its loss, bursts and jitter). Agents
 print JSON lines (``connected``, ``stats`` every interval, ``ended`` last),
 which are handed to ``on_line`` as they arrive.
+
+``relay_signals`` is that signaling on its own, for any two agent processes (the NAT
+tests run them in network namespaces).
 """
 
 from __future__ import annotations
@@ -27,6 +30,37 @@ from agent.net.transport import Address
 from tools.lab.virtual_audio import VirtualAudio
 
 LineHandler = Callable[[str, dict[str, Any]], None]
+Rewrite = Callable[[dict[str, Any]], dict[str, Any] | None]
+"""Changes a signal on its way to the other agent; None drops it."""
+
+
+async def relay_signals(
+    source: asyncio.subprocess.Process,
+    to: asyncio.subprocess.Process,
+    rewrite: Rewrite | None = None,
+    on_record: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Carry ``source``'s signals to ``to`` until ``source`` closes its stdout.
+
+    Each ``{"event": "signal", ...}`` line of ``source`` is written, without its
+    ``event`` key and after ``rewrite``, as a JSON line to ``to``'s stdin (unless that is
+    closed). Every other record goes to ``on_record``; the last one is returned (``{}``
+    if there was none): ``ended`` or ``failed`` when the agent exits normally.
+    """
+    assert source.stdout is not None and to.stdin is not None
+    last: dict[str, Any] = {}
+    async for raw in source.stdout:
+        record = json.loads(raw)
+        if record.get("event") == "signal":
+            signal = {k: v for k, v in record.items() if k != "event"}
+            out = signal if rewrite is None else rewrite(signal)
+            if out is not None and not to.stdin.is_closing():
+                to.stdin.write(json.dumps(out).encode() + b"\n")
+            continue
+        last = record
+        if on_record is not None:
+            on_record(record)
+    return last
 
 
 def _via(signal: dict[str, Any], address: Address) -> dict[str, Any] | None:
@@ -116,24 +150,16 @@ class AgentCall:
         self, board: str, proc: asyncio.subprocess.Process,
         to: asyncio.subprocess.Process, via: Address,
     ) -> dict[str, Any]:  # fmt: skip
-        assert proc.stdout is not None and to.stdin is not None
-        last: dict[str, Any] = {}
-        async for raw in proc.stdout:
-            record = json.loads(raw)
-            if record.get("event") == "signal":
-                signal = _via({k: v for k, v in record.items() if k != "event"}, via)
-                if signal is not None and not to.stdin.is_closing():
-                    to.stdin.write(json.dumps(signal).encode() + b"\n")
-                continue
-            if record.get("event") == "connected":
-                self.connected[board] = record
+        def record(line: dict[str, Any]) -> None:
+            if line.get("event") == "connected":
+                self.connected[board] = line
                 self._up[board].set_result(None)
-            elif record.get("event") == "failed" and not self._up[board].done():
-                self._up[board].set_exception(RuntimeError(f"{board}: {record['reason']}"))
-            last = record
+            elif line.get("event") == "failed" and not self._up[board].done():
+                self._up[board].set_exception(RuntimeError(f"{board}: {line['reason']}"))
             if self.on_line is not None:
-                self.on_line(board, last)
-        return last
+                self.on_line(board, line)
+
+        return await relay_signals(proc, to, lambda s: _via(s, via), record)
 
     async def wait(self, limit_s: float = 120.0) -> list[dict[str, Any]]:
         """Each agent's ``ended`` record once both have hung up."""
