@@ -11,7 +11,31 @@ PulseAudio, real-time pacing), with SRTP on. Figures:
 - added_latency_ms: microphone-to-speaker delay (clicks and cross-correlation) of the call,
   minus that of a bare full-duplex copy between the same two devices measured in this run;
 - pesq_wb_clean / _loss10 / _burst: PESQ wideband of espeak-ng speech through the
-  impairment proxy with no loss, 10 % random loss, and Gilbert-Elliott bursts.
+  impairment proxy with no loss, 10 % random loss, and Gilbert-Elliott bursts;
+- aiortc_cpu_per_audio_s: CPU seconds of both processes of an aiortc<->aiortc call per
+  second of call, measured in this run; cpu_vs_aiortc = pipeline_cpu_per_audio_s /
+  aiortc_cpu_per_audio_s (the figure with the target, <= 0.5), and cpu_vs_aiortc_loop =
+  pipeline_loop_thread_cpu_per_audio_s / aiortc_cpu_per_audio_s.
+
+How the aiortc call (``tools/lab/aiortc_call.py``) matches ours: two processes, one per
+side, as our two agents; each sends the same espeak-ng speech, looped and paced in real
+time, and reads, so decodes, every frame of the other side's audio; DTLS-SRTP on; host
+candidates on 127.0.0.1; both processes' utime + stime from /proc over a window as long
+as ours (``--cpu-seconds``) after the same 4 s warm-up, the two calls one after the other.
+What differs, and which way it leans:
+
+- Audio I/O: our agents capture and play through ALSA and PulseAudio in real time, and
+  pipeline_cpu_per_audio_s counts the PortAudio and pulse-plugin threads that takes;
+  aiortc's sides take speech from memory and drop what they decode. cpu_vs_aiortc thus
+  charges us for work aiortc does not do. cpu_vs_aiortc_loop counts only our event-loop
+  threads (codec, crypto, RTP, jitter buffer) against aiortc's whole process (whose
+  encoder and decoder run on threads of their own): it charges us for none of our I/O.
+- Opus: each stack at its own defaults. aiortc encodes stereo (the mono speech upmixed)
+  at a 96 kbit/s target in VOIP mode; we encode mono at opus_bitrate and opus_complexity
+  with in-band FEC. What a codec setting costs is part of what each stack costs as shipped.
+- Our call crosses the impairment proxy (set to no impairment) in this benchmark's own
+  process, which is not measured; aiortc's sides send to each other directly. Each
+  process sends and receives the same packets either way.
 
 The last line printed is a JSON object.
 """
@@ -42,6 +66,7 @@ from agent.audio.format import FRAME_BYTES, FRAME_SAMPLES, SAMPLE_RATE
 from agent.codec.opus import OpusConfig
 from agent.net.impair import Impairment
 from tools.lab.agents import AgentCall
+from tools.lab.aiortc_call import AiortcCall
 from tools.lab.virtual_audio import VirtualAudio, read_wav, speech_wav, write_wav
 
 TEXT = (
@@ -206,6 +231,27 @@ async def measure_cpu(
     return cpu / elapsed, loop_cpu / elapsed, rss, results
 
 
+async def measure_aiortc_cpu(
+    speech: Path, window: float, warmup: float = 4.0
+) -> tuple[float, list[dict[str, Any]]]:
+    """Both sides' CPU per audio second of an aiortc<->aiortc call that sends ``speech``
+    (looped) both ways, over ``window`` seconds after ``warmup``; each side's last record."""
+    call = AiortcCall(speech)
+    try:
+        await call.start(warmup + window + 2.0)
+        await asyncio.sleep(warmup)
+        pids = call.pids
+        before = [_proc_cpu(pid)[0] for pid in pids]
+        t0 = time.monotonic()
+        await asyncio.sleep(window)
+        after = [_proc_cpu(pid)[0] for pid in pids]
+        elapsed = time.monotonic() - t0
+        results = await call.wait()
+    finally:
+        await call.close()
+    return (sum(after) - sum(before)) / elapsed, results
+
+
 async def main_async(args: argparse.Namespace) -> dict[str, object]:
     opus = OpusConfig(complexity=args.complexity)
     with tempfile.TemporaryDirectory(prefix="edge-bench-") as tmp:
@@ -217,6 +263,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
             pipeline, loop_cpu, rss, call_stats = await measure_cpu(
                 audio, work, speech, opus, args.cpu_seconds
             )
+            # Right after ours, so that both calls meet the machine in the same state.
+            aiortc, aiortc_stats = await measure_aiortc_cpu(speech, args.cpu_seconds)
             # The delay depends on where capture and playback periods fall relative to each
             # other, which each call draws anew: take medians.
             device_latency = float(
@@ -261,6 +309,13 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
         "device_latency_ms": round(device_latency, 1),
         **{k: round(v, 2) for k, v in scores.items()},
         "call_packets_received": [r.get("packets_received") for r in call_stats],
+        "aiortc_cpu_per_audio_s": round(aiortc, 4),
+        # The target (<= 0.5) applies to this one: our CPU per audio second, all threads of
+        # both agents, over that of the aiortc call.
+        "cpu_vs_aiortc": round(pipeline / aiortc, 3),
+        # Our event-loop threads alone (no audio I/O threads) over aiortc's whole processes.
+        "cpu_vs_aiortc_loop": round(loop_cpu / aiortc, 3),
+        "aiortc_call_packets_received": [r.get("packets_received") for r in aiortc_stats],
     }
 
 

@@ -1,7 +1,8 @@
 """An aiortc peer for interop tests and benchmarks: a WebRTC stack nobody here wrote.
 
-It sends a tone (or silence) on one audio track and keeps what it receives as
-48 kHz mono int16, so a test can check which frequency arrived. Offers and
+It sends a tone (or silence, or a looped recording) on one audio track and keeps
+what it receives as 48 kHz mono int16, so a test can check which frequency
+arrived; a benchmark can have it only count what it receives. Offers and
 answers are plain SDP strings; aiortc gathers every candidate before it
 returns a description (no trickle), so the SDP it hands out is complete.
 """
@@ -21,6 +22,8 @@ from aiortc import (
     RTCConfiguration,
     RTCIceServer,
     RTCIceTransportPolicy,
+    RTCInboundRtpStreamStats,
+    RTCOutboundRtpStreamStats,
     RTCPeerConnection,
     RTCSessionDescription,
 )
@@ -32,16 +35,19 @@ from agent.audio.format import FRAME_SAMPLES, SAMPLE_RATE
 logger = logging.getLogger(__name__)
 
 
-class ToneTrack(MediaStreamTrack):
-    """A paced 48 kHz mono sine (0 Hz gives silence), 20 ms per frame."""
+class PacedTrack(MediaStreamTrack):
+    """48 kHz mono int16 frames of 20 ms, handed out in real time; subclasses make the samples."""
 
     kind = "audio"
 
-    def __init__(self, frequency: float, amplitude: float = 8000.0) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self.frequency, self.amplitude = frequency, amplitude
         self._start: float | None = None
         self._sent = 0
+
+    def samples(self, first: int, count: int) -> np.ndarray:
+        """Samples ``first`` to ``first + count`` of the stream."""
+        raise NotImplementedError
 
     async def recv(self) -> AudioFrame:
         if self.readyState != "live":
@@ -51,8 +57,7 @@ class ToneTrack(MediaStreamTrack):
             self._start = now
         else:
             await asyncio.sleep(max(0.0, self._start + self._sent / SAMPLE_RATE - now))
-        n = np.arange(self._sent, self._sent + FRAME_SAMPLES)
-        pcm = self.amplitude * np.sin(2 * math.pi * self.frequency * n / SAMPLE_RATE)
+        pcm = self.samples(self._sent, FRAME_SAMPLES)
         frame = AudioFrame(format="s16", layout="mono", samples=FRAME_SAMPLES)
         frame.planes[0].update(pcm.astype("<i2").tobytes())
         frame.pts = self._sent
@@ -62,8 +67,40 @@ class ToneTrack(MediaStreamTrack):
         return frame
 
 
+class ToneTrack(PacedTrack):
+    """A paced 48 kHz mono sine (0 Hz gives silence), 20 ms per frame."""
+
+    def __init__(self, frequency: float, amplitude: float = 8000.0) -> None:
+        super().__init__()
+        self.frequency, self.amplitude = frequency, amplitude
+
+    def samples(self, first: int, count: int) -> np.ndarray:
+        n = np.arange(first, first + count)
+        return self.amplitude * np.sin(2 * math.pi * self.frequency * n / SAMPLE_RATE)
+
+
+class LoopTrack(PacedTrack):
+    """A paced recording (48 kHz mono int16, held in memory) played over and over."""
+
+    def __init__(self, recording: np.ndarray) -> None:
+        super().__init__()
+        if len(recording) < FRAME_SAMPLES:
+            raise ValueError(f"recording shorter than one frame ({FRAME_SAMPLES} samples)")
+        # Two copies end to end: any frame is one slice, wherever the loop point falls.
+        self._looped = np.concatenate([recording, recording]).astype(np.int16)
+        self._length = len(recording)
+
+    def samples(self, first: int, count: int) -> np.ndarray:
+        start = first % self._length
+        return self._looped[start : start + count]
+
+
 class AiortcPeer:
-    """One aiortc RTCPeerConnection with a tone track out and a recorder on the track in."""
+    """One aiortc RTCPeerConnection with a tone track out and a recorder on the track in.
+
+    ``source`` replaces the tone; with ``record`` False the track in is read (so aiortc
+    decodes it) and counted but not kept.
+    """
 
     def __init__(
         self,
@@ -71,13 +108,18 @@ class AiortcPeer:
         *,
         ice_servers: list[RTCIceServer] | None = None,
         relay_only: bool = False,
+        source: PacedTrack | None = None,
+        record: bool = True,
     ) -> None:
         policy = RTCIceTransportPolicy.RELAY if relay_only else RTCIceTransportPolicy.ALL
         config = RTCConfiguration(iceServers=ice_servers or [], iceTransportPolicy=policy)
         self.pc = RTCPeerConnection(config)
-        self.track = ToneTrack(frequency)
+        self.track = source if source is not None else ToneTrack(frequency)
         self.pc.addTrack(self.track)
+        self.record = record
         self.received: list[bytes] = []
+        self.frames_received = 0
+        """Decoded frames read from the track in."""
         self.first_audio = asyncio.get_running_loop().create_future()
         self._reader: asyncio.Task[None] | None = None
         self.pc.on("track", self._on_track)
@@ -94,8 +136,10 @@ class AiortcPeer:
             while True:
                 frame = await track.recv()
                 assert isinstance(frame, AudioFrame)
-                for out in resampler.resample(frame):
-                    self.received.append(bytes(out.planes[0])[: out.samples * 2])
+                self.frames_received += 1
+                if self.record:
+                    for out in resampler.resample(frame):
+                        self.received.append(bytes(out.planes[0])[: out.samples * 2])
                 if not self.first_audio.done():
                     self.first_audio.set_result(time.monotonic())
 
@@ -114,6 +158,17 @@ class AiortcPeer:
 
     async def accept(self, answer: str) -> None:
         await self.pc.setRemoteDescription(RTCSessionDescription(answer, "answer"))
+
+    async def rtp_packets(self) -> tuple[int, int]:
+        """RTP packets sent and received so far, from aiortc's statistics."""
+        report = await self.pc.getStats()
+        sent = sum(
+            s.packetsSent for s in report.values() if isinstance(s, RTCOutboundRtpStreamStats)
+        )
+        received = sum(
+            s.packetsReceived for s in report.values() if isinstance(s, RTCInboundRtpStreamStats)
+        )
+        return sent, received
 
     async def close(self) -> None:
         await self.pc.close()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import select
 import shutil
 import subprocess
@@ -150,8 +151,9 @@ class VirtualAudio:
 
     @property
     def env(self) -> dict[str, str]:
-        """Environment for agents and Pulse tools: HOME holds the generated .asoundrc."""
-        return self.daemon.env
+        """Environment for agents and Pulse tools: HOME holds the generated .asoundrc, and
+        ALSA reads a board-like configuration (see ``_board_alsa_conf``)."""
+        return {**self.daemon.env, "ALSA_CONFIG_PATH": str(self.daemon.root / "alsa.conf")}
 
     @classmethod
     @contextlib.contextmanager
@@ -174,6 +176,7 @@ class VirtualAudio:
         pcms = [f'pcm.{b.mic} {{ type pulse device "{b.mic}.monitor" }}' for b in boards]
         pcms += [f'pcm.{b.speaker} {{ type pulse device "{b.speaker}" }}' for b in boards]
         (root / ".asoundrc").write_text("\n".join(pcms) + "\n")
+        (root / "alsa.conf").write_text(_board_alsa_conf(SYSTEM_ALSA_CONF.read_text()))
         keeper: subprocess.Popen[bytes] | None = None
         try:
             with PulseDaemon.running(root, script, timeout) as daemon:
@@ -230,6 +233,24 @@ class VirtualAudio:
 
     def channel(self, recording: np.ndarray, device: str) -> np.ndarray:
         return recording[:, self.devices.index(device)]
+
+
+SYSTEM_ALSA_CONF = Path("/usr/share/alsa/alsa.conf")
+_LOAD_FILES = re.compile(r"(@hooks \[\s*\{\s*func load\s*files \[).*?(\n\t\t\]\n)", re.S)
+
+
+def _board_alsa_conf(system: str) -> str:
+    """ALSA's own alsa.conf, loading only ``~/.asoundrc`` on top.
+
+    This machine has every ALSA plugin package installed (a52 linked to ffmpeg,
+    jack, speex, ...); PortAudio probes each PCM they define and maps their
+    libraries, ~19 MB that a board with just its sound card never loads. The
+    virtual boards see only their own PCMs, as a board sees only its card's.
+    """
+    lean, count = _LOAD_FILES.subn(r'\1\n\t\t\t"~/.asoundrc"\2', system, count=1)
+    if count != 1:
+        raise VirtualAudioError("unexpected alsa.conf layout: cannot limit what ALSA loads")
+    return lean
 
 
 def speech_wav(path: Path, text: str, rate: int = SAMPLE_RATE) -> Path:
