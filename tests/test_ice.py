@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import shutil
 import socket
 import struct
 from collections.abc import Callable, Iterator
@@ -36,8 +35,6 @@ WAIT = 20.0  # outer bound for anything that should happen "soon"; never a measu
 
 @pytest.fixture(scope="module")
 def coturn() -> Iterator[Coturn]:
-    if shutil.which("turnserver") is None:
-        pytest.skip("coturn (turnserver) is not installed")
     with Coturn.running() as server:
         yield server
 
@@ -132,6 +129,54 @@ async def test_candidates_trickled_while_connecting() -> None:
     await _ping_pong(a, b)
     await a.close()
     await b.close()
+
+
+async def _stun_from(peer: socket.socket) -> tuple[aioice.stun.Message, tuple[str, int]]:
+    data, addr = await asyncio.get_running_loop().sock_recvfrom(peer, 2048)
+    return aioice.stun.parse_message(data), addr
+
+
+async def test_a_check_from_the_peer_sends_our_unanswered_check_again_at_once() -> None:
+    # The peer is a bare socket speaking STUN by hand. Our first check gets no answer (as
+    # if the peer's NAT or TURN permission had not been open yet); the peer's own check
+    # then shows the way is open, and ours must go again now, not after aioice's 500 ms.
+    a = IceTransport(LOOPBACK, controlling=True, name="a")
+    _ = [c async for c in a.gather()]
+    ufrag, pwd = "peer", "p" * 22
+    a.set_remote_parameters(ufrag, pwd)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as peer:
+        peer.bind(("127.0.0.1", 0))
+        peer.setblocking(False)
+        await a.add_remote_candidate(_host_candidate(peer))
+        await a.add_remote_candidate(None)
+        connecting = asyncio.create_task(a.connect())
+        async with asyncio.timeout(WAIT):
+            ours, addr = await _stun_from(peer)  # left unanswered: "lost"
+            assert "USE-CANDIDATE" in ours.attributes
+            theirs = aioice.stun.Message(aioice.stun.Method.BINDING, aioice.stun.Class.REQUEST)
+            theirs.attributes["USERNAME"] = f"{a.local_parameters.ufrag}:{ufrag}"
+            theirs.attributes["PRIORITY"] = 2130706431
+            theirs.attributes["ICE-CONTROLLED"] = 1
+            theirs.add_message_integrity(a.local_parameters.pwd.encode())
+            theirs.add_fingerprint()
+            peer.sendto(bytes(theirs), addr)
+            seen: dict[bytes, aioice.stun.Message] = {}
+            while ours.transaction_id not in seen or theirs.transaction_id not in seen:
+                message, _ = await _stun_from(peer)
+                seen[message.transaction_id] = message
+            assert seen[theirs.transaction_id].message_class == aioice.stun.Class.RESPONSE
+            assert seen[ours.transaction_id].message_class == aioice.stun.Class.REQUEST
+            assert a.stats.checks_resent == 1
+            answer = aioice.stun.Message(
+                aioice.stun.Method.BINDING, aioice.stun.Class.RESPONSE, ours.transaction_id
+            )
+            answer.attributes["XOR-MAPPED-ADDRESS"] = addr
+            answer.add_message_integrity(pwd.encode())
+            answer.add_fingerprint()
+            peer.sendto(bytes(answer), addr)
+            await connecting
+        assert a.selected_pair is not None and a.selected_pair.remote.port == peer.getsockname()[1]
+    await a.close()
 
 
 async def test_slow_reader_loses_oldest_datagrams() -> None:

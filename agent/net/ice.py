@@ -7,10 +7,11 @@ candidate pair. Every aioice type stays in this module: the rest of the code see
 
 What aioice 0.13 does, and what this module adds. ``_Connection`` and ``_Protocol``
 below are the only places that reach into aioice: they override the methods
-``get_component_candidates``, ``check_state``, ``query_consent``, ``protocol_lost``
+``get_component_candidates``, ``connect``, ``build_request``, ``check_incoming``,
+``check_state``, ``_check_list_maybe_complete``, ``query_consent``, ``protocol_lost``
 and ``StunProtocol.datagram_received``, and read the private ``_protocols``,
-``_nominated``, ``_remote_candidates`` and ``aioice.Candidate._network_host`` (written
-against aioice 0.13.0):
+``_nominated``, ``_remote_candidates``, ``_check_list``, ``_check_list_done`` and
+``aioice.Candidate._network_host`` (written against aioice 0.13.0):
 
 * Gathering: ``Connection.gather_candidates()`` returns only when every candidate
   is known. We override its per-component step so that host candidates are
@@ -34,6 +35,15 @@ against aioice 0.13.0):
   sent for ``keepalive_interval``.
 * Check pacing and STUN retransmissions (RTO 500 ms, 7 transmissions) are fixed in
   aioice; we bound the whole check list with ``connect_timeout`` instead.
+* aioice's ``connect()`` starts a check every 20 ms and only looks at the check
+  list's state after each pause, so it returns up to 20 ms after a pair was
+  nominated. Ours returns at the nomination; aioice's loop finishes in a task of
+  its own (it only cancels checks left over), which ``shutdown()`` stops.
+* A check from the peer on a pair whose own check is still in progress sends that
+  check's request again at once (once per check). RFC 8445 section 7.3.1.4 wants a
+  new check there; aioice starts none and waits for the retransmission timer, which
+  costs 500 ms whenever our first request was dropped because the way back was not
+  open yet: the peer's TURN permission, or its NAT's mapping, came a moment after.
 * ICE restart: aioice has none (the ufrag/pwd of a ``Connection`` are fixed), so
   ``restart()`` starts a new aioice connection (a new generation) with new
   credentials while the old pair keeps carrying media; once the new one connects it
@@ -321,6 +331,9 @@ class IceStats:
     checks: int
     """Connectivity checks started, all generations."""
     checks_failed: int
+    checks_resent: int
+    """Checks whose request went again at once because the peer's check on the same pair
+    came in while ours was unanswered (its way back had not been open yet)."""
     consent_checks: int
     """Consent checks sent on the selected pair (RFC 7675)."""
     consent_failures: int
@@ -347,6 +360,7 @@ class _Counters:
     send_errors: int = 0
     checks: int = 0
     checks_failed: int = 0
+    checks_resent: int = 0
     consent_checks: int = 0
     consent_failures: int = 0
     keepalives: int = 0
@@ -500,6 +514,11 @@ class _Connection(aioice.Connection):
         self.remote_ended = False
         self.checks = 0
         self.checks_failed = 0
+        self.checks_task: asyncio.Task[None] | None = None
+        """aioice's ``connect()``, which may outlive ours by one 20 ms pause."""
+        self._completed: asyncio.Future[None] | None = None
+        self._requests: dict[aioice.ice.CandidatePair, aioice.stun.Message] = {}
+        """Each in-progress check's request, until it is sent early once."""
 
     # Gathering (replaces aioice's per-component step; see the module docstring).
 
@@ -655,6 +674,58 @@ class _Connection(aioice.Connection):
 
     # Checks and consent.
 
+    async def connect(self) -> None:
+        """aioice's ``connect()``, returning as soon as every component has a nominated pair."""
+        loop = asyncio.get_running_loop()
+        completed = self._completed = loop.create_future()
+        checks = self.checks_task = loop.create_task(
+            super().connect(), name=f"ice-checks-{self.name}-{self.local_username}"
+        )
+        try:
+            await asyncio.wait([checks, completed], return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            checks.cancel()
+            await asyncio.wait([checks])
+            raise
+        if checks.done():
+            checks.result()  # ConnectionError when the check list failed
+
+    def _check_list_maybe_complete(self) -> bool:
+        # aioice reports ICE_COMPLETED exactly when this is True and the list was not done.
+        was_done = self._check_list_done
+        complete: bool = super()._check_list_maybe_complete()
+        completed = self._completed
+        if complete and not was_done and completed is not None and not completed.done():
+            completed.set_result(None)
+        return complete
+
+    def build_request(self, pair: aioice.ice.CandidatePair, nominate: bool) -> aioice.stun.Message:
+        request: aioice.stun.Message = super().build_request(pair, nominate)
+        if pair.state == aioice.ice.CandidatePair.State.IN_PROGRESS:  # a check, not consent
+            self._requests[pair] = request
+        return request
+
+    def check_incoming(
+        self,
+        message: aioice.stun.Message,
+        addr: tuple[str, int],
+        protocol: aioice.ice.StunProtocol,
+    ) -> None:
+        super().check_incoming(message, addr, protocol)
+        pair = next(
+            (p for p in self._check_list if p.protocol is protocol and p.remote_addr == addr),
+            None,
+        )
+        if pair is None or pair.state != aioice.ice.CandidatePair.State.IN_PROGRESS:
+            return
+        request = self._requests.pop(pair, None)
+        if request is not None:
+            # The same transaction: a response to either copy completes the check.
+            pair.protocol.send_stun(request, pair.remote_addr)
+            self._counters.checks_resent += 1
+            if logger.isEnabledFor(logging.DEBUG):
+                logger.debug("%s: check %s sent again early, the peer's came in", self.name, pair)
+
     def check_state(
         self, pair: aioice.ice.CandidatePair, state: aioice.ice.CandidatePair.State
     ) -> None:
@@ -662,9 +733,11 @@ class _Connection(aioice.Connection):
         if state == aioice.ice.CandidatePair.State.IN_PROGRESS:
             self.checks += 1
             self._counters.checks += 1
-        elif state == aioice.ice.CandidatePair.State.FAILED:
-            self.checks_failed += 1
-            self._counters.checks_failed += 1
+        else:
+            self._requests.pop(pair, None)
+            if state == aioice.ice.CandidatePair.State.FAILED:
+                self.checks_failed += 1
+                self._counters.checks_failed += 1
 
     async def query_consent(self) -> None:
         """Turned off: ``IceTransport`` runs consent checks with its own timers."""
@@ -740,6 +813,12 @@ class _Connection(aioice.Connection):
         if self.gather_task is not None and not self.gather_task.done():
             self.gather_task.cancel()
             await asyncio.wait([self.gather_task])
+        checks = self.checks_task
+        if checks is not None:
+            checks.cancel()
+            await asyncio.wait([checks])
+            if not checks.cancelled():
+                checks.exception()  # connect() reported it already, or ICE completed first
         try:
             async with asyncio.timeout(grace):
                 await self.close()
@@ -964,6 +1043,7 @@ class IceTransport:
             send_errors=c.send_errors,
             checks=c.checks,
             checks_failed=c.checks_failed,
+            checks_resent=c.checks_resent,
             consent_checks=c.consent_checks,
             consent_failures=c.consent_failures,
             keepalives=c.keepalives,
