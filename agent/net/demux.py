@@ -16,11 +16,10 @@ its oldest datagram when the reader falls behind.
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 from dataclasses import dataclass
 
-from agent.net.transport import DatagramTransport, TransportClosed
+from agent.net.transport import DatagramQueue, DatagramTransport, TransportClosed
 
 logger = logging.getLogger(__name__)
 
@@ -70,54 +69,37 @@ class DemuxChannel:
             raise ValueError("queue_size must be at least 1")
         self.name = name
         self._underlying = underlying
-        self._queue: collections.deque[bytes] = collections.deque(maxlen=queue_size)
-        self._waiter: asyncio.Future[None] | None = None
-        self._is_closed = False
-        self._queued = 0
-        self._overflow = 0
+        self._inbox = DatagramQueue(queue_size)
+        self._late = 0  # arrived after this channel closed
+
+    @property
+    def queued(self) -> int:
+        return self._inbox.queued
+
+    @property
+    def overflow(self) -> int:
+        return self._inbox.dropped + self._late
 
     def _push(self, data: bytes) -> None:
         """Called by the demux task for each datagram of this channel."""
-        if self._is_closed:
-            self._overflow += 1
-            return
-        queue = self._queue
-        if len(queue) == queue.maxlen:
-            self._overflow += 1
-        queue.append(data)
-        self._queued += 1
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        if not self._inbox.put(data):
+            self._late += 1
 
     def _end(self, *, discard: bool) -> None:
         """No more datagrams: ``recv`` raises once the queue is empty (at once if discarded)."""
-        self._is_closed = True
-        if discard:
-            self._queue.clear()
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        self._inbox.close(f"demux {self.name} channel closed", discard=discard)
 
     @property
     def closed(self) -> bool:
-        return self._is_closed
+        return self._inbox.closed_reason is not None
 
     async def send(self, data: bytes) -> None:
-        if self._is_closed:
+        if self.closed:
             raise TransportClosed(f"demux {self.name} channel closed")
         await self._underlying.send(data)
 
     async def recv(self) -> bytes:
-        while not self._queue:
-            if self._is_closed:
-                raise TransportClosed(f"demux {self.name} channel closed")
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-        return self._queue.popleft()
+        return await self._inbox.get()
 
     async def close(self) -> None:
         self._end(discard=True)
@@ -150,12 +132,12 @@ class Demux:
     @property
     def stats(self) -> DemuxStats:
         return DemuxStats(
-            dtls=self.dtls._queued,
-            media=self.media._queued,
+            dtls=self.dtls.queued,
+            media=self.media.queued,
             unexpected_stun=self._stun,
             dropped_unknown=self._unknown,
-            dtls_overflow=self.dtls._overflow,
-            media_overflow=self.media._overflow,
+            dtls_overflow=self.dtls.overflow,
+            media_overflow=self.media.overflow,
         )
 
     @property

@@ -59,7 +59,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import collections
 import hashlib
 import hmac
 import ipaddress
@@ -78,7 +77,7 @@ import aioice.stun
 from aioice.candidate import candidate_foundation, candidate_priority
 
 from agent.net.candidate import MAX_PRIORITY, Candidate, CandidateType
-from agent.net.transport import Address, TransportClosed
+from agent.net.transport import Address, DatagramQueue, TransportClosed
 
 logger = logging.getLogger(__name__)
 
@@ -353,8 +352,6 @@ class _Counters:
     bytes_sent: int = 0
     packets_sent: int = 0
     bytes_received: int = 0
-    packets_received: int = 0
-    dropped_overflow: int = 0
     dropped_foreign: int = 0
     dropped_stun: int = 0
     send_errors: int = 0
@@ -368,48 +365,18 @@ class _Counters:
     failures: list[str] = field(default_factory=list)
 
 
-class _Inbox:
-    """Received datagrams for ``recv``, shared by every generation; bounded, oldest dropped."""
+class _Inbox(DatagramQueue):
+    """Received datagrams for ``recv``, shared by every generation; counts bytes too."""
 
     def __init__(self, size: int, counters: _Counters) -> None:
-        self._queue: collections.deque[bytes] = collections.deque(maxlen=size)
+        super().__init__(size)
         self._counters = counters
-        self._waiter: asyncio.Future[None] | None = None
-        self.closed_reason: str | None = None
 
-    def put(self, data: bytes) -> None:
-        if self.closed_reason is not None:
-            return
-        if len(self._queue) == self._queue.maxlen:
-            self._counters.dropped_overflow += 1
-        self._queue.append(data)
-        self._counters.packets_received += 1
+    def put(self, data: bytes) -> bool:
+        if not super().put(data):
+            return False
         self._counters.bytes_received += len(data)
-        self._wake()
-
-    def close(self, reason: str, discard: bool = False) -> None:
-        """No more datagrams; ``recv`` drains what is queued (unless ``discard``), then raises."""
-        if self.closed_reason is None:
-            self.closed_reason = reason
-        if discard:
-            self._queue.clear()
-        self._wake()
-
-    def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    async def get(self) -> bytes:
-        while not self._queue:
-            if self.closed_reason is not None:
-                raise TransportClosed(self.closed_reason)
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-        return self._queue.popleft()
+        return True
 
 
 # --- the aioice edge -----------------------------------------------------------------
@@ -1036,8 +1003,8 @@ class IceTransport:
             bytes_sent=c.bytes_sent,
             packets_sent=c.packets_sent,
             bytes_received=c.bytes_received,
-            packets_received=c.packets_received,
-            dropped_overflow=c.dropped_overflow,
+            packets_received=self._inbox.queued,
+            dropped_overflow=self._inbox.dropped,
             dropped_foreign=c.dropped_foreign,
             dropped_stun=c.dropped_stun,
             send_errors=c.send_errors,

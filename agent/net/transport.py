@@ -35,6 +35,58 @@ class DatagramTransport(Protocol):
     async def close(self) -> None: ...
 
 
+class DatagramQueue:
+    """Received datagrams waiting for one async reader: bounded, and when full the oldest is
+    dropped (stale audio is worth less than fresh) and counted. After ``close`` the reader
+    gets what is still queued (unless discarded), then ``TransportClosed``."""
+
+    def __init__(self, size: int) -> None:
+        if size < 1:
+            raise ValueError("queue size must be at least 1")
+        self._queue: collections.deque[bytes] = collections.deque(maxlen=size)
+        self._waiter: asyncio.Future[None] | None = None
+        self.closed_reason: str | None = None
+        self.queued = 0
+        """Datagrams accepted so far."""
+        self.dropped = 0
+        """Datagrams dropped because the reader fell behind."""
+
+    def put(self, data: bytes) -> bool:
+        """Queue one datagram; False (and nothing queued) once closed."""
+        if self.closed_reason is not None:
+            return False
+        queue = self._queue
+        if len(queue) == queue.maxlen:
+            self.dropped += 1  # the deque drops the oldest on append
+        queue.append(data)
+        self.queued += 1
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        return True
+
+    def close(self, reason: str, *, discard: bool = False) -> None:
+        """No more datagrams; the first reason given is the one the reader sees."""
+        if self.closed_reason is None:
+            self.closed_reason = reason
+        if discard:
+            self._queue.clear()
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def get(self) -> bytes:
+        while not self._queue:
+            if self.closed_reason is not None:
+                raise TransportClosed(self.closed_reason)
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self._queue.popleft()
+
+
 @dataclass(frozen=True, slots=True)
 class UdpStats:
     received: int
@@ -55,13 +107,9 @@ class UdpTransport:
 
     def __init__(self, sock: socket.socket, queue_size: int = 256) -> None:
         self._sock = sock
-        self._queue: collections.deque[bytes] = collections.deque(maxlen=queue_size)
-        self._waiter: asyncio.Future[None] | None = None
+        self._inbox = DatagramQueue(queue_size)
         self._remote: Address | None = None
-        self._is_closed = False
-        self._received_count = 0
         self._sent = 0
-        self._overflow = 0
         self._foreign = 0
         self._send_errors = 0
 
@@ -95,7 +143,7 @@ class UdpTransport:
     @property
     def stats(self) -> UdpStats:
         return UdpStats(
-            self._received_count, self._sent, self._overflow, self._foreign, self._send_errors
+            self._inbox.queued, self._sent, self._inbox.dropped, self._foreign, self._send_errors
         )
 
     def _readable(self) -> None:
@@ -112,23 +160,11 @@ class UdpTransport:
             if addr[:2] != self._remote:
                 self._foreign += 1
                 continue
-            if len(self._queue) == self._queue.maxlen:
-                self._overflow += 1
-            self._queue.append(data)
-            self._received_count += 1
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    def _closed(self) -> None:
-        self._is_closed = True
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+            self._inbox.put(data)
 
     async def send(self, data: bytes) -> None:
-        if self._is_closed:
-            raise TransportClosed("udp transport closed")
+        if self._inbox.closed_reason is not None:
+            raise TransportClosed(self._inbox.closed_reason)
         if self._remote is None:
             raise TransportClosed("udp transport has no peer address yet")
         try:
@@ -141,18 +177,10 @@ class UdpTransport:
             logger.debug("udp send failed: %s", exc)
 
     async def recv(self) -> bytes:
-        while not self._queue:
-            if self._is_closed:
-                raise TransportClosed("udp transport closed")
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-        return self._queue.popleft()
+        return await self._inbox.get()
 
     async def close(self) -> None:
-        if not self._is_closed:
+        if self._inbox.closed_reason is None:
             asyncio.get_running_loop().remove_reader(self._sock.fileno())
             self._sock.close()
-        self._closed()
+        self._inbox.close("udp transport closed")
