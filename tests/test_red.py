@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.media.red import RedBlock, RedEncoder, RedError, decode_red, encode_red
+from agent.media.red import MAX_DISTANCE, RedBlock, RedEncoder, RedError, decode_red, encode_red
 
 
 def test_no_redundancy_is_a_one_byte_header() -> None:
@@ -144,7 +144,7 @@ def test_encoder_distance_zero_and_three() -> None:
 
 def test_encoder_rejects_bad_configuration() -> None:
     with pytest.raises(ValueError, match="distance"):
-        RedEncoder(4)
+        RedEncoder(MAX_DISTANCE + 1)
     with pytest.raises(ValueError, match="distance"):
         RedEncoder(-1)
     with pytest.raises(ValueError, match="payload type"):
@@ -207,4 +207,4 @@ def test_encoder_distance_can_change_mid_stream() -> None:
     enc.set_distance(1)
     assert [b.timestamp_offset for b in decode_red(enc.encode(5 * 960, b"\x06" * 10))] == [960, 0]
     with pytest.raises(ValueError):
-        enc.set_distance(4)
+        enc.set_distance(MAX_DISTANCE + 1)

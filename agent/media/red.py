@@ -10,7 +10,7 @@ from dataclasses import dataclass
 OPUS_PAYLOAD_TYPE = 111
 MAX_TIMESTAMP_OFFSET = (1 << 14) - 1
 MAX_BLOCK_LENGTH = (1 << 10) - 1
-MAX_DISTANCE = 3
+MAX_DISTANCE = 5
 
 # Redundant block header: F=1, PT (7), timestamp offset (14), block length (10).
 _BLOCK_HEADER = struct.Struct("!I")

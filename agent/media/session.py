@@ -22,7 +22,7 @@ from agent.audio.format import FRAME_SAMPLES, SAMPLE_RATE, SILENCE
 from agent.codec.opus import CodecError, OpusConfig, OpusDecoder, OpusEncoder
 from agent.media import rtcp
 from agent.media.jitterbuffer import JitterBuffer, JitterConfig, PlayoutKind, PushResult
-from agent.media.red import RedEncoder, RedError, decode_red
+from agent.media.red import MAX_DISTANCE, RedEncoder, RedError, decode_red
 from agent.media.rtp import RtpError, RtpPacket, is_rtcp
 from agent.media.srtp import Keying, SrtpContext, SrtpError
 from agent.media.stats import ReceiverStats
@@ -43,10 +43,12 @@ class MediaConfig:
     """Dynamic payload type of opus/48000/2 (the WebRTC convention)."""
     red_payload_type: int = 63
     """Payload type of red/48000/2 (what Chrome offers)."""
-    red_distance: int = 3
+    red_distance: int = 5
     """Most earlier frames repeated in each packet (RFC 2198); 0 turns RED off. The sender
     repeats one frame while the peer reports no loss, two under loss, this many under heavy
-    loss (``red_heavy_loss``): bursts of loss need the deeper history, a clean link does not."""
+    loss (``red_heavy_loss``): bursts of loss need the deeper history, a clean link does not.
+    Five covers 87 % of bursts with a mean length of 3 (three covered 70 %), for about six
+    times the audio bitrate (~190 kbit/s at 32 kbit/s Opus) while the loss lasts."""
     red_heavy_loss: float = 0.03
     """Reported loss fraction from which the full ``red_distance`` is used."""
     jitter: JitterConfig = field(default_factory=JitterConfig)
@@ -57,8 +59,8 @@ class MediaConfig:
     cname: str = "edge-intercom"
 
     def __post_init__(self) -> None:
-        if not 0 <= self.red_distance <= 3:
-            raise ValueError("red_distance must be 0..3")
+        if not 0 <= self.red_distance <= MAX_DISTANCE:
+            raise ValueError(f"red_distance must be 0..{MAX_DISTANCE}")
         for pt in (self.opus_payload_type, self.red_payload_type):
             if not 96 <= pt <= 127 and not 35 <= pt <= 63:
                 raise ValueError(f"payload type {pt} is not a dynamic one")

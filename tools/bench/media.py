@@ -325,7 +325,7 @@ def main() -> None:
     parser.add_argument("--cpu-seconds", type=float, default=20.0)
     parser.add_argument("--floor-seconds", type=float, default=30.0)
     parser.add_argument(
-        "--runs", type=int, default=3, help="latency and PESQ figures are medians of this many"
+        "--runs", type=int, default=5, help="latency and PESQ figures are medians of this many"
     )
     args = parser.parse_args()
     print(json.dumps(asyncio.run(main_async(args))))
