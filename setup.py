@@ -11,6 +11,7 @@ setup(
     package_data={"agent": ["py.typed"]},
     install_requires=[
         "aioice>=0.10",
+        "alembic>=1.13",
         "cryptography>=42",
         "numpy>=1.24",
         "opuslib==3.0.1",
@@ -19,6 +20,7 @@ setup(
         "pylibsrtp>=0.10",
         "pyOpenSSL>=24",
         "soxr>=0.3",
+        "sqlalchemy>=2.0",
     ],
     extras_require={
         "test": [
