@@ -2,6 +2,8 @@
 
 from setuptools import find_packages, setup
 
+RELAY = ["alembic>=1.13", "sqlalchemy>=2.0"]
+
 setup(
     name="edge-intercom",
     version="0.1.0",
@@ -11,7 +13,6 @@ setup(
     package_data={"agent": ["py.typed"]},
     install_requires=[
         "aioice>=0.10",
-        "alembic>=1.13",
         "cryptography>=42",
         "numpy>=1.24",
         "opuslib==3.0.1",
@@ -20,10 +21,12 @@ setup(
         "pylibsrtp>=0.10",
         "pyOpenSSL>=24",
         "soxr>=0.3",
-        "sqlalchemy>=2.0",
     ],
     extras_require={
+        # The relay runs on a server; a board never installs its store.
+        "relay": RELAY,
         "test": [
+            *RELAY,
             "aiortc>=1.9",
             "coverage>=7",
             "hypothesis>=6.90",
