@@ -10,7 +10,7 @@ setup(
     description="Voice intercom for Raspberry-class boards: agent and cloud relay",
     python_requires=">=3.11",
     packages=find_packages(include=["agent", "agent.*", "cloud_relay", "cloud_relay.*"]),
-    package_data={"agent": ["py.typed"]},
+    package_data={"agent": ["py.typed"], "cloud_relay.migrations": ["script.py.mako"]},
     install_requires=[
         "aioice>=0.10",
         "cryptography>=42",

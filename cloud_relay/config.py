@@ -1,0 +1,269 @@
+"""Relay configuration: a tree of frozen dataclasses, read from TOML.
+
+Every table and key of the file maps to one dataclass and field below; unknown
+keys and wrong types are errors naming the key, so a typo never silently does
+nothing. Command-line flags (``--data-dir``, ``--broker-url``) override the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+from agent.signaling.topics import TopicError, check_device_id
+
+T = TypeVar("T")
+
+ANY_GROUP = "*"
+"""In a call rule: any device, whether or not it belongs to a group."""
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the key."""
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerSettings:
+    """Where the MQTT broker is, or how to run the embedded one."""
+
+    url: str | None = None
+    """External broker as ``mqtt://host:port``; None: start and supervise our own mosquitto."""
+    host: str = "127.0.0.1"
+    """Embedded broker: listener address (``0.0.0.0`` for every interface)."""
+    port: int = 1883
+    """Embedded broker: listener TCP port."""
+    binary: str = "mosquitto"
+    """Embedded broker: the mosquitto executable (a name on PATH or a path)."""
+    start_timeout: float = 10.0
+    """Embedded broker: seconds it may take to accept TCP connections after being started."""
+    stop_timeout: float = 10.0
+    """Embedded broker: seconds it may take to exit after SIGTERM before it gets SIGKILL."""
+    restart_min: float = 0.5
+    """Embedded broker: first delay before restarting it after it died; doubles per failure."""
+    restart_max: float = 30.0
+    """Embedded broker: largest restart delay."""
+    stable_after: float = 30.0
+    """Embedded broker: seconds up after which the restart delay is ``restart_min`` again."""
+
+    def __post_init__(self) -> None:
+        if self.url is not None:
+            parse_broker_url(self.url)
+        if not 0 < self.port < 65536:
+            raise ValueError(f"port {self.port} out of range")
+        if not 0 < self.restart_min <= self.restart_max:
+            raise ValueError("need 0 < restart_min <= restart_max")
+        for name in ("start_timeout", "stop_timeout", "stable_after"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0")
+
+    def endpoint(self) -> tuple[str, int]:
+        """(host, port) that clients on this machine use to reach the broker."""
+        if self.url is not None:
+            return parse_broker_url(self.url)
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+        return host, self.port
+
+
+@dataclass(frozen=True, slots=True)
+class MqttSettings:
+    """The relay's own MQTT connection. Timers are here so that tests can shrink them."""
+
+    client_id: str = "relay-1"
+    """MQTT client id; names the relay's persistent session. Unique per relay worker."""
+    keepalive: int = 30
+    """Keep-alive in seconds."""
+    session_expiry: int = 3600
+    """Seconds the broker keeps our session (and queues QoS 1 messages) while we are away."""
+    backoff_min: float = 0.5
+    """First reconnect delay in seconds."""
+    backoff_max: float = 30.0
+    """Largest reconnect delay in seconds."""
+    connect_timeout: float = 10.0
+    """Seconds one connect attempt may take."""
+    publish_timeout: float = 30.0
+    """Seconds a QoS 1 publish may wait for its PUBACK."""
+    misc_interval: float = 1.0
+    """Seconds between keep-alive checks."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoreSettings:
+    """Where the relay keeps devices, presence history, calls and commands."""
+
+    url: str | None = None
+    """SQLAlchemy URL (``postgresql+psycopg://...``); None: SQLite ``relay.db`` in the data dir."""
+
+
+@dataclass(frozen=True, slots=True)
+class GroupSettings:
+    """A named set of devices, for call rules."""
+
+    name: str
+    """Group name, used in rules and stored as the device's group."""
+    members: tuple[str, ...] = ()
+    """Device ids in the group."""
+
+    def __post_init__(self) -> None:
+        if not self.name or self.name == ANY_GROUP:
+            raise ValueError(f"bad group name {self.name!r}")
+        for member in self.members:
+            try:
+                check_device_id(member)
+            except TopicError as exc:
+                raise ValueError(f"group {self.name!r}: {exc}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class RuleSettings:
+    """Devices of group ``caller`` may call devices of group ``callee``."""
+
+    caller: str = ANY_GROUP
+    """Group name, or ``*`` for any device."""
+    callee: str = ANY_GROUP
+    """Group name, or ``*`` for any device."""
+
+
+@dataclass(frozen=True, slots=True)
+class PolicySettings:
+    """Who may call whom. No rules at all: everybody may call everybody."""
+
+    groups: tuple[GroupSettings, ...] = ()
+    """Named groups of devices."""
+    rules: tuple[RuleSettings, ...] = ()
+    """Allowed (caller group, callee group) pairs; an invite matching none is refused."""
+
+    def __post_init__(self) -> None:
+        names = [g.name for g in self.groups]
+        if len(set(names)) != len(names):
+            raise ValueError("group names must be unique")
+        for rule in self.rules:
+            for side in (rule.caller, rule.callee):
+                if side != ANY_GROUP and side not in names:
+                    raise ValueError(f"rule names unknown group {side!r}")
+
+    def groups_of(self, device_id: str) -> frozenset[str]:
+        return frozenset(g.name for g in self.groups if device_id in g.members)
+
+    def allows(self, caller: str, callee: str) -> bool:
+        """True if ``caller`` may invite ``callee``."""
+        if not self.rules:
+            return True
+        mine, theirs = self.groups_of(caller), self.groups_of(callee)
+        return any(
+            (r.caller == ANY_GROUP or r.caller in mine)
+            and (r.callee == ANY_GROUP or r.callee in theirs)
+            for r in self.rules
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingSettings:
+    """Signaling checks."""
+
+    max_age_ms: int = 60_000
+    """Envelopes older than this (by their ``ts``) are dropped as stale."""
+    max_skew_ms: int = 60_000
+    """Envelopes further ahead of the relay's clock than this are dropped."""
+    max_calls: int = 100_000
+    """Calls the relay remembers in memory at most (the oldest are forgotten first)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RelayConfig:
+    """The whole relay."""
+
+    data_dir: str = "/var/lib/edge-intercom-relay"
+    """Database, embedded broker config, persistence and log live here."""
+    broker: BrokerSettings = field(default_factory=BrokerSettings)
+    mqtt: MqttSettings = field(default_factory=MqttSettings)
+    store: StoreSettings = field(default_factory=StoreSettings)
+    policy: PolicySettings = field(default_factory=PolicySettings)
+    routing: RoutingSettings = field(default_factory=RoutingSettings)
+
+    def store_url(self) -> str:
+        if self.store.url is not None:
+            return self.store.url
+        return f"sqlite:///{Path(self.data_dir).resolve() / 'relay.db'}"
+
+
+def parse_broker_url(url: str) -> tuple[str, int]:
+    """``mqtt://host[:port]`` to (host, port); anything else raises ``ValueError``."""
+    parts = urlsplit(url)
+    if parts.scheme != "mqtt" or not parts.hostname:
+        raise ValueError(f"broker URL {url!r}: expected mqtt://host[:port]")
+    if parts.path not in ("", "/") or parts.query or parts.username:
+        raise ValueError(f"broker URL {url!r}: only host and port are supported")
+    try:
+        port = parts.port or 1883
+    except ValueError as exc:
+        raise ValueError(f"broker URL {url!r}: {exc}") from None
+    return parts.hostname, port
+
+
+# --- TOML -> dataclasses ---------------------------------------------------------------------
+
+
+def _convert(tp: Any, value: Any, where: str) -> Any:
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table")
+        return from_dict(tp, value, where)
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected an array")
+        item = typing.get_args(tp)[0]
+        return tuple(_convert(item, v, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _convert(args[0], value, where)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
+    """Build dataclass ``cls`` from a TOML table, checking keys and types."""
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{where or 'config'}: unknown key(s) {', '.join(unknown)}")
+    kwargs = {k: _convert(hints[k], v, f"{where}.{k}" if where else k) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where or 'config'}: {exc}") from exc
+
+
+def load_config(
+    path: Path | None, *, data_dir: str | None = None, broker_url: str | None = None
+) -> RelayConfig:
+    """The file's settings (defaults without one), then the command-line overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with path.open("rb") as f:
+                data = tomllib.load(f)
+        except OSError as exc:
+            raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: {exc}") from exc
+    config = from_dict(RelayConfig, data)
+    if data_dir is not None:
+        config = dataclasses.replace(config, data_dir=data_dir)
+    if broker_url is not None:
+        try:
+            broker = dataclasses.replace(config.broker, url=broker_url)
+        except ValueError as exc:
+            raise ConfigError(f"--broker-url: {exc}") from exc
+        config = dataclasses.replace(config, broker=broker)
+    return config

@@ -1,0 +1,208 @@
+"""Call signaling through the relay: what to do with one message from a device's ``out``.
+
+Pure: ``Router.route(sender, payload, now_ms)`` looks at the message, the
+presence table, the policy and the calls it has seen, and returns a ``Route``
+(forward, reject with a decline from the relay, or drop) plus the call-record
+changes for the store. The relay service does the MQTT and database I/O.
+
+Rules:
+
+* The payload must be a valid envelope (``envelope.from_json``), fresh and not
+  replayed (``ReplayGuard``); ``from`` is overwritten with the device id of the
+  topic it came on (``with_sender``), whatever the device claimed.
+* ``invite``: the callee must be allowed by the policy, known, and not offline;
+  otherwise the caller at once gets ``decline`` from ``RELAY_ID`` with reason
+  ``policy-refused`` (detail ``relay``) or ``unreachable`` (detail ``unknown`` /
+  ``offline``). A forwarded invite opens the call.
+* Everything else must belong to an open call between exactly these two devices,
+  sent by the side that may send it (``ringing``/``accept``/``decline``/``busy`` by
+  the callee, ``cancel`` by the caller). ``decline``/``busy``/``cancel``/``hangup``
+  end the call.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from agent.signaling.envelope import (
+    AcceptBody,
+    BusyBody,
+    CancelBody,
+    DeclineBody,
+    Envelope,
+    EnvelopeError,
+    HangupBody,
+    InviteBody,
+    ReplayGuard,
+    ReplayVerdict,
+    RingingBody,
+    from_json,
+    make,
+    with_sender,
+)
+from agent.signaling.topics import RELAY_ID
+from cloud_relay.config import PolicySettings, RoutingSettings
+from cloud_relay.presence import PresenceTable
+
+UNREACHABLE = "unreachable"
+POLICY_REFUSED = "policy-refused"
+
+
+class Action(enum.Enum):
+    FORWARD = "forward"
+    """Publish ``envelope`` on the recipient's ``in``."""
+    REJECT = "reject"
+    """Publish ``envelope`` (a decline from the relay) on the sender's ``in``."""
+    DROP = "drop"
+    """Nothing; ``reason`` says why (a counter label)."""
+
+
+@dataclass(frozen=True, slots=True)
+class CallStarted:
+    call: str
+    caller: str
+    callee: str
+    mode: str
+
+
+@dataclass(frozen=True, slots=True)
+class CallAnswered:
+    call: str
+
+
+@dataclass(frozen=True, slots=True)
+class CallEnded:
+    call: str
+    reason: str
+
+
+CallEvent = CallStarted | CallAnswered | CallEnded
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    action: Action
+    envelope: Envelope | None = None
+    reason: str = ""
+    """Why it was rejected or dropped: a short token fit for a counter label."""
+    forged: bool = False
+    """The device claimed another ``from`` than its topic's device id."""
+    events: tuple[CallEvent, ...] = ()
+
+    @property
+    def recipient(self) -> str | None:
+        return None if self.envelope is None else self.envelope.to
+
+
+@dataclass(slots=True)
+class _Call:
+    caller: str
+    callee: str
+    answered: bool = False
+
+
+_CALLEE_SENDS = (RingingBody, AcceptBody, DeclineBody, BusyBody)
+
+
+@dataclass(slots=True)
+class Router:
+    presence: PresenceTable
+    policy: PolicySettings = field(default_factory=PolicySettings)
+    settings: RoutingSettings = field(default_factory=RoutingSettings)
+    _calls: OrderedDict[str, _Call] = field(default_factory=OrderedDict, init=False)
+    _guard: ReplayGuard = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._guard = ReplayGuard(
+            max_age_ms=self.settings.max_age_ms, max_skew_ms=self.settings.max_skew_ms
+        )
+
+    def restore(self, open_calls: Iterable[tuple[str, str, str, bool]]) -> None:
+        """Calls (id, caller, callee, answered) still open in the store, e.g. after a restart."""
+        for call, caller, callee, answered in open_calls:
+            self._remember(call, _Call(caller, callee, answered))
+
+    def open_calls(self) -> int:
+        return len(self._calls)
+
+    def _remember(self, call: str, entry: _Call) -> None:
+        self._calls[call] = entry
+        while len(self._calls) > self.settings.max_calls:
+            self._calls.popitem(last=False)
+
+    def route(self, sender: str, payload: bytes, now_ms: int) -> Route:
+        """Decide about ``payload`` that device ``sender`` published on its ``out``."""
+        try:
+            claimed = from_json(payload)
+        except EnvelopeError as exc:
+            return Route(Action.DROP, reason=f"malformed-{exc.field or 'message'}")
+        forged = claimed.from_ != sender
+        env = with_sender(claimed, sender)
+        verdict = self._guard.check(env, now_ms)
+        if verdict is not ReplayVerdict.FRESH:
+            return Route(Action.DROP, env, reason=str(verdict), forged=forged)
+        if env.to in (sender, RELAY_ID):
+            return Route(Action.DROP, env, reason="bad-recipient", forged=forged)
+        if isinstance(env.body, InviteBody):
+            return self._invite(env, env.body, now_ms, forged)
+        return self._in_call(env, forged)
+
+    def _invite(self, env: Envelope, body: InviteBody, now_ms: int, forged: bool) -> Route:
+        caller, callee = env.from_, env.to
+        if env.call in self._calls:
+            return Route(Action.DROP, env, reason="duplicate-call", forged=forged)
+        started = CallStarted(env.call, caller, callee, body.mode.value)
+        refusal: tuple[str, str] | None = None
+        if not self.policy.allows(caller, callee):
+            refusal = (POLICY_REFUSED, "relay")
+        elif not self.presence.known(callee):
+            refusal = (UNREACHABLE, "unknown")
+        elif not self.presence.reachable(callee):
+            refusal = (UNREACHABLE, "offline")
+        if refusal is not None:
+            reason, detail = refusal
+            decline = make(
+                DeclineBody(reason=reason, detail=detail),
+                call=env.call,
+                from_=RELAY_ID,
+                to=caller,
+                ts=now_ms,
+            )
+            return Route(
+                Action.REJECT,
+                decline,
+                reason=f"{reason}-{detail}",
+                forged=forged,
+                events=(started, CallEnded(env.call, reason)),
+            )
+        self._remember(env.call, _Call(caller, callee))
+        return Route(Action.FORWARD, env, forged=forged, events=(started,))
+
+    def _in_call(self, env: Envelope, forged: bool) -> Route:
+        call = self._calls.get(env.call)
+        if call is None:
+            return Route(Action.DROP, env, reason="unknown-call", forged=forged)
+        if {env.from_, env.to} != {call.caller, call.callee}:
+            return Route(Action.DROP, env, reason="not-in-call", forged=forged)
+        body = env.body
+        if isinstance(body, _CALLEE_SENDS) and env.from_ != call.callee:
+            return Route(Action.DROP, env, reason="wrong-side", forged=forged)
+        if isinstance(body, CancelBody) and env.from_ != call.caller:
+            return Route(Action.DROP, env, reason="wrong-side", forged=forged)
+        events: tuple[CallEvent, ...] = ()
+        match body:
+            case AcceptBody():
+                if call.answered:
+                    return Route(Action.DROP, env, reason="duplicate-accept", forged=forged)
+                call.answered = True
+                events = (CallAnswered(env.call),)
+            case DeclineBody(reason=reason) | CancelBody(reason=reason) | HangupBody(reason=reason):
+                del self._calls[env.call]
+                events = (CallEnded(env.call, reason),)
+            case BusyBody():
+                del self._calls[env.call]
+                events = (CallEnded(env.call, "busy"),)
+        return Route(Action.FORWARD, env, forged=forged, events=events)

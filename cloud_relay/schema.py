@@ -1,0 +1,73 @@
+"""The relay's tables (SQLAlchemy Core). Migrations in ``migrations/`` create exactly these.
+
+Times are timezone-aware UTC ``DateTime`` columns; SQLite hands them back naive,
+and ``store`` reads them back as UTC.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    JSON,
+    Column,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+)
+
+metadata = MetaData()
+
+devices = Table(
+    "devices",
+    metadata,
+    Column("id", String(63), primary_key=True),
+    Column("name", String(200), nullable=True),
+    Column("site", String(200), nullable=True),
+    Column("group", String(200), nullable=True),
+    Column("created", DateTime(timezone=True), nullable=False),
+    Column("last_seen", DateTime(timezone=True), nullable=True),
+    Column("presence", String(32), nullable=True),
+    Column("board", String(100), nullable=True),
+    Column("version", String(100), nullable=True),
+)
+
+presence_events = Table(
+    "presence_events",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("device", String(63), ForeignKey("devices.id"), nullable=False),
+    Column("state", String(32), nullable=False),
+    Column("at", DateTime(timezone=True), nullable=False),
+    Index("ix_presence_events_device_at", "device", "at"),
+)
+
+calls = Table(
+    "calls",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("caller", String(63), nullable=False),
+    Column("callee", String(63), nullable=False),
+    Column("mode", String(16), nullable=False),
+    Column("started", DateTime(timezone=True), nullable=False),
+    Column("answered", DateTime(timezone=True), nullable=True),
+    Column("ended", DateTime(timezone=True), nullable=True),
+    Column("end_reason", String(64), nullable=True),
+    Column("quality", JSON, nullable=True),
+    Index("ix_calls_started", "started"),
+)
+
+commands = Table(
+    "commands",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("device", String(63), nullable=False),
+    Column("name", String(64), nullable=False),
+    Column("args", JSON, nullable=False),
+    Column("sent", DateTime(timezone=True), nullable=False),
+    Column("result", JSON, nullable=True),
+    Column("status", String(16), nullable=False),
+    Index("ix_commands_device_sent", "device", "sent"),
+)
