@@ -1,7 +1,8 @@
 """Composition root: builds the agent's parts from config and owns their lifetime.
 
-For now the agent runs one call (``call``) whose offer, answer and candidates
-travel as JSON lines on stdin/stdout; MQTT signaling plugs in here next.
+``run`` is the long-running mode: the device's MQTT session, the call runtime and the
+audio ends opened once, until SIGTERM/SIGINT. ``call`` runs one call whose offer, answer
+and candidates travel as JSON lines on stdin/stdout (tests, benchmarks, NAT labs).
 """
 
 from __future__ import annotations
@@ -20,6 +21,10 @@ from pathlib import Path
 from agent.audio.base import AudioSink, AudioSource
 from agent.audio.device import AlsaCapture, AlsaPlayback, DeviceNotFound
 from agent.audio.pyaudio_backend import list_devices
+from agent.calls.machine import CallConfig, CallMachine
+from agent.calls.policy import CallPolicy
+from agent.calls.runtime import CallRuntime
+from agent.media import sdp
 from agent.media.dtls import DtlsCertificate
 from agent.media.peer import CallSetupError, MediaPeer, PeerConfig
 from agent.media.session import EndReason, MediaSession
@@ -35,6 +40,7 @@ from agent.signaling.messages import (
     from_json,
     to_json,
 )
+from agent.signaling.mqtt import ConnectFailed, MqttConfig, MqttSession
 
 logger = logging.getLogger(__name__)
 
@@ -243,6 +249,102 @@ async def run_call(config: AgentConfig, opts: CallOptions) -> EndReason:
     return reason
 
 
+def mqtt_config(config: AgentConfig) -> MqttConfig:
+    m = config.mqtt
+    return MqttConfig(
+        client_id=config.device_id,
+        host=m.host,
+        port=m.port,
+        keepalive=m.keepalive,
+        session_expiry=m.session_expiry,
+        backoff_min=m.backoff_min,
+        backoff_max=m.backoff_max,
+        connect_timeout=m.connect_timeout,
+        publish_timeout=m.publish_timeout,
+        misc_interval=m.misc_interval,
+    )
+
+
+def call_machine(config: AgentConfig) -> CallMachine:
+    c = config.calls
+    return CallMachine(
+        CallConfig(
+            device_id=config.device_id,
+            invite_timeout_s=c.invite_timeout_s,
+            answer_timeout_s=c.answer_timeout_s,
+            ring_timeout_s=c.ring_timeout_s,
+            connect_timeout_s=c.connect_timeout_s,
+            max_active_s=c.max_active_s,
+            ended_hold_s=c.ended_hold_s,
+        ),
+        CallPolicy(
+            do_not_disturb=c.do_not_disturb,
+            privacy=c.privacy,
+            auto_answer=frozenset(c.auto_answer),
+            announce_auto_answer=c.announce_auto_answer,
+            listen_allowed=frozenset(c.listen_allowed),
+            force_allowed=frozenset(c.force_allowed),
+        ),
+    )
+
+
+async def _connect(session: MqttSession, config: AgentConfig, stop: asyncio.Event) -> bool:
+    """Start the session, retrying until connected (True) or asked to stop (False)."""
+    delay = config.mqtt.backoff_min
+    while not stop.is_set():
+        try:
+            await session.start()
+            return True
+        except ConnectFailed as exc:
+            logger.warning("device %s: %s; retrying in %.1fs", config.device_id, exc, delay)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(delay):
+                await stop.wait()
+        delay = min(config.mqtt.backoff_max, delay * 2)
+    return False
+
+
+async def run_agent(config: AgentConfig, source_spec: str, sink_spec: str) -> int:
+    """Calls through the relay until SIGTERM/SIGINT; then hang up and go offline."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    certificate = await asyncio.to_thread(
+        DtlsCertificate.load_or_create, Path(config.state_dir) / "dtls", config.device_id
+    )
+    async with contextlib.AsyncExitStack() as stack:
+        # Closed in reverse order: the runtime hangs up, the session goes offline, then audio.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+            stack.callback(loop.remove_signal_handler, sig)
+        source = await _open_source(source_spec, config)
+        stack.push_async_callback(source.close)
+        sink = await _open_sink(sink_spec, config)
+        stack.push_async_callback(sink.close)
+
+        def make_peer(call_id: str, direction: sdp.Direction) -> MediaPeer:
+            peer_config = PeerConfig(
+                ice=config.ice, media=config.media, dtls=config.dtls, direction=direction
+            )
+            return MediaPeer(
+                peer_config, certificate, source, sink, call_id=f"{config.device_id}/{call_id[:8]}"
+            )
+
+        presence = {"state": "online", "board": config.board, "version": "0.1.0"}
+        session = MqttSession(mqtt_config(config), presence)
+        stack.push_async_callback(session.close)
+        if not await _connect(session, config, stop):
+            return 0
+        runtime = CallRuntime(session, call_machine(config), make_peer)
+        await runtime.start()
+        stack.push_async_callback(runtime.close)
+        logger.info(
+            "device %s: online at %s:%d", config.device_id, session.config.host, session.config.port
+        )
+        await stop.wait()
+        logger.info("device %s: stopping", config.device_id)
+    return 0
+
+
 def _emit(record: dict[str, object]) -> None:
     sys.stdout.write(json.dumps(record) + "\n")
     sys.stdout.flush()
@@ -272,6 +374,9 @@ def _parser() -> argparse.ArgumentParser:
     call.add_argument("--sink", default="device", help="device | wav:PATH | null")
     call.add_argument("--duration", type=float, help="hang up after this many seconds")
     call.add_argument("--stats-interval", type=float, default=1.0)
+    run = sub.add_parser("run", help="stay online and make calls through the relay")
+    run.add_argument("--source", default="device", help="device | wav:PATH | tone:HZ")
+    run.add_argument("--sink", default="device", help="device | wav:PATH | null")
     return parser
 
 
@@ -288,6 +393,8 @@ def main(argv: list[str] | None = None) -> int:
             for dev in list_devices():
                 print(dev)
             return 0
+        if args.command == "run":
+            return asyncio.run(run_agent(config, args.source, args.sink))
         opts = CallOptions(
             offerer=args.role == "offerer",
             trickle=not args.no_trickle,

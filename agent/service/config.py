@@ -36,6 +36,60 @@ class AudioConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class MqttSettings:
+    """The broker the agent keeps its device session with (the relay's, or its embedded one)."""
+
+    host: str = "127.0.0.1"
+    """Broker host name or address."""
+    port: int = 1883
+    """Broker TCP port."""
+    keepalive: int = 30
+    """MQTT keep-alive in seconds; the broker declares the device offline after 1.5x this."""
+    session_expiry: int = 3600
+    """Seconds the broker keeps the session (and queued QoS 1 messages) after a disconnect."""
+    backoff_min: float = 0.5
+    """First reconnect delay in seconds; doubles per failed attempt."""
+    backoff_max: float = 30.0
+    """Largest reconnect delay in seconds."""
+    connect_timeout: float = 10.0
+    """Seconds one connect attempt may take."""
+    publish_timeout: float = 10.0
+    """Seconds a QoS 1 publish may wait for its acknowledgement."""
+    misc_interval: float = 1.0
+    """Seconds between keep-alive checks."""
+
+
+@dataclass(frozen=True, slots=True)
+class CallSettings:
+    """Call timers and this board's own policy for incoming calls."""
+
+    invite_timeout_s: float = 5.0
+    """Caller: the callee must acknowledge the invite within this (else unreachable)."""
+    answer_timeout_s: float = 30.0
+    """Caller: how long the callee may ring."""
+    ring_timeout_s: float = 30.0
+    """Callee: how long this board rings before declining with no-answer."""
+    connect_timeout_s: float = 10.0
+    """Both: from answer to media connected."""
+    max_active_s: float | None = None
+    """Both: longest connected call; None: no limit."""
+    ended_hold_s: float = 3.0
+    """How long an ended call is shown before idle."""
+    do_not_disturb: bool = False
+    """Refuse normal calls and announcements."""
+    privacy: bool = False
+    """Refuse every listen request."""
+    auto_answer: tuple[str, ...] = ()
+    """Device ids whose normal calls are answered without ringing."""
+    announce_auto_answer: bool = True
+    """Play announcements at once instead of ringing."""
+    listen_allowed: tuple[str, ...] = ()
+    """Device ids that may listen in."""
+    force_allowed: tuple[str, ...] = ()
+    """Device ids that may place force calls."""
+
+
+@dataclass(frozen=True, slots=True)
 class AgentConfig:
     device_id: str = "unpaired"
     """Identity issued at pairing; appears in every log line."""
@@ -48,6 +102,10 @@ class AgentConfig:
     ice: IceConfig = field(default_factory=IceConfig)
     """STUN/TURN servers and ICE timers (the relay's retained config can set the servers)."""
     dtls: DtlsTimers = field(default_factory=DtlsTimers)
+    mqtt: MqttSettings = field(default_factory=MqttSettings)
+    """The device's MQTT session (``run``)."""
+    calls: CallSettings = field(default_factory=CallSettings)
+    """Call timers and incoming-call policy (``run``)."""
 
 
 def _convert(tp: Any, value: Any, where: str) -> Any:

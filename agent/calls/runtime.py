@@ -1,0 +1,721 @@
+"""The I/O shell around ``CallMachine``: MQTT envelopes and commands in, envelopes and media out.
+
+One worker task takes, in order, everything that can change the call: messages from the
+device's ``in`` and ``cmd`` topics (read by a reader task) and the runtime's own events
+(timers firing, media connected or lost). For each it asks the pure machine what to do
+and carries the actions out:
+
+* ``Send``: an envelope on ``out``. The SDP rides on the call-control messages
+  (``envelope`` module docstring): the ``invite`` carries our offer and the ``accept`` our
+  answer, so the ``MediaPeer`` of a call is made when that message goes out; once it is
+  published our candidates trickle as ``candidate`` envelopes.
+* ``StartMedia``: apply the peer's answer (caller), then connect (ICE, DTLS) in a task of
+  the call, which reports ``MediaConnected`` / ``IceFailed`` / ``MediaFailed`` and later
+  how the session ended. ``StopMedia`` (and any ended call) closes the peer.
+* ``StartTimer``/``CancelTimer``: ``loop.call_later`` handles that post ``TimerExpired``.
+* ``CallEnded``: a telemetry record with the media statistics; ``status`` shows it.
+
+Incoming envelopes are checked (``from_json``, addressed to us, ``ReplayGuard``); a bad
+one is logged and counted in ``rejected``, never fatal. A ``decline`` from the relay
+(unknown or offline callee) is taken as the callee's answer to our current call.
+Candidates that arrive before their call has a peer wait for it (bounded).
+
+Commands (``{"name": ..., "args": {...}}`` on ``cmd``) are answered on ``reply`` with the
+request's correlation data: ``{"ok": bool, "message": str, ...}``. Anything wrong with a
+command gets an ``ok: false`` reply and a log line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from agent.calls.machine import (
+    Accept,
+    Action,
+    AnswerCommand,
+    Busy,
+    CallCommand,
+    CallEnded,
+    CallEndReason,
+    CallMachine,
+    Cancel,
+    CancelTimer,
+    CommandRefused,
+    Decline,
+    DeclineCommand,
+    Event,
+    Hangup,
+    HangupCommand,
+    IceFailed,
+    Invite,
+    MediaConnected,
+    MediaFailed,
+    Message,
+    Notify,
+    Received,
+    Ringing,
+    Role,
+    Send,
+    StartMedia,
+    StartTimer,
+    StopMedia,
+    Timer,
+    TimerExpired,
+    media_direction,
+    media_end_event,
+)
+from agent.media.peer import CallSetupError, MediaPeer
+from agent.media.sdp import Direction
+from agent.media.session import MediaStats
+from agent.net.candidate import Candidate, CandidateError
+from agent.net.ice import IceError
+from agent.net.transport import TransportClosed
+from agent.signaling.envelope import (
+    AcceptBody,
+    Body,
+    BusyBody,
+    CallMode,
+    CancelBody,
+    CandidateBody,
+    DeclineBody,
+    Envelope,
+    EnvelopeError,
+    HangupBody,
+    InviteBody,
+    ReplayGuard,
+    ReplayVerdict,
+    RingingBody,
+    from_json,
+    make,
+    new_id,
+    to_json,
+)
+from agent.signaling.mqtt import Incoming, MqttSession, PublishFailed, SessionClosed
+from agent.signaling.topics import RELAY_ID, Kind, TopicError, check_device_id
+
+logger = logging.getLogger(__name__)
+
+MAX_COMMAND_BYTES = 16 * 1024
+"""Larger command payloads are refused unparsed."""
+MAX_EARLY_CANDIDATES = 32
+"""Candidates kept per call while it has no peer yet; more are dropped."""
+MAX_PENDING_OFFERS = 8
+"""Offers of invites not (yet) answered that are kept, newest last."""
+
+PeerFactory = Callable[[str, Direction], MediaPeer]
+"""Makes the media peer of call ``call_id`` with our media direction."""
+
+
+def now_ms() -> int:
+    """Wall-clock unix milliseconds, the envelopes' ``ts``."""
+    return time.time_ns() // 1_000_000
+
+
+class CommandRejected(ValueError):
+    """A command that cannot be carried out as given; the text goes into the reply."""
+
+
+# --- pure mappings between envelopes, machine messages and commands ---------------------------
+
+
+def message_of(env: Envelope) -> Message | None:
+    """The machine message an envelope carries; None for candidates and renegotiation."""
+    call = env.call
+    match env.body:
+        case InviteBody(mode=mode):
+            return Invite(call, mode)
+        case RingingBody():
+            return Ringing(call)
+        case AcceptBody():
+            return Accept(call)
+        case DeclineBody(reason=reason, detail=detail):
+            return Decline(call, _end_reason(reason, CallEndReason.DECLINED), detail)
+        case BusyBody():
+            return Busy(call)
+        case CancelBody():
+            return Cancel(call)
+        case HangupBody(reason=reason):
+            return Hangup(call, _end_reason(reason, CallEndReason.LOCAL_HANGUP))
+    return None
+
+
+def _end_reason(value: str, default: CallEndReason) -> CallEndReason:
+    try:
+        return CallEndReason(value)
+    except ValueError:
+        return default
+
+
+def body_of(message: Message, sdp: str | None = None) -> Body:
+    """The envelope body for a machine message; invite and accept need ``sdp``."""
+    match message:
+        case Invite(mode=mode):
+            assert sdp is not None
+            return InviteBody(sdp=sdp, mode=mode)
+        case Ringing():
+            return RingingBody()
+        case Accept():
+            assert sdp is not None
+            return AcceptBody(sdp=sdp)
+        case Decline(reason=reason, detail=detail):
+            try:
+                return DeclineBody(reason=reason.value, detail=detail)
+            except EnvelopeError:  # a detail that is not a token: the reason alone
+                return DeclineBody(reason=reason.value)
+        case Busy():
+            return BusyBody()
+        case Cancel():
+            return CancelBody()
+        case Hangup(reason=reason):
+            return HangupBody(reason=reason.value)
+    raise AssertionError(f"no body for {message!r}")
+
+
+def parse_command(payload: bytes) -> tuple[str, dict[str, Any]]:
+    """``(name, args)`` of a command request; ``CommandRejected`` says what is wrong."""
+    if len(payload) > MAX_COMMAND_BYTES:
+        raise CommandRejected(f"command larger than {MAX_COMMAND_BYTES} bytes")
+    try:
+        request = json.loads(payload.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise CommandRejected(f"malformed command: {exc}") from None
+    if not isinstance(request, dict):
+        raise CommandRejected("malformed command: not a JSON object")
+    name = request.get("name")
+    if not isinstance(name, str) or not name:
+        raise CommandRejected("malformed command: 'name' must be a non-empty string")
+    args = request.get("args", {})
+    if not isinstance(args, dict):
+        raise CommandRejected("malformed command: 'args' must be an object")
+    return name, args
+
+
+def _check_args(args: Mapping[str, Any], allowed: frozenset[str]) -> None:
+    unknown = sorted(set(args) - allowed)
+    if unknown:
+        raise CommandRejected(f"unknown argument(s): {', '.join(unknown)}")
+
+
+def _optional_call_id(args: Mapping[str, Any]) -> str | None:
+    _check_args(args, frozenset({"call_id"}))
+    call_id = args.get("call_id")
+    if call_id is not None and (
+        not isinstance(call_id, str) or len(call_id) != 32 or not call_id.isalnum()
+    ):
+        raise CommandRejected("call_id must be 32 hex digits")
+    return call_id
+
+
+# --- the shell ---------------------------------------------------------------------------------
+
+
+@dataclass(eq=False, slots=True)
+class _Media:
+    """The media side of the current call, from our SDP going out until it is closed."""
+
+    call_id: str
+    peer_id: str
+    peer: MediaPeer
+    role: Role
+    remote_sdp: str | None = None
+    """Caller: the answer from the accept, until it is applied."""
+    ready: bool = False
+    """The remote description is applied: candidates go straight to ICE."""
+    early: list[Candidate | None] = field(default_factory=list)
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+
+class CallRuntime:
+    """Runs calls for one device over its MQTT session; ``start()``, then ``close()``."""
+
+    def __init__(
+        self,
+        session: MqttSession,
+        machine: CallMachine,
+        make_peer: PeerFactory,
+        *,
+        wall_ms: Callable[[], int] = now_ms,
+    ) -> None:
+        self.device_id = session.device_id
+        self._session = session
+        self.machine = machine
+        self._make_peer = make_peer
+        self._wall_ms = wall_ms
+        self._guard = ReplayGuard()
+        self._queue: asyncio.Queue[Incoming | Event] = asyncio.Queue()
+        self._timers: dict[tuple[Timer, str], asyncio.TimerHandle] = {}
+        self._media: _Media | None = None
+        self._offers: dict[str, tuple[str, str]] = {}
+        """Call id -> (caller, offer SDP) of invites that have no peer yet."""
+        self._early: dict[str, list[Candidate | None]] = {}
+        self._reader: asyncio.Task[None] | None = None
+        self._worker: asyncio.Task[None] | None = None
+        self._closed = False
+        self.rejected: Counter[str] = Counter()
+        """Incoming envelopes refused, by reason."""
+        self.last_call: dict[str, Any] | None = None
+        """The record of the last ended call (what ``status`` shows)."""
+        self._media_stats: dict[str, MediaStats] = {}
+        self._commands: dict[str, Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]] = {
+            "call": self._cmd_call,
+            "hangup": self._cmd_simple(HangupCommand, "hung up"),
+            "answer": self._cmd_simple(AnswerCommand, "answered"),
+            "decline": self._cmd_simple(DeclineCommand, "declined"),
+            "status": self._cmd_status,
+        }
+
+    # --- lifetime ---
+
+    async def start(self) -> None:
+        """Start reading the session (which must be started) and handling events."""
+        loop = asyncio.get_running_loop()
+        self._worker = loop.create_task(self._work(), name=f"calls-{self.device_id}")
+        self._reader = loop.create_task(self._read(), name=f"calls-read-{self.device_id}")
+
+    async def close(self) -> None:
+        """Hang up any call (telling the peer), stop media, timers and tasks. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        tasks = [t for t in (self._reader, self._worker) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self.machine.state.live is not None:
+            try:
+                await self._handle(HangupCommand())
+            except Exception:
+                logger.exception("device %s: hang-up on close failed", self.device_id)
+        if self._media is not None:
+            await self._stop_media(self._media.call_id)
+        for handle in self._timers.values():
+            handle.cancel()
+        self._timers.clear()
+
+    def _post(self, event: Event) -> None:
+        if not self._closed:
+            self._queue.put_nowait(event)
+
+    async def _read(self) -> None:
+        while True:
+            try:
+                msg = await self._session.recv()
+            except SessionClosed:
+                return
+            self._queue.put_nowait(msg)
+
+    async def _work(self) -> None:
+        while True:
+            item = await self._queue.get()
+            try:
+                if isinstance(item, Incoming):
+                    await self._on_incoming(item)
+                else:
+                    await self._handle(item)
+            except Exception:
+                # One bad message or failed action must not end the device's signaling.
+                logger.exception("device %s: failed to handle %r", self.device_id, item)
+
+    async def _on_incoming(self, msg: Incoming) -> None:
+        if msg.kind is Kind.IN:
+            await self._on_envelope(msg.payload)
+        elif msg.kind is Kind.CMD:
+            await self._on_command(msg)
+        else:
+            logger.debug("device %s: ignored a message on %s", self.device_id, msg.kind)
+
+    # --- the machine ---
+
+    async def _handle(self, event: Event) -> tuple[Action, ...]:
+        actions = self.machine.handle(event, asyncio.get_running_loop().time())
+        for action in actions:
+            await self._perform(action)
+        return actions
+
+    async def _perform(self, action: Action) -> None:
+        match action:
+            case Send(to=to, message=message):
+                await self._send(to, message)
+            case StartMedia():
+                await self._start_media(action)
+            case StopMedia(call_id=call_id):
+                await self._stop_media(call_id)
+            case StartTimer(timer=timer, call_id=call_id, duration_s=duration):
+                self._cancel_timer(timer, call_id)
+                self._timers[(timer, call_id)] = asyncio.get_running_loop().call_later(
+                    duration, self._fire, timer, call_id
+                )
+            case CancelTimer(timer=timer, call_id=call_id):
+                self._cancel_timer(timer, call_id)
+            case CallEnded(summary=summary):
+                await self._stop_media(summary.call_id)
+                self._offers.pop(summary.call_id, None)
+                self._early.pop(summary.call_id, None)
+                stats = self._media_stats.pop(summary.call_id, None)
+                self.last_call = {
+                    "call_id": summary.call_id,
+                    "peer": summary.peer,
+                    "mode": summary.mode.value,
+                    "role": summary.role.value,
+                    "reason": summary.reason.value,
+                    "detail": summary.detail,
+                    "setup_s": summary.setup_s,
+                    "talk_s": summary.talk_s,
+                    "media": None if stats is None else asdict(stats),
+                }
+                await self._telemetry({"event": "call-ended", **self.last_call})
+            case Notify(indicator=indicator, call_id=call_id):
+                logger.info("device %s call %s: %s", self.device_id, call_id, indicator)
+            case _:
+                pass  # refusals and ignored events: the machine logs and counts them
+
+    def _fire(self, timer: Timer, call_id: str) -> None:
+        self._timers.pop((timer, call_id), None)
+        self._post(TimerExpired(timer, call_id))
+
+    def _cancel_timer(self, timer: Timer, call_id: str) -> None:
+        handle = self._timers.pop((timer, call_id), None)
+        if handle is not None:
+            handle.cancel()
+
+    # --- outgoing envelopes ---
+
+    async def _send(self, to: str, message: Message) -> None:
+        call_id = message.call_id
+        sdp: str | None = None
+        if isinstance(message, Invite):
+            sdp = await self._prepare_caller(call_id, to, message.mode)
+            if sdp is None:
+                self._post(HangupCommand(call_id))
+                return
+        elif isinstance(message, Accept):
+            sdp = await self._prepare_callee(call_id, to)
+            if sdp is None:
+                self._post(MediaFailed(call_id, "bad-offer"))
+                return
+        body = body_of(message, sdp)
+        env = make(body, call=call_id, from_=self.device_id, to=to, ts=self._wall_ms())
+        await self._publish(env)
+        media = self._media
+        if sdp is not None and media is not None and media.call_id == call_id:
+            media.tasks.append(
+                asyncio.get_running_loop().create_task(
+                    self._trickle(media), name=f"trickle-{call_id[:8]}"
+                )
+            )
+
+    async def _publish(self, env: Envelope) -> None:
+        try:
+            await self._session.publish(Kind.OUT, to_json(env).encode("utf-8"))
+        except (PublishFailed, EnvelopeError) as exc:
+            # The machine's timers end a call whose messages do not get through.
+            logger.warning(
+                "device %s call %s: %s to %s not sent: %s",
+                self.device_id, env.call, env.type, env.to, exc,
+            )  # fmt: skip
+
+    async def _trickle(self, media: _Media) -> None:
+        async for candidate in media.peer.local_candidates():
+            await self._publish(self._candidate(media, candidate.to_sdp()))
+        await self._publish(self._candidate(media, None))
+
+    def _candidate(self, media: _Media, text: str | None) -> Envelope:
+        return make(
+            CandidateBody(candidate=text),
+            call=media.call_id,
+            from_=self.device_id,
+            to=media.peer_id,
+            ts=self._wall_ms(),
+        )
+
+    async def _telemetry(self, record: Mapping[str, Any]) -> None:
+        try:
+            await self._session.publish(Kind.TELEMETRY, json.dumps(record).encode("utf-8"))
+        except PublishFailed as exc:
+            logger.info("device %s: telemetry not sent: %s", self.device_id, exc)
+
+    # --- media ---
+
+    async def _prepare_caller(self, call_id: str, peer_id: str, mode: CallMode) -> str | None:
+        """A peer for our new call and its offer; None if it cannot be made."""
+        await self._drop_media()
+        peer = self._make_peer(call_id, media_direction(mode, Role.CALLER))
+        try:
+            offer = await peer.create_offer(trickle=True)
+        except (OSError, ValueError) as exc:
+            logger.error("device %s call %s: no offer: %s", self.device_id, call_id, exc)
+            await peer.close()
+            return None
+        self._media = _Media(call_id, peer_id, peer, Role.CALLER)
+        return offer
+
+    async def _prepare_callee(self, call_id: str, peer_id: str) -> str | None:
+        """A peer for the call we answer and its answer SDP; None if the offer is unusable."""
+        await self._drop_media()
+        offer = self._offers.pop(call_id, None)
+        early = self._early.pop(call_id, [])
+        live = self.machine.state.live
+        if offer is None or offer[0] != peer_id or live is None or live.call_id != call_id:
+            logger.warning("device %s call %s: no offer to answer", self.device_id, call_id)
+            return None
+        peer = self._make_peer(call_id, live.direction)
+        try:
+            answer = await peer.accept_offer(offer[1], trickle=True)
+        except (OSError, ValueError) as exc:  # SdpError is a ValueError
+            logger.warning("device %s call %s: offer refused: %s", self.device_id, call_id, exc)
+            await peer.close()
+            return None
+        media = self._media = _Media(call_id, peer_id, peer, Role.CALLEE, ready=True)
+        for candidate in early:
+            await media.peer.add_remote_candidate(candidate)
+        return answer
+
+    async def _start_media(self, action: StartMedia) -> None:
+        media = self._media
+        if media is None or media.call_id != action.call_id:
+            self._post(MediaFailed(action.call_id, "no-peer"))
+            return
+        if action.role is Role.CALLER:
+            try:
+                if media.remote_sdp is None:
+                    raise ValueError("the accept carried no answer")
+                await media.peer.accept_answer(media.remote_sdp)
+            except (ValueError, RuntimeError) as exc:
+                logger.warning(
+                    "device %s call %s: answer refused: %s", self.device_id, media.call_id, exc
+                )
+                self._post(MediaFailed(media.call_id, "bad-answer"))
+                return
+            media.ready = True
+            for candidate in media.early:
+                await media.peer.add_remote_candidate(candidate)
+            media.early.clear()
+        media.tasks.append(
+            asyncio.get_running_loop().create_task(
+                self._run_media(media), name=f"media-{media.call_id[:8]}"
+            )
+        )
+
+    async def _run_media(self, media: _Media) -> None:
+        call_id = media.call_id
+        try:
+            await media.peer.connect()
+        except CallSetupError as exc:
+            logger.warning("device %s call %s: %s", self.device_id, call_id, exc)
+            ice = isinstance(exc.__cause__, IceError | TransportClosed)
+            self._post(IceFailed(call_id) if ice else MediaFailed(call_id, "dtls-failed"))
+            return
+        self._post(MediaConnected(call_id))
+        event = media_end_event(await media.peer.ended(), call_id)
+        if event is not None:
+            self._post(event)
+
+    async def _stop_media(self, call_id: str) -> None:
+        media = self._media
+        if media is None or media.call_id != call_id:
+            return
+        self._media = None
+        for task in media.tasks:
+            task.cancel()
+        await asyncio.gather(*media.tasks, return_exceptions=True)
+        await media.peer.close()
+        session = media.peer.session
+        if session is not None:
+            self._media_stats[call_id] = session.stats
+            stats = session.stats
+            logger.info(
+                "device %s call %s: media closed, %d packets sent, %d received, %d lost",
+                self.device_id, call_id,
+                stats.packets_sent, stats.packets_received, stats.packets_lost,
+            )  # fmt: skip
+
+    async def _drop_media(self) -> None:
+        if self._media is not None:
+            await self._stop_media(self._media.call_id)
+
+    # --- incoming envelopes ---
+
+    def _reject(self, reason: str, detail: str) -> None:
+        self.rejected[reason] += 1
+        logger.warning("device %s: envelope rejected (%s): %s", self.device_id, reason, detail)
+
+    async def _on_envelope(self, payload: bytes) -> None:
+        try:
+            env = from_json(payload)
+        except EnvelopeError as exc:
+            self._reject(f"malformed-{exc.field or 'message'}", str(exc))
+            return
+        if env.to != self.device_id:
+            self._reject("wrong-recipient", f"{env.type} for {env.to}")
+            return
+        verdict = self._guard.check(env, self._wall_ms())
+        if verdict is not ReplayVerdict.FRESH:
+            self._reject(str(verdict), f"{env.type} {env.id} of call {env.call}")
+            return
+        if isinstance(env.body, CandidateBody):
+            await self._on_candidate(env, env.body)
+            return
+        message = message_of(env)
+        if message is None:
+            self._reject("unsupported", f"{env.type} of call {env.call}")
+            return
+        sender = env.from_
+        live = self.machine.state.live
+        if sender == RELAY_ID:
+            # The relay answers for a callee it cannot reach or that the policy shields.
+            if not (
+                isinstance(message, Decline)
+                and live is not None
+                and live.call_id == env.call
+                and live.role is Role.CALLER
+            ):
+                self._reject("relay-message", f"{env.type} of call {env.call}")
+                return
+            sender = live.peer
+        if isinstance(env.body, InviteBody):
+            self._offers[env.call] = (sender, env.body.sdp)
+            while len(self._offers) > MAX_PENDING_OFFERS:
+                self._offers.pop(next(iter(self._offers)))
+        elif isinstance(env.body, AcceptBody):
+            media = self._media
+            if media is not None and media.call_id == env.call and media.peer_id == sender:
+                media.remote_sdp = media.remote_sdp or env.body.sdp
+        await self._handle(Received(sender, message))
+        live = self.machine.state.live
+        if isinstance(env.body, InviteBody) and (live is None or live.call_id != env.call):
+            self._offers.pop(env.call, None)  # refused or ignored: its offer is of no use
+            self._early.pop(env.call, None)
+
+    async def _on_candidate(self, env: Envelope, body: CandidateBody) -> None:
+        try:
+            candidate = None if body.candidate is None else Candidate.parse(body.candidate)
+        except CandidateError as exc:
+            self._reject("bad-candidate", str(exc))
+            return
+        media = self._media
+        if media is not None and media.call_id == env.call:
+            if env.from_ != media.peer_id:
+                self._reject("wrong-peer", f"candidate of call {env.call} from {env.from_}")
+            elif media.ready:
+                await media.peer.add_remote_candidate(candidate)
+            elif len(media.early) < MAX_EARLY_CANDIDATES:
+                media.early.append(candidate)
+            return
+        offer = self._offers.get(env.call)
+        if offer is not None and offer[0] == env.from_:
+            early = self._early.setdefault(env.call, [])
+            if len(early) < MAX_EARLY_CANDIDATES:
+                early.append(candidate)
+            return
+        self._reject("unknown-call", f"candidate of call {env.call}")
+
+    # --- commands ---
+
+    async def _on_command(self, msg: Incoming) -> None:
+        try:
+            name, args = parse_command(msg.payload)
+            handler = self._commands.get(name)
+            if handler is None:
+                raise CommandRejected(f"unknown command {name[:40]!r}")
+            reply = await handler(args)
+        except CommandRejected as exc:
+            logger.warning("device %s: command refused: %s", self.device_id, exc)
+            reply = {"ok": False, "message": str(exc)}
+        else:
+            level = logging.DEBUG if name == "status" else logging.INFO  # polled often
+            logger.log(level, "device %s: command %s: %s", self.device_id, name, reply["message"])
+        await self._reply(msg, reply)
+
+    async def _reply(self, msg: Incoming, reply: Mapping[str, Any]) -> None:
+        if msg.correlation_data is None:
+            logger.warning("device %s: command without correlation data", self.device_id)
+        try:
+            await self._session.publish(
+                Kind.REPLY,
+                json.dumps(reply).encode("utf-8"),
+                correlation_data=msg.correlation_data,
+            )
+        except PublishFailed as exc:
+            logger.warning("device %s: reply not sent: %s", self.device_id, exc)
+
+    def _refusal(self, actions: tuple[Action, ...]) -> str | None:
+        for action in actions:
+            if isinstance(action, CommandRefused):
+                return action.reason
+        return None
+
+    async def _cmd_call(self, args: dict[str, Any]) -> dict[str, Any]:
+        _check_args(args, frozenset({"peer", "mode"}))
+        try:
+            peer = check_device_id(args.get("peer"))
+        except TopicError as exc:
+            raise CommandRejected(f"peer: {exc}") from None
+        try:
+            mode = CallMode(args.get("mode", CallMode.NORMAL.value))
+        except ValueError:
+            raise CommandRejected(f"mode must be one of {', '.join(CallMode)}") from None
+        call_id = new_id()
+        refusal = self._refusal(await self._handle(CallCommand(call_id, peer, mode)))
+        if refusal is not None:
+            return {"ok": False, "message": refusal}
+        live = self.machine.state.live
+        return {
+            "ok": True,
+            "message": f"calling {peer}",
+            "call_id": call_id if live is None else live.call_id,
+            "phase": self.machine.phase.value,
+        }
+
+    def _cmd_simple(
+        self, command: type[AnswerCommand | DeclineCommand | HangupCommand], done: str
+    ) -> Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]:
+        async def run(args: dict[str, Any]) -> dict[str, Any]:
+            live = self.machine.state.live
+            refusal = self._refusal(await self._handle(command(_optional_call_id(args))))
+            if refusal is not None:
+                return {"ok": False, "message": refusal}
+            assert live is not None
+            return {"ok": True, "message": f"{done} call {live.call_id}", "call_id": live.call_id}
+
+        return run
+
+    def _live_stats(self) -> dict[str, Any] | None:
+        session = None if self._media is None else self._media.peer.session
+        return None if session is None else asdict(session.stats)
+
+    async def _cmd_status(self, args: dict[str, Any]) -> dict[str, Any]:
+        _check_args(args, frozenset())
+        state = self.machine.state
+        call = state.call
+        return {
+            "ok": True,
+            "message": str(state.phase) if call is None else f"{state.phase} with {call.peer}",
+            "device": self.device_id,
+            "phase": state.phase.value,
+            "call_id": None if call is None else call.call_id,
+            "peer": None if call is None else call.peer,
+            "mode": None if call is None else call.mode.value,
+            "role": None if call is None else call.role.value,
+            "reason": None if state.reason is None else state.reason.value,
+            "media": self._live_stats(),
+            "last_call": self.last_call,
+            "rejected": dict(self.rejected),
+        }
+
+
+__all__ = [
+    "CallRuntime",
+    "CommandRejected",
+    "PeerFactory",
+    "body_of",
+    "message_of",
+    "now_ms",
+    "parse_command",
+]
