@@ -251,18 +251,7 @@ async def run_call(config: AgentConfig, opts: CallOptions) -> EndReason:
 
 def mqtt_config(config: AgentConfig) -> MqttConfig:
     m = config.mqtt
-    return MqttConfig(
-        client_id=config.device_id,
-        host=m.host,
-        port=m.port,
-        keepalive=m.keepalive,
-        session_expiry=m.session_expiry,
-        backoff_min=m.backoff_min,
-        backoff_max=m.backoff_max,
-        connect_timeout=m.connect_timeout,
-        publish_timeout=m.publish_timeout,
-        misc_interval=m.misc_interval,
-    )
+    return m.mqtt_config(config.device_id, m.host, m.port)
 
 
 def call_machine(config: AgentConfig) -> CallMachine:

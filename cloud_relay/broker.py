@@ -17,6 +17,7 @@ import contextlib
 import getpass
 import logging
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 from cloud_relay.config import BrokerSettings
@@ -26,6 +27,40 @@ logger = logging.getLogger(__name__)
 
 class BrokerError(RuntimeError):
     """mosquitto could not be started; the text ends with its log."""
+
+
+def mosquitto_config(
+    *,
+    host: str,
+    port: int,
+    persistence_dir: Path,
+    log_path: Path,
+    autosave_interval: int | None = 60,
+    extra: Sequence[str] = (),
+) -> str:
+    """``mosquitto.conf`` text: one anonymous listener, persistence, a log file, ``extra`` lines.
+
+    ``autosave_interval`` None: persistence is saved only when mosquitto exits.
+    """
+    lines = [
+        f"listener {port} {host}",
+        "allow_anonymous true",
+        # Started as root, mosquitto would switch to user "mosquitto", who cannot
+        # write into our data dir; stay whoever runs us.
+        f"user {getpass.getuser()}",
+        "persistence true",
+        f"persistence_location {persistence_dir}/",
+        *([] if autosave_interval is None else [f"autosave_interval {autosave_interval}"]),
+        f"log_dest file {log_path}",
+        "log_type error",
+        "log_type warning",
+        "log_type notice",
+        "log_type information",
+        "connection_messages true",
+        "log_timestamp true",
+        *extra,
+    ]
+    return "\n".join(lines) + "\n"
 
 
 class EmbeddedBroker:
@@ -56,25 +91,12 @@ class EmbeddedBroker:
         return None if process is None or process.returncode is not None else process.pid
 
     def config_text(self) -> str:
-        data = self.root / "data"
-        lines = [
-            f"listener {self.settings.port} {self.settings.host}",
-            "allow_anonymous true",
-            # Started as root, mosquitto would switch to user "mosquitto", who cannot
-            # write into the relay's data dir; stay whoever runs the relay.
-            f"user {getpass.getuser()}",
-            "persistence true",
-            f"persistence_location {data}/",
-            "autosave_interval 60",
-            f"log_dest file {self.log_path}",
-            "log_type error",
-            "log_type warning",
-            "log_type notice",
-            "log_type information",
-            "connection_messages true",
-            "log_timestamp true",
-        ]
-        return "\n".join(lines) + "\n"
+        return mosquitto_config(
+            host=self.settings.host,
+            port=self.settings.port,
+            persistence_dir=self.root / "data",
+            log_path=self.log_path,
+        )
 
     def log_tail(self, lines: int = 30) -> str:
         if not self.log_path.exists():

@@ -8,24 +8,17 @@ nothing. Command-line flags (``--data-dir``, ``--broker-url``) override the file
 from __future__ import annotations
 
 import dataclasses
-import tomllib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 from urllib.parse import urlsplit
 
+from agent.service.tomlconf import ConfigError, from_dict, read_toml
+from agent.signaling.mqtt import MqttTimers
 from agent.signaling.topics import TopicError, check_device_id
-
-T = TypeVar("T")
 
 ANY_GROUP = "*"
 """In a call rule: any device, whether or not it belongs to a group."""
-
-
-class ConfigError(ValueError):
-    """The configuration is invalid; the message names the key."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,25 +64,11 @@ class BrokerSettings:
 
 
 @dataclass(frozen=True, slots=True)
-class MqttSettings:
+class MqttSettings(MqttTimers):
     """The relay's own MQTT connection. Timers are here so that tests can shrink them."""
 
     client_id: str = "relay-1"
     """MQTT client id; names the relay's persistent session. Unique per relay worker."""
-    keepalive: int = 30
-    """Keep-alive in seconds."""
-    session_expiry: int = 3600
-    """Seconds the broker keeps our session (and queues QoS 1 messages) while we are away."""
-    backoff_min: float = 0.5
-    """First reconnect delay in seconds."""
-    backoff_max: float = 30.0
-    """Largest reconnect delay in seconds."""
-    connect_timeout: float = 10.0
-    """Seconds one connect attempt may take."""
-    publish_timeout: float = 30.0
-    """Seconds a QoS 1 publish may wait for its PUBACK."""
-    misc_interval: float = 1.0
-    """Seconds between keep-alive checks."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,57 +185,11 @@ def parse_broker_url(url: str) -> tuple[str, int]:
     return parts.hostname, port
 
 
-# --- TOML -> dataclasses ---------------------------------------------------------------------
-
-
-def _convert(tp: Any, value: Any, where: str) -> Any:
-    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a table")
-        return from_dict(tp, value, where)
-    origin = typing.get_origin(tp)
-    if origin is tuple:
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected an array")
-        item = typing.get_args(tp)[0]
-        return tuple(_convert(item, v, f"{where}[{i}]") for i, v in enumerate(value))
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return _convert(args[0], value, where)
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
-        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
-    return value
-
-
-def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
-    """Build dataclass ``cls`` from a TOML table, checking keys and types."""
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ConfigError(f"{where or 'config'}: unknown key(s) {', '.join(unknown)}")
-    kwargs = {k: _convert(hints[k], v, f"{where}.{k}" if where else k) for k, v in data.items()}
-    try:
-        return cls(**kwargs)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{where or 'config'}: {exc}") from exc
-
-
 def load_config(
     path: Path | None, *, data_dir: str | None = None, broker_url: str | None = None
 ) -> RelayConfig:
     """The file's settings (defaults without one), then the command-line overrides."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        try:
-            with path.open("rb") as f:
-                data = tomllib.load(f)
-        except OSError as exc:
-            raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path}: {exc}") from exc
+    data: dict[str, Any] = read_toml(path) if path is not None else {}
     config = from_dict(RelayConfig, data)
     if data_dir is not None:
         config = dataclasses.replace(config, data_dir=data_dir)
@@ -267,3 +200,19 @@ def load_config(
             raise ConfigError(f"--broker-url: {exc}") from exc
         config = dataclasses.replace(config, broker=broker)
     return config
+
+
+__all__ = [
+    "ANY_GROUP",
+    "BrokerSettings",
+    "ConfigError",
+    "GroupSettings",
+    "MqttSettings",
+    "PolicySettings",
+    "RelayConfig",
+    "RoutingSettings",
+    "RuleSettings",
+    "StoreSettings",
+    "load_config",
+    "parse_broker_url",
+]

@@ -138,7 +138,7 @@ class Router:
         try:
             claimed = from_json(payload)
         except EnvelopeError as exc:
-            return Route(Action.DROP, reason=f"malformed-{exc.field or 'message'}")
+            return Route(Action.DROP, reason=exc.label)
         forged = claimed.from_ != sender
         env = with_sender(claimed, sender)
         verdict = self._guard.check(env, now_ms)

@@ -17,7 +17,7 @@ import secrets
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from agent.signaling import topics
@@ -62,20 +62,8 @@ class RelayStats:
 
 def mqtt_config(config: RelayConfig) -> MqttConfig:
     host, port = config.broker.endpoint()
-    m = config.mqtt
-    return MqttConfig(
-        client_id=m.client_id,
-        host=host,
-        port=port,
-        keepalive=m.keepalive,
-        session_expiry=m.session_expiry,
-        backoff_min=m.backoff_min,
-        backoff_max=m.backoff_max,
-        connect_timeout=m.connect_timeout,
-        publish_timeout=m.publish_timeout,
-        misc_interval=m.misc_interval,
-        max_incoming=10_000,
-    )
+    connection = config.mqtt.mqtt_config(config.mqtt.client_id, host, port)
+    return replace(connection, max_incoming=10_000)
 
 
 SUBSCRIPTIONS = (

@@ -550,7 +550,7 @@ class CallRuntime:
         try:
             env = from_json(payload)
         except EnvelopeError as exc:
-            self._reject(f"malformed-{exc.field or 'message'}", str(exc))
+            self._reject(exc.label, str(exc))
             return
         if env.to != self.device_id:
             self._reject("wrong-recipient", f"{env.type} for {env.to}")

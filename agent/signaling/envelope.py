@@ -87,6 +87,11 @@ class EnvelopeError(SignalError):
         super().__init__(message if field is None else f"field {field!r}: {message}")
         self.field = field
 
+    @property
+    def label(self) -> str:
+        """``malformed-<field>`` (``malformed-message`` for the whole): a counter label."""
+        return f"malformed-{self.field or 'message'}"
+
 
 def _fail(field_name: str | None, message: str) -> NoReturn:
     raise EnvelopeError(message, field_name)

@@ -149,6 +149,41 @@ class MqttConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class MqttTimers:
+    """The session timers a configuration file sets (the agent's and the relay's ``[mqtt]``)."""
+
+    keepalive: int = 30
+    """MQTT keep-alive in seconds; the broker declares the client gone after 1.5x this."""
+    session_expiry: int = 3600
+    """Seconds the broker keeps the session (and queued QoS 1 messages) after a disconnect."""
+    backoff_min: float = 0.5
+    """First reconnect delay in seconds; doubles per failed attempt."""
+    backoff_max: float = 30.0
+    """Largest reconnect delay in seconds."""
+    connect_timeout: float = 10.0
+    """Seconds one connect attempt may take."""
+    publish_timeout: float = 30.0
+    """Seconds a QoS 1 publish may wait for its acknowledgement."""
+    misc_interval: float = 1.0
+    """Seconds between keep-alive checks."""
+
+    def mqtt_config(self, client_id: str, host: str, port: int) -> MqttConfig:
+        """The connection to ``host:port`` as ``client_id`` with these timers."""
+        return MqttConfig(
+            client_id=client_id,
+            host=host,
+            port=port,
+            keepalive=self.keepalive,
+            session_expiry=self.session_expiry,
+            backoff_min=self.backoff_min,
+            backoff_max=self.backoff_max,
+            connect_timeout=self.connect_timeout,
+            publish_timeout=self.publish_timeout,
+            misc_interval=self.misc_interval,
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class Message:
     """A message from the broker, on any topic."""
 
@@ -1044,6 +1079,7 @@ __all__ = [
     "MqttConfig",
     "MqttError",
     "MqttSession",
+    "MqttTimers",
     "MqttTls",
     "PublishFailed",
     "SessionClosed",

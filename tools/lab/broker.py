@@ -12,7 +12,6 @@ Errors (``BrokerError``) end with the tail of the broker's log.
 from __future__ import annotations
 
 import contextlib
-import getpass
 import shutil
 import signal
 import socket
@@ -22,11 +21,9 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from cloud_relay.broker import BrokerError, mosquitto_config
+
 _PORT_RETRIES = 3
-
-
-class BrokerError(RuntimeError):
-    """mosquitto failed to start or died; the message ends with its log."""
 
 
 def _free_port(host: str) -> int:
@@ -80,24 +77,15 @@ class Mosquitto:
 
     def _write_config(self) -> None:
         self.persistence_dir.mkdir(parents=True, exist_ok=True)
-        lines = [
-            f"listener {self.port} {self.host}",
-            "allow_anonymous true",
-            # Without it mosquitto started as root switches to user "mosquitto",
-            # which cannot write into our temp dir.
-            f"user {getpass.getuser()}",
-            "persistence true",
-            f"persistence_location {self.persistence_dir}/",
-            f"log_dest file {self.log_path}",
-            "log_type error",
-            "log_type warning",
-            "log_type notice",
-            "log_type information",
-            "connection_messages true",
-            "log_timestamp true",
-            *self._extra,
-        ]
-        self.config_path.write_text("\n".join(lines) + "\n")
+        text = mosquitto_config(
+            host=self.host,
+            port=self.port,
+            persistence_dir=self.persistence_dir,
+            log_path=self.log_path,
+            autosave_interval=None,
+            extra=self._extra,
+        )
+        self.config_path.write_text(text)
 
     @property
     def running_now(self) -> bool:
