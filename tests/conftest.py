@@ -9,6 +9,8 @@ import pytest
 from audio_env import PulseServer, require_tools
 from hypothesis import HealthCheck, settings
 
+from tools.lab.broker import Mosquitto
+
 # Hypothesis times its own data generation; on a loaded 2-core CI machine a garbage
 # collection or a busy neighbour makes that look slow. What is tested stays the same.
 settings.register_profile(
@@ -38,3 +40,10 @@ def pulse_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PulseServ
         tmp_path_factory.mktemp("pulse"), ("mic", "spk", "hotmic", "hotspk")
     ) as server:
         yield server
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Mosquitto]:
+    """A private mosquitto (tools/lab/broker.py) for this test."""
+    with Mosquitto.running(root=tmp_path / "broker") as b:
+        yield b

@@ -21,14 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from mqtt_env import REPO, all_online, store_until
 
 from agent.signaling.mqtt import MqttClient, MqttConfig
 from agent.signaling.topics import Kind, device_topic
 from cloud_relay.commands import CommandError, reply_topic, send_command
-from cloud_relay.store import Store
 from tools.lab.broker import _free_port
 
-REPO = Path(__file__).resolve().parent.parent
 WAIT = 20.0
 A, B = "door-a", "door-b"
 TONES = {A: 700.0, B: 1100.0}
@@ -184,20 +183,8 @@ misc_interval = 0.2
 
 async def until_online(root: Path, *devices: str) -> None:
     """The relay's store says every device is online (so it routes invites to them)."""
-    store = await Store.open(f"sqlite:///{root / 'relay-data' / 'relay.db'}")
-
-    def check(store: Store) -> bool:
-        states = {d.id: d.presence for d in store.devices()}
-        return all(states.get(d) == "online" for d in devices)
-
-    try:
-        async with asyncio.timeout(WAIT):
-            while not await store.run(check, store):
-                await asyncio.sleep(0.05)
-    except TimeoutError:
-        raise AssertionError(f"relay never saw {devices} online") from None
-    finally:
-        await store.close()
+    db = f"sqlite:///{root / 'relay-data' / 'relay.db'}"
+    await store_until(db, all_online(*devices), f"relay to see {devices} online", wait=WAIT)
 
 
 def peak_hz(path: Path) -> float:

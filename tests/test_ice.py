@@ -12,6 +12,7 @@ from typing import Literal
 
 import aioice
 import pytest
+from mqtt_env import until
 
 from agent.net.candidate import Candidate, CandidateType
 from agent.net.ice import (
@@ -87,12 +88,7 @@ async def _ping_pong(a: IceTransport, b: IceTransport, tag: bytes = b"") -> None
 
 
 async def _until(condition: Callable[[], object], what: str) -> None:
-    try:
-        async with asyncio.timeout(WAIT):
-            while not condition():
-                await asyncio.sleep(0.02)
-    except TimeoutError:
-        raise AssertionError(f"timed out waiting for {what}") from None
+    await until(condition, what, wait=WAIT, interval=0.02)
 
 
 # --- host candidates ------------------------------------------------------------------

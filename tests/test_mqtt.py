@@ -11,13 +11,12 @@ import contextlib
 import json
 import random
 import signal
-import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
-from pathlib import Path
 from typing import TypeVar
 
 import pytest
+from mqtt_env import WAIT, fast_config, next_matching, spawn_client, until
 
 from agent.signaling import topics
 from agent.signaling.mqtt import (
@@ -35,34 +34,12 @@ from agent.signaling.topics import Kind
 from tools.lab.broker import Mosquitto, _free_port
 
 T = TypeVar("T")
-REPO = Path(__file__).resolve().parent.parent
 DEVICE = "door-1"
 ONLINE = {"state": "online", "version": "test", "board": "lab", "capabilities": ["audio"]}
-WAIT = 10.0
-"""Upper bound of any single wait; the tests normally finish each in well under a second."""
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Mosquitto]:
-    with Mosquitto.running(root=tmp_path / "broker") as b:
-        yield b
 
 
 def config(broker: Mosquitto, client_id: str = DEVICE, **changes: object) -> MqttConfig:
-    base = MqttConfig(
-        client_id=client_id,
-        host=broker.host,
-        port=broker.port,
-        keepalive=2,
-        session_expiry=60,
-        backoff_min=0.05,
-        backoff_max=0.4,
-        backoff_jitter=0.5,
-        connect_timeout=3.0,
-        publish_timeout=5.0,
-        misc_interval=0.1,
-    )
-    return replace(base, **changes)  # type: ignore[arg-type]
+    return fast_config(client_id, broker.port, broker.host, **changes)
 
 
 @contextlib.asynccontextmanager
@@ -79,24 +56,8 @@ def observer(broker: Mosquitto, *filters: str, name: str = "observer") -> MqttCl
     return MqttClient(config(broker, name), subscriptions=filters or ("intercom/v1/#",))
 
 
-async def until(predicate: Callable[[], bool], what: str) -> None:
-    try:
-        async with asyncio.timeout(WAIT):
-            while not predicate():
-                await asyncio.sleep(0.01)
-    except TimeoutError:
-        raise AssertionError(f"timed out waiting for {what}") from None
-
-
 async def next_message(client: MqttClient, match: Callable[[Message], bool], what: str) -> Message:
-    try:
-        async with asyncio.timeout(WAIT):
-            while True:
-                msg = await client.recv()
-                if match(msg):
-                    return msg
-    except TimeoutError:
-        raise AssertionError(f"timed out waiting for {what}") from None
+    return await next_matching(client.recv, match, what)
 
 
 async def bounded(aw: Awaitable[T]) -> T:
@@ -226,16 +187,7 @@ asyncio.run(main())
 async def test_lwt_offline_when_agent_is_killed(broker: Mosquitto) -> None:
     watcher = observer(broker, topics.all_devices(Kind.PRESENCE))
     async with running(watcher):
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-c",
-            SESSION_SCRIPT,
-            "door-killed",
-            broker.host,
-            str(broker.port),
-            cwd=REPO,
-            stdout=asyncio.subprocess.PIPE,
-        )
+        proc = await spawn_client(SESSION_SCRIPT, "door-killed", broker)
         try:
             assert proc.stdout is not None
             line = await bounded(proc.stdout.readline())

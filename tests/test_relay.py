@@ -8,13 +8,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import sys
-import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from mqtt_env import (
+    FAST_TIMERS,
+    ONLINE,
+    SDP,
+    WAIT,
+    eventually,
+    fast_config,
+    next_matching,
+    now_ms,
+    spawn_client,
+    until,
+)
 
 from agent.signaling.envelope import (
     AcceptBody,
@@ -48,11 +58,6 @@ from cloud_relay.service import Relay
 from cloud_relay.store import Store
 from tools.lab.broker import Mosquitto
 
-REPO = Path(__file__).resolve().parent.parent
-WAIT = 10.0
-SDP = "v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\n"
-ONLINE = {"state": "online", "board": "lab", "version": "test"}
-
 DEVICE_SCRIPT = """
 import asyncio, sys
 from agent.signaling.mqtt import MqttConfig, MqttSession
@@ -68,68 +73,23 @@ asyncio.run(main())
 """
 
 
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
-async def until(predicate: Callable[[], bool], what: str) -> None:
-    try:
-        async with asyncio.timeout(WAIT):
-            while not predicate():
-                await asyncio.sleep(0.01)
-    except TimeoutError:
-        raise AssertionError(f"timed out waiting for {what}") from None
-
-
 async def next_in(session: MqttSession, what: str) -> Envelope:
     """The next signaling envelope on the device's ``in``."""
-    try:
-        async with asyncio.timeout(WAIT):
-            while True:
-                msg = await session.recv()
-                if msg.kind is Kind.IN:
-                    return from_json(msg.payload)
-    except TimeoutError:
-        raise AssertionError(f"timed out waiting for {what}") from None
+    msg = await next_matching(session.recv, lambda m: m.kind is Kind.IN, what)
+    return from_json(msg.payload)
 
 
 def device_config(broker: Mosquitto, device: str) -> MqttConfig:
-    return MqttConfig(
-        client_id=device,
-        host=broker.host,
-        port=broker.port,
-        keepalive=2,
-        session_expiry=60,
-        backoff_min=0.05,
-        backoff_max=0.4,
-        connect_timeout=3.0,
-        publish_timeout=5.0,
-        misc_interval=0.1,
-    )
+    return fast_config(device, broker.port, broker.host)
 
 
 def relay_config(broker: Mosquitto, data_dir: Path, **changes: object) -> RelayConfig:
     base = RelayConfig(
         data_dir=str(data_dir),
         broker=BrokerSettings(url=f"mqtt://{broker.host}:{broker.port}"),
-        mqtt=MqttSettings(
-            client_id="relay-test",
-            keepalive=2,
-            session_expiry=60,
-            backoff_min=0.05,
-            backoff_max=0.4,
-            connect_timeout=3.0,
-            publish_timeout=5.0,
-            misc_interval=0.1,
-        ),
+        mqtt=MqttSettings(client_id="relay-test", **FAST_TIMERS),
     )
     return replace(base, **changes)  # type: ignore[arg-type]
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Mosquitto]:
-    with Mosquitto.running(root=tmp_path / "broker") as b:
-        yield b
 
 
 @contextlib.asynccontextmanager
@@ -230,16 +190,7 @@ async def test_presence_online_and_lwt_offline_are_stored(
     broker: Mosquitto, tmp_path: Path
 ) -> None:
     async with relay_running(relay_config(broker, tmp_path)) as relay:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-c",
-            DEVICE_SCRIPT,
-            "door-killed",
-            broker.host,
-            str(broker.port),
-            cwd=REPO,
-            stdout=asyncio.subprocess.PIPE,
-        )
+        proc = await spawn_client(DEVICE_SCRIPT, "door-killed", broker)
         try:
             assert proc.stdout is not None
             async with asyncio.timeout(WAIT):
@@ -259,9 +210,7 @@ async def test_presence_online_and_lwt_offline_are_stored(
             rows = await store.run(store.devices)
             return any(d.id == "door-killed" and d.presence == "offline" for d in rows)
 
-        async with asyncio.timeout(WAIT):
-            while not await stored_offline():
-                await asyncio.sleep(0.02)
+        await eventually(stored_offline, "the stored offline presence")
         (device,) = await store.run(store.devices)
         assert (device.board, device.version) == ("lab", "test")
         history = await store.run(store.presence_history, "door-killed")
@@ -304,9 +253,7 @@ async def test_call_is_routed_with_authoritative_sender_and_recorded(
         async def call_ended() -> bool:
             return any(c.ended is not None for c in await store.run(store.calls))
 
-        async with asyncio.timeout(WAIT):
-            while not await call_ended():
-                await asyncio.sleep(0.02)
+        await eventually(call_ended, "the call to end in the store")
         (call,) = await store.run(store.calls)
         assert (call.id, call.caller, call.callee, call.mode) == (
             inv.call,
@@ -444,12 +391,10 @@ async def test_command_round_trip_and_timeout(broker: Mosquitto, tmp_path: Path)
         assert seen[0] == {"name": "volume", "args": {"level": 5}}
         store = relay.store
 
-        async def statuses() -> list[str]:
-            return [c.status for c in await store.run(store.commands)]
+        async def statuses_settled() -> bool:
+            return [c.status for c in await store.run(store.commands)] == ["ok", "timeout"]
 
-        async with asyncio.timeout(WAIT):
-            while await statuses() != ["ok", "timeout"]:
-                await asyncio.sleep(0.02)
+        await eventually(statuses_settled, "command statuses ok and timeout")
         ok = (await store.run(store.commands))[0]
         assert (ok.device, ok.name, ok.args, ok.result) == (
             "door-a",
@@ -486,7 +431,5 @@ async def test_relay_restart_keeps_devices_and_open_calls(
             async def ended() -> bool:
                 return all(c.ended is not None for c in await store.run(store.calls))
 
-            async with asyncio.timeout(WAIT):
-                while not await ended():
-                    await asyncio.sleep(0.02)
+            await eventually(ended, "the call to end in the store")
             assert {d.id for d in await store.run(store.devices)} == {"door-a", "door-b"}

@@ -14,9 +14,11 @@ import json
 import os
 import signal
 import sys
-import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+
+import mqtt_env
+from mqtt_env import ONLINE, REPO, SDP, all_online, fast_config, next_matching, now_ms, store_until
 
 from agent.signaling.envelope import (
     AcceptBody,
@@ -28,28 +30,16 @@ from agent.signaling.envelope import (
     new_id,
     to_json,
 )
-from agent.signaling.mqtt import MqttConfig, MqttSession
+from agent.signaling.mqtt import Incoming, MqttSession
 from agent.signaling.topics import Kind
 from cloud_relay.store import Store
 from tools.lab.broker import Mosquitto, _free_port
 
-REPO = Path(__file__).resolve().parent.parent
 WAIT = 15.0
-SDP = "v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\n"
-ONLINE = {"state": "online", "board": "lab", "version": "test"}
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 async def until(predicate: Callable[[], bool], what: str) -> None:
-    try:
-        async with asyncio.timeout(WAIT):
-            while not predicate():
-                await asyncio.sleep(0.02)
-    except TimeoutError:
-        raise AssertionError(f"timed out waiting for {what}") from None
+    await mqtt_env.until(predicate, what, wait=WAIT, interval=0.02)
 
 
 def alive(pid: int) -> bool:
@@ -95,31 +85,17 @@ async def relay_process(config: Path, data_dir: Path) -> AsyncIterator[asyncio.s
 
 
 def device(port: int, device_id: str) -> MqttSession:
-    return MqttSession(
-        MqttConfig(
-            client_id=device_id,
-            port=port,
-            keepalive=2,
-            session_expiry=60,
-            backoff_min=0.05,
-            backoff_max=0.3,
-            connect_timeout=WAIT,
-            publish_timeout=WAIT,
-            misc_interval=0.1,
-        ),
-        ONLINE,
+    config = fast_config(
+        device_id, port, backoff_max=0.3, connect_timeout=WAIT, publish_timeout=WAIT
     )
+    return MqttSession(config, ONLINE)
 
 
 async def next_in(session: MqttSession, match: Callable[[Envelope], bool], what: str) -> Envelope:
-    try:
-        async with asyncio.timeout(WAIT):
-            while True:
-                msg = await session.recv()
-                if msg.kind is Kind.IN and match(env := from_json(msg.payload)):
-                    return env
-    except TimeoutError:
-        raise AssertionError(f"timed out waiting for {what}") from None
+    def wanted(msg: Incoming) -> bool:
+        return msg.kind is Kind.IN and match(from_json(msg.payload))
+
+    return from_json((await next_matching(session.recv, wanted, what, wait=WAIT)).payload)
 
 
 def call_is(call: str) -> Callable[[Envelope], bool]:
@@ -147,23 +123,7 @@ async def place_call(a: MqttSession, b: MqttSession) -> str:
 
 async def stored(db: str, check: Callable[[Store], bool], what: str) -> None:
     """Poll the relay's database from outside (a second reader of the SQLite file)."""
-    store = await Store.open(db)
-    try:
-        async with asyncio.timeout(WAIT):
-            while not await store.run(check, store):
-                await asyncio.sleep(0.05)
-    except TimeoutError:
-        raise AssertionError(f"timed out waiting for {what} in the store") from None
-    finally:
-        await store.close()
-
-
-def online(*ids: str) -> Callable[[Store], bool]:
-    def check(store: Store) -> bool:
-        states = {d.id: d.presence for d in store.devices()}
-        return all(states.get(i) == "online" for i in ids)
-
-    return check
+    await store_until(db, check, f"{what} in the store", wait=WAIT)
 
 
 async def test_serve_supervises_embedded_broker_and_keeps_state(tmp_path: Path) -> None:
@@ -196,7 +156,7 @@ misc_interval = 0.1
         await a.start()
         await b.start()
         try:
-            await stored(db, online("door-a", "door-b"), "both devices online")
+            await stored(db, all_online("door-a", "door-b"), "both devices online")
             call = await place_call(a, b)
             accept = make(AcceptBody(sdp=SDP), call=call, from_="door-b", to="door-a", ts=now_ms())
             await b.publish(Kind.OUT, to_json(accept).encode())
@@ -241,7 +201,7 @@ misc_interval = 0.1
         await a.start()
         await b.start()
         try:
-            await stored(db, online("door-a", "door-b"), "devices online again")
+            await stored(db, all_online("door-a", "door-b"), "devices online again")
             bye = make(
                 HangupBody(reason="hangup"), call=call, from_="door-a", to="door-b", ts=now_ms()
             )

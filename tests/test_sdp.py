@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import string
 from dataclasses import replace
+from typing import Any
 
 import aiortc.sdp
 import pytest
@@ -842,6 +843,22 @@ def test_local_parameters_are_validated(changes: dict[str, object], reason: str)
 # -- answering a remote offer ---------------------------------------------------------------------
 
 
+def _browser_media(**fields: Any) -> NegotiatedMedia:
+    """What a browser's audio section negotiates to: opus 111 with in-band FEC, RED 63, sendrecv,
+    first m-line, full ICE, candidates still trickling; ``fields`` are the rest."""
+    return NegotiatedMedia(
+        mid="0",
+        mline_index=0,
+        opus_payload_type=111,
+        red_payload_type=63,
+        remote_fec=True,
+        direction=Direction.SENDRECV,
+        remote_ice_lite=False,
+        remote_end_of_candidates=False,
+        **fields,
+    )
+
+
 def test_answer_to_chrome_offer() -> None:
     offer = parse(CHROME_OFFER)
     answer, media = negotiate(offer, LOCAL)
@@ -859,22 +876,14 @@ def test_answer_to_chrome_offer() -> None:
     assert audio.formats == ("111", "63", "110")
     assert audio.setup is Setup.ACTIVE and audio.direction is Direction.SENDRECV
     assert (audio.ice_ufrag, audio.ice_pwd) == (LOCAL.ice_ufrag, LOCAL.ice_pwd)
-    assert media == NegotiatedMedia(
-        mid="0",
-        mline_index=0,
-        opus_payload_type=111,
-        red_payload_type=63,
+    assert media == _browser_media(
         telephone_event_payload_type=110,
-        remote_fec=True,
-        direction=Direction.SENDRECV,
         dtls_role=Setup.ACTIVE,
         ice_controlling=False,
         remote_ice_ufrag="V5zj",
         remote_ice_pwd="R3j1twdTKWTddB+XhkAS1voQ",
-        remote_ice_lite=False,
         remote_fingerprints=(Fingerprint("sha-256", CHROME_FP),),
         remote_candidates=offer.media[0].candidates,
-        remote_end_of_candidates=False,
         remote_ssrc=4210381974,
     )
     assert media.red
@@ -1038,22 +1047,14 @@ def test_offer_without_rtcp_mux_text_is_rejected() -> None:
 def test_safari_answer_to_our_offer() -> None:
     answer = parse(SAFARI_ANSWER)
     media = apply_answer(OUR_OFFER, answer)
-    assert media == NegotiatedMedia(
-        mid="0",
-        mline_index=0,
-        opus_payload_type=111,
-        red_payload_type=63,
+    assert media == _browser_media(
         telephone_event_payload_type=126,
-        remote_fec=True,
-        direction=Direction.SENDRECV,
         dtls_role=Setup.PASSIVE,
         ice_controlling=True,
         remote_ice_ufrag="gsu8",
         remote_ice_pwd="PO+799nKSNrh9UCauSDmLhuV",
-        remote_ice_lite=False,
         remote_fingerprints=(Fingerprint("sha-256", SAFARI_FP),),
         remote_candidates=(),
-        remote_end_of_candidates=False,
         remote_ssrc=2537519494,
     )
 
