@@ -20,9 +20,9 @@ from pathlib import Path
 
 from agent.audio.base import AudioSink, AudioSource
 from agent.audio.device import AlsaCapture, AlsaPlayback, DeviceNotFound
+from agent.audio.gain import AudioControls, GainSink, MutableSource
 from agent.audio.pyaudio_backend import list_devices
 from agent.calls.machine import CallConfig, CallMachine
-from agent.calls.policy import CallPolicy
 from agent.calls.runtime import CallRuntime
 from agent.media import sdp
 from agent.media.dtls import DtlsCertificate
@@ -266,14 +266,7 @@ def call_machine(config: AgentConfig) -> CallMachine:
             max_active_s=c.max_active_s,
             ended_hold_s=c.ended_hold_s,
         ),
-        CallPolicy(
-            do_not_disturb=c.do_not_disturb,
-            privacy=c.privacy,
-            auto_answer=frozenset(c.auto_answer),
-            announce_auto_answer=c.announce_auto_answer,
-            listen_allowed=frozenset(c.listen_allowed),
-            force_allowed=frozenset(c.force_allowed),
-        ),
+        c.policy(),
     )
 
 
@@ -305,9 +298,11 @@ async def run_agent(config: AgentConfig, source_spec: str, sink_spec: str) -> in
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
             stack.callback(loop.remove_signal_handler, sig)
-        source = await _open_source(source_spec, config)
+        # Mute and volume act on these wrappers, so they hold in and between calls.
+        controls = AudioControls(volume=config.audio.volume)
+        source = MutableSource(await _open_source(source_spec, config), controls)
         stack.push_async_callback(source.close)
-        sink = await _open_sink(sink_spec, config)
+        sink = GainSink(await _open_sink(sink_spec, config), controls)
         stack.push_async_callback(sink.close)
 
         def make_peer(call_id: str, direction: sdp.Direction) -> MediaPeer:
@@ -323,7 +318,14 @@ async def run_agent(config: AgentConfig, source_spec: str, sink_spec: str) -> in
         stack.push_async_callback(session.close)
         if not await _connect(session, config, stop):
             return 0
-        runtime = CallRuntime(session, call_machine(config), make_peer)
+        runtime = CallRuntime(
+            session,
+            call_machine(config),
+            make_peer,
+            controls=controls,
+            speaker=sink,
+            config=config,
+        )
         await runtime.start()
         stack.push_async_callback(runtime.close)
         logger.info(

@@ -1,7 +1,8 @@
 """``edge-intercom-agent run``: two real agents call each other through the real relay.
 
-The relay runs with its embedded mosquitto; the agents are ``python -m agent.app run``
-processes on loopback, one playing a 700 Hz tone and the other 1100 Hz into WAV sinks.
+The relay runs with its embedded mosquitto (``tools.lab.fleet``); the agents are
+``edge-intercom-agent run`` processes on loopback, one playing a 700 Hz tone and the other
+1100 Hz into WAV sinks.
 Calls are placed and ended with ``edge-intercom-relay cmd``; the test then checks that
 each side recorded the other's tone. Every wait is bounded and waits for a condition,
 never for wall-clock time; the agents' stderr goes into failure messages.
@@ -12,179 +13,33 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import signal
-import socket
-import sys
 import wave
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from mqtt_env import REPO, all_online, store_until
 
-from agent.signaling.mqtt import MqttClient, MqttConfig
+from agent.signaling.mqtt import MqttClient
 from agent.signaling.topics import Kind, device_topic
-from cloud_relay.commands import CommandError, reply_topic, send_command
-from tools.lab.broker import _free_port
+from cloud_relay.commands import reply_topic
+from tools.lab.fleet import WAIT, Fleet, fleet
 
-WAIT = 20.0
 A, B = "door-a", "door-b"
 TONES = {A: 700.0, B: 1100.0}
 
 
-class Lab:
-    """The relay (with its broker), the agents and a command client on one port."""
-
-    def __init__(self, root: Path, port: int) -> None:
-        self.root = root
-        self.port = port
-        self.url = f"mqtt://127.0.0.1:{port}"
-        self.procs: dict[str, asyncio.subprocess.Process] = {}
-        self.client: MqttClient | None = None
-
-    def log(self, name: str) -> str:
-        path = self.root / f"{name}.log"
-        return path.read_text(errors="replace")[-6000:] if path.exists() else ""
-
-    def logs(self) -> str:
-        return "\n".join(f"--- {name} ---\n{self.log(name)}" for name in ("relay", *self.procs))
-
-    async def spawn(self, name: str, *args: str) -> asyncio.subprocess.Process:
-        with (self.root / f"{name}.log").open("ab") as log:
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, *args, cwd=REPO,
-                stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
-            )  # fmt: skip
-        self.procs[name] = proc
-        return proc
-
-    async def agent(self, device: str, **calls: Any) -> None:
-        config = self.root / f"{device}.toml"
-        auto = ", ".join(json.dumps(d) for d in calls.get("auto_answer", ()))
-        config.write_text(
-            f"""
-device_id = "{device}"
-state_dir = "{self.root / device}"
-[ice]
-host_addresses = ["127.0.0.1"]
-[mqtt]
-port = {self.port}
-keepalive = 5
-backoff_min = 0.05
-backoff_max = 0.5
-connect_timeout = 5.0
-publish_timeout = 5.0
-misc_interval = 0.2
-[calls]
-auto_answer = [{auto}]
-invite_timeout_s = 5.0
-ended_hold_s = 60.0
-"""
-        )
-        await self.spawn(
-            device, "-m", "agent.app", "--config", str(config), "run",
-            "--source", f"tone:{TONES[device]:g}", "--sink", f"wav:{self.root / device}.wav",
-        )  # fmt: skip
-
-    async def command(self, device: str, name: str, **args: Any) -> dict[str, Any]:
-        assert self.client is not None
-        return await send_command(self.client, device, name, args, timeout=5.0)
-
-    async def cli(self, device: str, name: str, *args: str) -> tuple[int, dict[str, Any]]:
-        """``edge-intercom-relay cmd`` as a process: its exit code and the printed reply."""
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "cloud_relay", "cmd", "--broker-url", self.url,
-            device, name, *args, "--timeout", "10",
-            cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        )  # fmt: skip
-        async with asyncio.timeout(WAIT):
-            out, err = await proc.communicate()
-        assert out, f"cmd {device} {name}: no reply: {err.decode()}\n{self.logs()}"
-        reply: dict[str, Any] = json.loads(out)
-        assert proc.returncode is not None
-        return proc.returncode, reply
-
-    async def until_status(
-        self, device: str, check: Callable[[dict[str, Any]], bool], what: str
-    ) -> dict[str, Any]:
-        last: dict[str, Any] = {}
-        try:
-            async with asyncio.timeout(WAIT):
-                while True:
-                    with contextlib.suppress(CommandError):
-                        last = await self.command(device, "status")
-                        if check(last):
-                            return last
-                    await asyncio.sleep(0.05)
-        except TimeoutError:
-            raise AssertionError(
-                f"timed out waiting for {what}; last status {last}\n{self.logs()}"
-            ) from None
-
-    async def stop_agent(self, device: str) -> None:
-        proc = self.procs[device]
-        proc.send_signal(signal.SIGTERM)
-        async with asyncio.timeout(WAIT):
-            code = await proc.wait()
-        assert code == 0, f"{device} exited with {code}\n{self.log(device)}"
-
-
-def _tcp_open(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-            return True
-    except OSError:
-        return False
-
-
 @contextlib.asynccontextmanager
-async def lab(root: Path) -> AsyncIterator[Lab]:
-    port = _free_port("127.0.0.1")
-    lab = Lab(root, port)
-    config = root / "relay.toml"
-    config.write_text(
-        f"""
-[broker]
-port = {port}
-[mqtt]
-client_id = "relay-agent-run-test"
-keepalive = 5
-backoff_min = 0.05
-backoff_max = 0.3
-connect_timeout = 3.0
-misc_interval = 0.2
-"""
+async def lab(root: Path) -> AsyncIterator[Fleet]:
+    async with fleet(root, devices=(A, B), client_id="agent-run-test") as f:
+        yield f
+
+
+async def tone_agent(f: Fleet, device: str, **calls: Any) -> None:
+    """An agent that plays its tone and records what it hears into ``root / DEVICE.wav``."""
+    await f.agent(
+        device, source=f"tone:{TONES[device]:g}", sink=f"wav:{f.root / device}.wav", **calls
     )
-    relay = await lab.spawn(
-        "relay", "-m", "cloud_relay", "serve", "--config", str(config),
-        "--data-dir", str(root / "relay-data"),
-    )  # fmt: skip
-    del lab.procs["relay"]
-    try:
-        async with asyncio.timeout(WAIT):
-            while not _tcp_open(port):
-                assert relay.returncode is None, lab.log("relay")
-                await asyncio.sleep(0.05)
-        lab.client = MqttClient(
-            MqttConfig(client_id="agent-run-test", port=port, session_expiry=0),
-            subscriptions=[reply_topic(A), reply_topic(B)],
-        )
-        await lab.client.start()
-        yield lab
-    finally:
-        if lab.client is not None:
-            await lab.client.close()
-        for proc in [*lab.procs.values(), relay]:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
-
-
-async def until_online(root: Path, *devices: str) -> None:
-    """The relay's store says every device is online (so it routes invites to them)."""
-    db = f"sqlite:///{root / 'relay-data' / 'relay.db'}"
-    await store_until(db, all_online(*devices), f"relay to see {devices} online", wait=WAIT)
 
 
 def peak_hz(path: Path) -> float:
@@ -198,11 +53,11 @@ def peak_hz(path: Path) -> float:
 
 async def test_call_through_relay_by_command(tmp_path: Path) -> None:
     async with lab(tmp_path) as lab_:
-        await lab_.agent(A)
-        await lab_.agent(B, auto_answer=[A])
+        await tone_agent(lab_, A)
+        await tone_agent(lab_, B, auto_answer=[A])
         for device in (A, B):
             await lab_.until_status(device, lambda s: s["phase"] == "idle", f"{device} up")
-        await until_online(tmp_path, A, B)
+        await lab_.until_online(A, B)
 
         # Bad commands get an error reply, never a crash.
         code, reply = await lab_.cli(A, "frobnicate")

@@ -23,6 +23,15 @@ Candidates that arrive before their call has a peer wait for it (bounded).
 Commands (``{"name": ..., "args": {...}}`` on ``cmd``) are answered on ``reply`` with the
 request's correlation data: ``{"ok": bool, "message": str, ...}``. Anything wrong with a
 command gets an ``ok: false`` reply and a log line.
+
+Audio commands act on the ``AudioControls`` shared with the microphone and speaker
+wrappers (``agent.audio.gain``), so they work in and out of calls and last until changed:
+``mute``/``unmute`` (silence is sent instead of the microphone; RTP keeps flowing),
+``volume`` (``level`` 0..100) and ``test-tone`` (``frequency`` Hz, ``seconds``; only while no
+call has media: the speaker belongs to the call). ``config/get`` returns the effective
+configuration with secrets redacted; ``config/set`` (``key``, ``value``) checks the new value
+with the TOML loader, applies call-policy keys and ``audio.volume`` at once and says that
+any other key only takes effect after a restart (the change is not written to a file).
 """
 
 from __future__ import annotations
@@ -30,12 +39,16 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
+import tomllib
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from agent.audio.base import AudioSink
+from agent.audio.gain import AudioControls, tone_frames
 from agent.calls.machine import (
     Accept,
     Action,
@@ -77,6 +90,8 @@ from agent.media.session import MediaStats
 from agent.net.candidate import Candidate, CandidateError
 from agent.net.ice import IceError
 from agent.net.transport import TransportClosed
+from agent.service.config import AgentConfig
+from agent.service.tomlconf import ConfigError, replace_key, to_plain
 from agent.signaling.envelope import (
     AcceptBody,
     Body,
@@ -108,6 +123,17 @@ MAX_EARLY_CANDIDATES = 32
 """Candidates kept per call while it has no peer yet; more are dropped."""
 MAX_PENDING_OFFERS = 8
 """Offers of invites not (yet) answered that are kept, newest last."""
+
+LIVE_KEYS = frozenset({
+    "audio.volume",
+    *(f"calls.{k}" for k in (
+        "do_not_disturb", "privacy", "auto_answer",
+        "announce_auto_answer", "listen_allowed", "force_allowed",
+    )),
+})  # fmt: skip
+"""``config/set`` keys that apply at once; every other key needs a restart."""
+_SECRET = re.compile(r"password|secret|credential|token|private", re.IGNORECASE)
+REDACTED = "***"
 
 PeerFactory = Callable[[str, Direction], MediaPeer]
 """Makes the media peer of call ``call_id`` with our media direction."""
@@ -213,6 +239,36 @@ def _optional_call_id(args: Mapping[str, Any]) -> str | None:
     return call_id
 
 
+def redact(data: Any) -> Any:
+    """TOML-shaped config data with the values of secret-looking keys replaced."""
+    if isinstance(data, dict):
+        return {
+            k: REDACTED if _SECRET.search(k) and v not in (None, "") else redact(v)
+            for k, v in data.items()
+        }
+    if isinstance(data, list):
+        return [redact(v) for v in data]
+    return data
+
+
+def parse_value(value: Any) -> Any:
+    """A ``config/set`` value: JSON values as they are; text that is a TOML value
+    (``true``, ``3``, ``["a"]``) as that value, else as text."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        return value
+
+
+def _number(args: Mapping[str, Any], name: str, default: float) -> float:
+    value = args.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise CommandRejected(f"{name} must be a number, got {value!r}")
+    return float(value)
+
+
 # --- the shell ---------------------------------------------------------------------------------
 
 
@@ -242,7 +298,13 @@ class CallRuntime:
         make_peer: PeerFactory,
         *,
         wall_ms: Callable[[], int] = now_ms,
+        controls: AudioControls | None = None,
+        speaker: AudioSink | None = None,
+        config: AgentConfig | None = None,
     ) -> None:
+        """``controls``: the mute and volume the audio wrappers read; ``speaker``: where a
+        test tone plays (None: ``test-tone`` is refused); ``config``: the effective config
+        for ``config/get``/``config/set`` (None: ``AgentConfig()``)."""
         self.device_id = session.device_id
         self._session = session
         self.machine = machine
@@ -263,12 +325,22 @@ class CallRuntime:
         self.last_call: dict[str, Any] | None = None
         """The record of the last ended call (what ``status`` shows)."""
         self._media_stats: dict[str, MediaStats] = {}
+        self.config = config if config is not None else AgentConfig(device_id=self.device_id)
+        self.controls = controls if controls is not None else AudioControls()
+        self._speaker = speaker
+        self._tone: asyncio.Task[None] | None = None
         self._commands: dict[str, Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]] = {
             "call": self._cmd_call,
             "hangup": self._cmd_simple(HangupCommand, "hung up"),
             "answer": self._cmd_simple(AnswerCommand, "answered"),
             "decline": self._cmd_simple(DeclineCommand, "declined"),
             "status": self._cmd_status,
+            "mute": self._cmd_mute(True),
+            "unmute": self._cmd_mute(False),
+            "volume": self._cmd_volume,
+            "test-tone": self._cmd_test_tone,
+            "config/get": self._cmd_config_get,
+            "config/set": self._cmd_config_set,
         }
 
     # --- lifetime ---
@@ -284,7 +356,7 @@ class CallRuntime:
         if self._closed:
             return
         self._closed = True
-        tasks = [t for t in (self._reader, self._worker) if t is not None]
+        tasks = [t for t in (self._reader, self._worker, self._tone) if t is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -446,6 +518,7 @@ class CallRuntime:
     async def _prepare_caller(self, call_id: str, peer_id: str, mode: CallMode) -> str | None:
         """A peer for our new call and its offer; None if it cannot be made."""
         await self._drop_media()
+        await self._stop_tone()
         peer = self._make_peer(call_id, media_direction(mode, Role.CALLER))
         try:
             offer = await peer.create_offer(trickle=True)
@@ -459,6 +532,7 @@ class CallRuntime:
     async def _prepare_callee(self, call_id: str, peer_id: str) -> str | None:
         """A peer for the call we answer and its answer SDP; None if the offer is unusable."""
         await self._drop_media()
+        await self._stop_tone()
         offer = self._offers.pop(call_id, None)
         early = self._early.pop(call_id, [])
         live = self.machine.state.live
@@ -707,10 +781,127 @@ class CallRuntime:
             "media": self._live_stats(),
             "last_call": self.last_call,
             "rejected": dict(self.rejected),
+            "muted": self.controls.muted,
+            "volume": self.controls.volume,
+            "test_tone": self._tone is not None and not self._tone.done(),
+            "do_not_disturb": self.machine.policy.do_not_disturb,
+        }
+
+    def _cmd_mute(self, muted: bool) -> Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]:
+        async def run(args: dict[str, Any]) -> dict[str, Any]:
+            _check_args(args, frozenset())
+            self.controls.muted = muted
+            word = "muted" if muted else "unmuted"
+            where = "" if self._media is None else f" in call {self._media.call_id}"
+            return {"ok": True, "message": f"microphone {word}{where}", "muted": muted}
+
+        return run
+
+    async def _cmd_volume(self, args: dict[str, Any]) -> dict[str, Any]:
+        _check_args(args, frozenset({"level"}))
+        if "level" not in args:
+            raise CommandRejected("level is required: a whole number 0..100")
+        try:
+            config = replace_key(self.config, "audio.volume", args["level"])
+        except ConfigError:
+            raise CommandRejected(
+                f"level must be a whole number 0..100, got {args['level']!r}"
+            ) from None
+        self.config = config
+        level = self.controls.set_volume(config.audio.volume)
+        return {"ok": True, "message": f"volume {level}", "volume": level}
+
+    async def _cmd_test_tone(self, args: dict[str, Any]) -> dict[str, Any]:
+        _check_args(args, frozenset({"frequency", "seconds"}))
+        frequency = _number(args, "frequency", 1000.0)
+        seconds = _number(args, "seconds", 1.0)
+        if self._speaker is None:
+            raise CommandRejected("this agent has no speaker to play a tone on")
+        if self._media is not None or self.machine.state.live is not None:
+            raise CommandRejected("refused: a call is in progress and has the speaker")
+        if self._tone is not None and not self._tone.done():
+            raise CommandRejected("a test tone is already playing")
+        try:
+            frames = tone_frames(frequency, seconds)
+        except ValueError as exc:
+            raise CommandRejected(str(exc)) from None
+        self._tone = asyncio.get_running_loop().create_task(
+            self._play_tone(self._speaker, frames), name=f"test-tone-{self.device_id}"
+        )
+        return {
+            "ok": True,
+            "message": f"playing {frequency:g} Hz for {seconds:g} s",
+            "frequency": frequency,
+            "seconds": seconds,
+        }
+
+    async def _play_tone(self, speaker: AudioSink, frames: list[bytes]) -> None:
+        try:
+            for frame in frames:
+                await speaker.write(frame)
+        except (OSError, RuntimeError) as exc:
+            logger.warning("device %s: test tone failed: %s", self.device_id, exc)
+
+    async def _stop_tone(self) -> None:
+        tone, self._tone = self._tone, None
+        if tone is not None and not tone.done():
+            tone.cancel()
+            await asyncio.gather(tone, return_exceptions=True)
+            logger.info("device %s: test tone stopped for a call", self.device_id)
+
+    async def _cmd_config_get(self, args: dict[str, Any]) -> dict[str, Any]:
+        _check_args(args, frozenset())
+        return {"ok": True, "message": "effective config", "config": redact(to_plain(self.config))}
+
+    async def _cmd_config_set(self, args: dict[str, Any]) -> dict[str, Any]:
+        _check_args(args, frozenset({"key", "value"}))
+        key = args.get("key")
+        if not isinstance(key, str) or not key:
+            raise CommandRejected("key must be a dotted config key, e.g. calls.do_not_disturb")
+        if "value" not in args:
+            raise CommandRejected("value is required")
+        value = args["value"]
+        try:
+            config = replace_key(self.config, key, value)
+        except ConfigError as first:
+            parsed = parse_value(value)
+            if parsed is value or isinstance(parsed, str):
+                raise CommandRejected(f"config/set: {first}") from None
+            try:
+                config = replace_key(self.config, key, parsed)
+            except ConfigError as exc:
+                raise CommandRejected(f"config/set: {exc}") from None
+        self.config = config
+        shown = redact({key.rsplit(".", 1)[-1]: to_plain(_lookup(config, key))})
+        shown_value = next(iter(shown.values()))
+        if key in LIVE_KEYS:
+            self.machine.policy = config.calls.policy()
+            self.controls.set_volume(config.audio.volume)
+            return {
+                "ok": True,
+                "message": f"{key} = {json.dumps(shown_value)}, applied",
+                "applied": True,
+                "restart_required": False,
+            }
+        return {
+            "ok": True,
+            "message": (
+                f"{key} = {json.dumps(shown_value)} accepted; takes effect after a restart "
+                "(not saved: put it in the agent's config file too)"
+            ),
+            "applied": False,
+            "restart_required": True,
         }
 
 
+def _lookup(config: Any, key: str) -> Any:
+    for part in key.split("."):
+        config = getattr(config, part)
+    return config
+
+
 __all__ = [
+    "LIVE_KEYS",
     "CallRuntime",
     "CommandRejected",
     "PeerFactory",
@@ -718,4 +909,6 @@ __all__ = [
     "message_of",
     "now_ms",
     "parse_command",
+    "parse_value",
+    "redact",
 ]

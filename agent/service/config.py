@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.audio.device import DeviceConfig
+from agent.calls.policy import CallPolicy
 from agent.media.dtls import DtlsTimers
 from agent.media.session import MediaConfig
 from agent.net.ice import IceConfig
@@ -24,6 +25,12 @@ class AudioConfig:
     """Microphone, matched by device name."""
     playback: DeviceConfig = field(default_factory=lambda: DeviceConfig(name="default"))
     """Speaker, matched by device name."""
+    volume: int = 100
+    """Speaker gain in percent, 0..100 (attenuation only); the ``volume`` command sets it."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.volume <= 100:
+            raise ValueError(f"volume must be 0..100, got {self.volume}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +73,17 @@ class CallSettings:
     """Device ids that may listen in."""
     force_allowed: tuple[str, ...] = ()
     """Device ids that may place force calls."""
+
+    def policy(self) -> CallPolicy:
+        """The incoming-call policy these settings describe."""
+        return CallPolicy(
+            do_not_disturb=self.do_not_disturb,
+            privacy=self.privacy,
+            auto_answer=frozenset(self.auto_answer),
+            announce_auto_answer=self.announce_auto_answer,
+            listen_allowed=frozenset(self.listen_allowed),
+            force_allowed=frozenset(self.force_allowed),
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -90,3 +90,45 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: {exc}") from exc
+
+
+def to_plain(obj: Any) -> Any:
+    """A dataclass tree as TOML-shaped data: tables as dicts, tuples and sets as lists."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, tuple | list):
+        return [to_plain(v) for v in obj]
+    if isinstance(obj, frozenset | set):
+        return sorted((to_plain(v) for v in obj), key=repr)
+    return obj
+
+
+def replace_key(obj: T, key: str, value: Any) -> T:
+    """``obj`` with the dotted ``key`` (``calls.do_not_disturb``) set to ``value``, checked
+    as if read from TOML (type conversion and each dataclass's own validation);
+    ``ConfigError`` names the key on an unknown key, a table or a bad value."""
+    parts = key.split(".")
+    if not key or not all(parts):
+        raise ConfigError(f"{key!r}: not a dotted key")
+    return typing.cast(T, _replace(obj, parts, value, ""))
+
+
+def _replace(obj: Any, parts: list[str], value: Any, where: str) -> Any:
+    name, rest = parts[0], parts[1:]
+    where = f"{where}.{name}" if where else name
+    if not dataclasses.is_dataclass(obj) or isinstance(obj, type):
+        raise ConfigError(f"{where}: unknown key")
+    hints = typing.get_type_hints(type(obj))
+    if name not in {f.name for f in dataclasses.fields(obj)}:
+        raise ConfigError(f"{where}: unknown key")
+    current = getattr(obj, name)
+    if rest:
+        new = _replace(current, rest, value, where)
+    elif dataclasses.is_dataclass(current):
+        raise ConfigError(f"{where}: is a table; set one of its keys")
+    else:
+        new = _convert(hints[name], value, where)
+    try:
+        return dataclasses.replace(obj, **{name: new})
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: {exc}") from exc

@@ -106,6 +106,11 @@ class AgentCall:
         )
         return path
 
+    @property
+    def _env(self) -> dict[str, str]:
+        # Untraced even under coverage: tracing glitches the real-time audio being scored.
+        return {k: v for k, v in self.audio.env.items() if k != "COVERAGE_PROCESS_START"}
+
     async def start(
         self, seconds: float, stats_interval: float = 1000.0, setup_limit_s: float = 30.0
     ) -> None:
@@ -121,7 +126,7 @@ class AgentCall:
                 sys.executable, "-m", "agent.app", "--config", str(self._config(board)),
                 "--log-level", "WARNING", "call", "--role", role,
                 "--duration", str(seconds), "--stats-interval", str(stats_interval),
-                env=self.audio.env, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                env=self._env, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
             )  # fmt: skip
             self.procs.append(proc)
         # What a sends reaches b at the proxy's b side, and the other way round.

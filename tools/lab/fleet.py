@@ -1,0 +1,272 @@
+"""A small fleet on this machine: the relay (with its embedded mosquitto) and real agents.
+
+``async with fleet(root) as f:`` starts ``edge-intercom-relay serve`` with its data under
+``root / "relay-data"`` (or ``data_dir``) and an MQTT client for commands; ``f.agent(...)``
+starts ``edge-intercom-agent run`` processes. Logs go to ``root / NAME.log``. Every wait is
+bounded and fails with ``FleetError`` naming what it waited for, with the logs' tails.
+Used by ``tests/test_agent_run.py`` and the demo (``tools/demo_call.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from agent.signaling.mqtt import MqttClient, MqttConfig
+from cloud_relay.commands import CommandError, reply_topic, send_command
+from cloud_relay.store import Store
+from tools.lab.broker import _free_port
+
+REPO = Path(__file__).resolve().parents[2]
+WAIT = 20.0
+"""Upper bound of any single wait."""
+
+
+class FleetError(AssertionError):
+    """A bounded wait ran out or a process misbehaved (an assertion failure in tests)."""
+
+
+def _entry(script: str, module: str) -> list[str]:
+    """The console script next to this interpreter, else ``python -m module``."""
+    path = Path(sys.executable).parent / script
+    return [str(path)] if path.exists() else [sys.executable, "-m", module]
+
+
+RELAY_CMD = _entry("edge-intercom-relay", "cloud_relay")
+AGENT_CMD = _entry("edge-intercom-agent", "agent.app")
+
+
+class Fleet:
+    """The relay (with its broker), the agents and a command client on one port."""
+
+    def __init__(self, root: Path, port: int, data_dir: Path) -> None:
+        self.root = root
+        self.port = port
+        self.data_dir = data_dir
+        self.url = f"mqtt://127.0.0.1:{port}"
+        self.relay: asyncio.subprocess.Process | None = None
+        self.procs: dict[str, asyncio.subprocess.Process] = {}
+        """The agents by device id."""
+        self.client: MqttClient | None = None
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "relay.db"
+
+    def log(self, name: str) -> str:
+        path = self.root / f"{name}.log"
+        return path.read_text(errors="replace")[-6000:] if path.exists() else ""
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {name} ---\n{self.log(name)}" for name in ("relay", *self.procs))
+
+    def fail(self, what: str) -> FleetError:
+        return FleetError(f"{what}\n{self.logs()}")
+
+    async def spawn(
+        self, name: str, argv: Sequence[str], env: Mapping[str, str] | None = None
+    ) -> asyncio.subprocess.Process:
+        with (self.root / f"{name}.log").open("ab") as log:
+            return await asyncio.create_subprocess_exec(
+                *argv, cwd=REPO, env=None if env is None else dict(env),
+                stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
+            )  # fmt: skip
+
+    async def agent(
+        self,
+        device: str,
+        *,
+        source: str = "device",
+        sink: str = "device",
+        auto_answer: Sequence[str] = (),
+        extra: str = "",
+        env: Mapping[str, str] | None = None,
+    ) -> Path:
+        """Start ``edge-intercom-agent run`` for ``device``; returns its config file.
+
+        ``extra`` is TOML appended to the generated configuration (e.g. audio devices)."""
+        config = self.root / f"{device}.toml"
+        auto = ", ".join(json.dumps(d) for d in auto_answer)
+        config.write_text(
+            f"""
+device_id = "{device}"
+state_dir = "{self.root / device}"
+[ice]
+host_addresses = ["127.0.0.1"]
+[mqtt]
+port = {self.port}
+keepalive = 5
+backoff_min = 0.05
+backoff_max = 0.5
+connect_timeout = 5.0
+publish_timeout = 5.0
+misc_interval = 0.2
+[calls]
+auto_answer = [{auto}]
+invite_timeout_s = 5.0
+ended_hold_s = 60.0
+{extra}"""
+        )
+        argv = [*AGENT_CMD, "--config", str(config), "run", "--source", source, "--sink", sink]
+        self.procs[device] = await self.spawn(device, argv, env)
+        return config
+
+    def cmd_argv(self, device: str, name: str, *args: str, timeout: float = 10.0) -> list[str]:
+        """The ``edge-intercom-relay cmd`` command line for one command."""
+        return [
+            *RELAY_CMD, "cmd", "--broker-url", self.url, device, name, *args,
+            "--timeout", f"{timeout:g}",
+        ]  # fmt: skip
+
+    async def command(self, device: str, name: str, **args: Any) -> dict[str, Any]:
+        """One command through this fleet's own MQTT client."""
+        assert self.client is not None
+        return await send_command(self.client, device, name, args, timeout=5.0)
+
+    async def cli(self, device: str, name: str, *args: str) -> tuple[int, dict[str, Any]]:
+        """``edge-intercom-relay cmd`` as a process: its exit code and the printed reply."""
+        proc = await asyncio.create_subprocess_exec(
+            *self.cmd_argv(device, name, *args),
+            cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        try:
+            async with asyncio.timeout(WAIT):
+                out, err = await proc.communicate()
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise self.fail(f"cmd {device} {name}: no exit within {WAIT:g} s") from None
+        if not out:
+            raise self.fail(f"cmd {device} {name}: no reply: {err.decode()}")
+        reply: dict[str, Any] = json.loads(out)
+        assert proc.returncode is not None
+        return proc.returncode, reply
+
+    async def until_status(
+        self, device: str, check: Callable[[dict[str, Any]], bool], what: str
+    ) -> dict[str, Any]:
+        """Poll ``status`` until ``check`` accepts the reply."""
+        last: dict[str, Any] = {}
+        try:
+            async with asyncio.timeout(WAIT):
+                while True:
+                    with contextlib.suppress(CommandError):
+                        last = await self.command(device, "status")
+                        if check(last):
+                            return last
+                    await asyncio.sleep(0.05)
+        except TimeoutError:
+            raise self.fail(f"timed out waiting for {what}; last status {last}") from None
+
+    async def until_online(self, *devices: str) -> None:
+        """The relay's store says every device is online (so it routes invites to them)."""
+        store = await Store.open(f"sqlite:///{self.db_path}")
+
+        def online(store: Store) -> bool:
+            states = {d.id: d.presence for d in store.devices()}
+            return all(states.get(i) == "online" for i in devices)
+
+        try:
+            async with asyncio.timeout(WAIT):
+                while True:
+                    if await store.run(online, store):
+                        return
+                    await asyncio.sleep(0.05)
+        except TimeoutError:
+            raise self.fail(f"timed out waiting for the relay to see {devices} online") from None
+        finally:
+            await store.close()
+
+    async def stop_agent(self, device: str) -> None:
+        """SIGTERM an agent; it must exit 0."""
+        code = await self._stop(self.procs[device], device)
+        if code != 0:
+            raise FleetError(f"{device} exited with {code}\n{self.log(device)}")
+
+    async def stop_relay(self) -> None:
+        """SIGTERM the relay (and so its broker); it must exit 0."""
+        assert self.relay is not None
+        if self.client is not None:
+            await self.client.close()
+            self.client = None
+        code = await self._stop(self.relay, "relay")
+        if code != 0:
+            raise FleetError(f"relay exited with {code}\n{self.log('relay')}")
+
+    async def _stop(self, proc: asyncio.subprocess.Process, name: str) -> int:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            async with asyncio.timeout(WAIT):
+                return await proc.wait()
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise FleetError(f"{name} ignored SIGTERM for {WAIT:g} s\n{self.log(name)}") from None
+
+
+def _tcp_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+@contextlib.asynccontextmanager
+async def fleet(
+    root: Path,
+    *,
+    devices: Sequence[str],
+    data_dir: Path | None = None,
+    client_id: str = "fleet",
+) -> AsyncIterator[Fleet]:
+    """Start the relay and a command client for ``devices``; kill whatever still runs at exit."""
+    port = _free_port("127.0.0.1")
+    f = Fleet(root, port, data_dir or root / "relay-data")
+    config = root / "relay.toml"
+    config.write_text(
+        f"""
+[broker]
+port = {port}
+[mqtt]
+client_id = "relay-{client_id}"
+keepalive = 5
+backoff_min = 0.05
+backoff_max = 0.3
+connect_timeout = 3.0
+misc_interval = 0.2
+"""
+    )
+    argv = [*RELAY_CMD, "serve", "--config", str(config), "--data-dir", str(f.data_dir)]
+    f.relay = await f.spawn("relay", argv, env=os.environ)
+    try:
+        try:
+            async with asyncio.timeout(WAIT):
+                while not _tcp_open(port):
+                    if f.relay.returncode is not None:
+                        raise f.fail(f"relay exited with {f.relay.returncode}")
+                    await asyncio.sleep(0.05)
+        except TimeoutError:
+            raise f.fail(f"the relay's broker did not listen on {port}") from None
+        f.client = MqttClient(
+            MqttConfig(client_id=client_id, port=port, session_expiry=0),
+            subscriptions=[reply_topic(d) for d in devices],
+        )
+        await f.client.start()
+        yield f
+    finally:
+        if f.client is not None:
+            await f.client.close()
+        for proc in [*f.procs.values(), f.relay]:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
