@@ -144,8 +144,13 @@ class EmbeddedBroker:
         binary = shutil.which(self.settings.binary)
         if binary is None:
             raise BrokerError(f"mosquitto not found ({self.settings.binary!r})")
+        # setpriv (util-linux, on every Debian) has the kernel SIGTERM the broker when the
+        # relay dies, even by SIGKILL: an orphan would hold the port the next relay needs.
+        setpriv = shutil.which("setpriv")
+        prefix = [setpriv, "--pdeathsig", "TERM"] if setpriv else []
         with (self.root / "mosquitto.out").open("ab") as out:
             process = await asyncio.create_subprocess_exec(
+                *prefix,
                 binary,
                 "-c",
                 str(self.config_path),

@@ -266,7 +266,16 @@ misc_interval = 0.2
     finally:
         if f.client is not None:
             await f.client.close()
-        for proc in [*f.procs.values(), f.relay]:
+        for proc in f.procs.values():
             if proc.returncode is None:
                 proc.kill()
                 await proc.wait()
+        if f.relay.returncode is None:
+            # Politely first: the relay stops its broker on SIGTERM.
+            f.relay.send_signal(signal.SIGTERM)
+            try:
+                async with asyncio.timeout(WAIT):
+                    await f.relay.wait()
+            except TimeoutError:
+                f.relay.kill()
+                await f.relay.wait()
