@@ -63,15 +63,10 @@ def mosquitto_config(
     return "\n".join(lines) + "\n"
 
 
-class EmbeddedBroker:
-    def __init__(self, settings: BrokerSettings, root: Path) -> None:
-        self.settings = settings
-        self.root = root
-        self.restarts = 0
-        """Times the supervisor started mosquitto again after it died."""
-        self._process: asyncio.subprocess.Process | None = None
-        self._supervisor: asyncio.Task[None] | None = None
-        self._closing = False
+class BrokerFiles:
+    """Where a mosquitto's generated config and its log live, under ``root``."""
+
+    root: Path
 
     @property
     def config_path(self) -> Path:
@@ -80,6 +75,17 @@ class EmbeddedBroker:
     @property
     def log_path(self) -> Path:
         return self.root / "mosquitto.log"
+
+
+class EmbeddedBroker(BrokerFiles):
+    def __init__(self, settings: BrokerSettings, root: Path) -> None:
+        self.settings = settings
+        self.root = root
+        self.restarts = 0
+        """Times the supervisor started mosquitto again after it died."""
+        self._process: asyncio.subprocess.Process | None = None
+        self._supervisor: asyncio.Task[None] | None = None
+        self._closing = False
 
     @property
     def pid_path(self) -> Path:

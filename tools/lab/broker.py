@@ -21,7 +21,7 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from cloud_relay.broker import BrokerError, mosquitto_config
+from cloud_relay.broker import BrokerError, BrokerFiles, mosquitto_config
 
 _PORT_RETRIES = 3
 
@@ -41,7 +41,7 @@ def _tcp_probe(host: str, port: int) -> bool:
         return False
 
 
-class Mosquitto:
+class Mosquitto(BrokerFiles):
     """A mosquitto process; create with ``Mosquitto.running(...)``."""
 
     def __init__(
@@ -53,14 +53,6 @@ class Mosquitto:
         self.timeout = timeout
         self._extra = tuple(extra)
         self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def config_path(self) -> Path:
-        return self.root / "mosquitto.conf"
-
-    @property
-    def log_path(self) -> Path:
-        return self.root / "mosquitto.log"
 
     @property
     def persistence_dir(self) -> Path:
