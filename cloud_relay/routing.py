@@ -128,6 +128,18 @@ class Router:
     def open_calls(self) -> int:
         return len(self._calls)
 
+    def apply(self, event: CallEvent) -> None:
+        """A call event another relay worker routed (``cloud_relay.sync``)."""
+        match event:
+            case CallStarted(call=call, caller=caller, callee=callee):
+                if call not in self._calls:
+                    self._remember(call, _Call(caller, callee))
+            case CallAnswered(call=call):
+                if (entry := self._calls.get(call)) is not None:
+                    entry.answered = True
+            case CallEnded(call=call):
+                self._calls.pop(call, None)
+
     def _remember(self, call: str, entry: _Call) -> None:
         self._calls[call] = entry
         while len(self._calls) > self.settings.max_calls:

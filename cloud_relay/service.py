@@ -1,8 +1,9 @@
 """The relay service: one MQTT connection, presence, call routing and commands over the store.
 
 ``Relay`` owns one ``MqttClient`` subscribed to every device's presence, the
-shared subscription of every device's ``out`` (so several relays split the
-signaling load) and every device's ``reply``. One task reads all messages in
+shared subscription of every device's ``out`` (so several relay workers split the
+signaling load; ``cloud_relay.sync`` keeps their call tables the same), the
+workers' sync topic and every device's ``reply``. One task reads all messages in
 order and dispatches them by topic kind. Publishes and store writes are
 started in that order and not awaited by the reader, so a slow broker or
 database never stalls routing; both are tracked and awaited in ``close()``.
@@ -37,6 +38,7 @@ from cloud_relay.routing import (
     Router,
 )
 from cloud_relay.store import Store, utc_from_ms
+from cloud_relay.sync import RELAY_SYNC_TOPIC, SyncError, decode, encode
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +56,8 @@ class RelayStats:
     """Invites answered by the relay with a decline."""
     forged: int = 0
     """Envelopes whose ``from`` was not the topic's device (overwritten, then routed)."""
+    synced: int = 0
+    """Call events applied from other relay workers."""
     publish_failed: int = 0
     store_failed: int = 0
     dropped: Counter[str] = field(default_factory=Counter)
@@ -70,6 +74,7 @@ SUBSCRIPTIONS = (
     topics.all_devices(Kind.PRESENCE),
     topics.RELAY_OUT_FILTER,
     topics.all_devices(Kind.REPLY),
+    RELAY_SYNC_TOPIC,
 )
 
 
@@ -84,6 +89,7 @@ class Relay:
         clock_ms: Callable[[], int] | None = None,
     ) -> None:
         self.config = config
+        self.worker = config.mqtt.client_id
         self.store = store
         self.stats = RelayStats()
         self.client = MqttClient(mqtt_config(config), subscriptions=SUBSCRIPTIONS)
@@ -155,6 +161,9 @@ class Relay:
                 logger.exception("relay: failed to handle a message on %s", msg.topic[:120])
 
     def _dispatch(self, msg: Message) -> None:
+        if msg.topic == RELAY_SYNC_TOPIC:
+            self._on_sync(msg.payload)
+            return
         try:
             device, kind = topics.parse_topic(msg.topic)
         except TopicError as exc:
@@ -193,8 +202,20 @@ class Relay:
             board=presence.board,
             version=presence.version,
             group=groups[0] if groups else None,
-            history=changed,
         )
+
+    def _on_sync(self, payload: bytes) -> None:
+        try:
+            worker, events = decode(payload)
+        except SyncError as exc:
+            self.stats.dropped["bad-sync"] += 1
+            logger.warning("dropped a sync message: %s", exc)
+            return
+        if worker == self.worker:
+            return  # our own, back from the broker
+        self.stats.synced += len(events)
+        for event in events:
+            self.router.apply(event)
 
     def _on_out(self, device: str, payload: bytes) -> None:
         self.stats.received += 1
@@ -222,6 +243,9 @@ class Relay:
             self.stats.forwarded += 1
             if logger.isEnabledFor(logging.DEBUG):
                 logger.debug("%s -> %s: %s (call %s)", env.from_, env.to, env.type, env.call)
+            if route.events:
+                # Before the forward: the other workers must know the call first (sync.py).
+                self._track(self._publish(RELAY_SYNC_TOPIC, encode(self.worker, route.events)))
         self._track(self._publish(topics.device_topic(env.to, Kind.IN), to_json(env).encode()))
 
     def _record(self, route: Route, now_ms: int) -> None:

@@ -21,8 +21,9 @@ from typing import Any, TypeVar
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
-from sqlalchemy import Engine, create_engine, event, insert, inspect, select, update
+from sqlalchemy import Engine, create_engine, event, insert, inspect, or_, select, update
 from sqlalchemy.engine import Connection, RowMapping
+from sqlalchemy.exc import IntegrityError
 
 from cloud_relay.schema import calls, commands, devices, presence_events
 
@@ -164,9 +165,15 @@ class Store:
         board: str | None = None,
         version: str | None = None,
         group: str | None = None,
-        history: bool = True,
-    ) -> None:
-        """Create or update the device with its presence; add a history row if ``history``."""
+    ) -> bool:
+        """Create or update the device with its presence; True (and a history row) if the
+        state changed.
+
+        The store decides what changed, in one transaction whose first statement is a
+        conditional write, so relay workers that all see the same presence message add
+        one history row between them, and a restarted relay re-reading retained
+        presence adds none.
+        """
         values: dict[str, Any] = {"presence": state, "last_seen": at}
         if board is not None:
             values["board"] = board
@@ -174,14 +181,28 @@ class Store:
             values["version"] = version
         if group is not None:
             values["group"] = group
+        try:
+            return self._record_presence(device, state, at, values)
+        except IntegrityError:
+            # Another worker created the device between our update and insert.
+            return self._record_presence(device, state, at, values)
+
+    def _record_presence(
+        self, device: str, state: str, at: datetime, values: dict[str, Any]
+    ) -> bool:
+        row = devices.c
         with self._engine.begin() as conn:
-            found = conn.execute(select(devices.c.id).where(devices.c.id == device)).first()
-            if found is None:
+            changed = conn.execute(
+                update(devices)
+                .where(row.id == device, or_(row.presence.is_(None), row.presence != state))
+                .values(**values)
+            ).rowcount
+            if not changed:
+                if conn.execute(update(devices).where(row.id == device).values(**values)).rowcount:
+                    return False
                 conn.execute(insert(devices).values(id=device, created=at, **values))
-            else:
-                conn.execute(update(devices).where(devices.c.id == device).values(**values))
-            if history:
-                conn.execute(insert(presence_events).values(device=device, state=state, at=at))
+            conn.execute(insert(presence_events).values(device=device, state=state, at=at))
+        return True
 
     def devices(self) -> list[DeviceRecord]:
         with self._engine.connect() as conn:

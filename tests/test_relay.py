@@ -41,6 +41,7 @@ from agent.signaling.envelope import (
 )
 from agent.signaling.mqtt import MqttClient, MqttConfig, MqttSession
 from agent.signaling.topics import RELAY_ID, Kind
+from cloud_relay import sync
 from cloud_relay.commands import CommandTimeout, reply_topic, send_command
 from cloud_relay.config import (
     BrokerSettings,
@@ -53,7 +54,7 @@ from cloud_relay.config import (
     load_config,
 )
 from cloud_relay.presence import PresenceTable
-from cloud_relay.routing import Action, Router
+from cloud_relay.routing import Action, CallAnswered, CallEnded, CallStarted, Router
 from cloud_relay.service import Relay
 from cloud_relay.store import Store
 from tools.lab.broker import Mosquitto
@@ -433,3 +434,87 @@ async def test_relay_restart_keeps_devices_and_open_calls(
 
             await eventually(ended, "the call to end in the store")
             assert {d.id for d in await store.run(store.devices)} == {"door-a", "door-b"}
+
+
+def test_sync_messages_round_trip_and_refuse_garbage() -> None:
+    call = new_id()
+    events = (
+        CallStarted(call, "door-a", "door-b", "normal"),
+        CallAnswered(call),
+        CallEnded(call, "hangup"),
+    )
+    assert sync.decode(sync.encode("relay-1", events)) == ("relay-1", events)
+    for bad in (
+        b"",
+        b"[]",
+        b'{"worker": "r", "events": {}}',
+        b'{"worker": "r", "events": [{"op": "exploded", "call": "c"}]}',
+        b'{"worker": "r", "events": [{"op": "started", "call": "c", "caller": "A/#"}]}',
+        b'{"events": []}',
+        b"x" * (sync.MAX_SYNC_BYTES + 1),
+    ):
+        with pytest.raises(sync.SyncError):
+            sync.decode(bad)
+    # A worker's call table follows another worker's events.
+    router = Router(PresenceTable({"door-a": "online", "door-b": "online"}))
+    router.apply(events[0])
+    assert router.open_calls() == 1
+    acc = make(AcceptBody(sdp=SDP), call=call, from_="door-b", to="door-a", ts=now_ms())
+    router.apply(events[1])
+    assert router.route("door-b", to_json(acc).encode(), now_ms()).reason == "duplicate-accept"
+    router.apply(events[2])
+    assert router.open_calls() == 0
+
+
+async def test_two_relay_workers_share_the_signaling_load(
+    broker: Mosquitto, tmp_path: Path
+) -> None:
+    """The broker deals the shared ``out`` subscription round-robin, so the messages of one
+    call go to both workers; every call must still be routed whole and recorded once."""
+    first = relay_config(broker, tmp_path, mqtt=MqttSettings(client_id="relay-w1", **FAST_TIMERS))
+    second = replace(first, mqtt=MqttSettings(client_id="relay-w2", **FAST_TIMERS))
+    async with (
+        relay_running(first) as w1,
+        relay_running(second) as w2,
+        devices(broker, "door-a", "door-b") as (a, b),
+    ):
+        workers = (w1, w2)
+        await until(
+            lambda: (
+                all(w.presence.reachable("door-a") for w in workers)
+                and all(w.presence.reachable("door-b") for w in workers)
+            ),
+            "both workers see both devices",
+        )
+        calls = []
+        for _ in range(6):
+            inv = invite("door-a", "door-b")
+            calls.append(inv.call)
+            await send_out(a, inv)
+            assert (await next_in(b, "invite")).call == inv.call
+            for body in (RingingBody(), AcceptBody(sdp=SDP)):
+                await send_out(
+                    b, make(body, call=inv.call, from_="door-b", to="door-a", ts=now_ms())
+                )
+                assert (await next_in(a, body.TYPE)).call == inv.call
+            bye = make(HangupBody(reason="hangup"), call=inv.call, from_="door-a", to="door-b",
+                       ts=now_ms())  # fmt: skip
+            await send_out(a, bye)
+            assert (await next_in(b, "hangup")).call == inv.call
+        for w in workers:
+            assert not w.stats.dropped, w.stats.dropped
+            assert w.stats.received > 0 and w.stats.synced > 0
+        assert sum(w.stats.forwarded for w in workers) == 6 * 4
+        await until(lambda: all(w.router.open_calls() == 0 for w in workers), "tables empty")
+        store = w1.store
+
+        async def all_ended() -> bool:
+            return all(c.ended is not None for c in await store.run(store.calls))
+
+        await eventually(all_ended, "every call ended in the store")
+        records = await store.run(store.calls)
+        assert [c.id for c in records] == calls
+        assert all(c.answered is not None and c.end_reason == "hangup" for c in records)
+        # Both workers recorded door-a's presence message; the store kept one history row.
+        history = await store.run(store.presence_history, "door-a")
+        assert [e.state for e in history] == ["online"]
