@@ -3,6 +3,7 @@
 from setuptools import find_packages, setup
 
 RELAY = ["alembic>=1.13", "sqlalchemy>=2.0"]
+POSTGRES = ["psycopg[binary]>=3.1"]
 
 setup(
     name="edge-intercom",
@@ -25,8 +26,11 @@ setup(
     extras_require={
         # The relay runs on a server; a board never installs its store.
         "relay": RELAY,
+        # The relay's store on PostgreSQL (store.url = "postgresql+psycopg://...").
+        "postgres": [*RELAY, *POSTGRES],
         "test": [
             *RELAY,
+            *POSTGRES,
             "aiortc>=1.9",
             "coverage>=7",
             "hypothesis>=6.90",

@@ -30,6 +30,7 @@ from agent.media.peer import CallSetupError, MediaPeer, PeerConfig
 from agent.media.session import EndReason, MediaSession
 from agent.net.candidate import Candidate, CandidateError
 from agent.service.config import AgentConfig, ConfigError, load_config
+from agent.service.led import StatusLed
 from agent.signaling.messages import (
     MAX_MESSAGE_BYTES,
     Description,
@@ -325,6 +326,8 @@ async def run_agent(config: AgentConfig, source_spec: str, sink_spec: str) -> in
             controls=controls,
             speaker=sink,
             config=config,
+            presence=presence,
+            led=None if config.status_led is None else StatusLed(Path(config.status_led)),
         )
         await runtime.start()
         stack.push_async_callback(runtime.close)

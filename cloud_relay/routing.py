@@ -17,7 +17,8 @@ Rules:
 * Everything else must belong to an open call between exactly these two devices,
   sent by the side that may send it (``ringing``/``accept``/``decline``/``busy`` by
   the callee, ``cancel`` by the caller). ``decline``/``busy``/``cancel``/``hangup``
-  end the call.
+  end the call; what still comes for it (both sides hanging up at once) is dropped
+  as ``finished-call``, not as an unknown call.
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ from cloud_relay.presence import PresenceTable
 
 UNREACHABLE = "unreachable"
 POLICY_REFUSED = "policy-refused"
+FINISHED_CALL = "finished-call"
+"""Drop reason of a message for a call that just ended (the peer's own hang-up, mostly)."""
 
 
 class Action(enum.Enum):
@@ -113,6 +116,8 @@ class Router:
     policy: PolicySettings = field(default_factory=PolicySettings)
     settings: RoutingSettings = field(default_factory=RoutingSettings)
     _calls: OrderedDict[str, _Call] = field(default_factory=OrderedDict, init=False)
+    _ended: OrderedDict[str, None] = field(default_factory=OrderedDict, init=False)
+    """Recently ended calls: both sides often hang up at once, and the second is no error."""
     _guard: ReplayGuard = field(init=False)
 
     def __post_init__(self) -> None:
@@ -128,6 +133,12 @@ class Router:
     def open_calls(self) -> int:
         return len(self._calls)
 
+    def _end(self, call: str) -> None:
+        self._calls.pop(call, None)
+        self._ended[call] = None
+        while len(self._ended) > self.settings.max_calls:
+            self._ended.popitem(last=False)
+
     def apply(self, event: CallEvent) -> None:
         """A call event another relay worker routed (``cloud_relay.sync``)."""
         match event:
@@ -138,7 +149,7 @@ class Router:
                 if (entry := self._calls.get(call)) is not None:
                     entry.answered = True
             case CallEnded(call=call):
-                self._calls.pop(call, None)
+                self._end(call)
 
     def _remember(self, call: str, entry: _Call) -> None:
         self._calls[call] = entry
@@ -164,7 +175,7 @@ class Router:
 
     def _invite(self, env: Envelope, body: InviteBody, now_ms: int, forged: bool) -> Route:
         caller, callee = env.from_, env.to
-        if env.call in self._calls:
+        if env.call in self._calls or env.call in self._ended:
             return Route(Action.DROP, env, reason="duplicate-call", forged=forged)
         started = CallStarted(env.call, caller, callee, body.mode.value)
         refusal: tuple[str, str] | None = None
@@ -196,7 +207,8 @@ class Router:
     def _in_call(self, env: Envelope, forged: bool) -> Route:
         call = self._calls.get(env.call)
         if call is None:
-            return Route(Action.DROP, env, reason="unknown-call", forged=forged)
+            reason = FINISHED_CALL if env.call in self._ended else "unknown-call"
+            return Route(Action.DROP, env, reason=reason, forged=forged)
         if {env.from_, env.to} != {call.caller, call.callee}:
             return Route(Action.DROP, env, reason="not-in-call", forged=forged)
         body = env.body
@@ -212,9 +224,9 @@ class Router:
                 call.answered = True
                 events = (CallAnswered(env.call),)
             case DeclineBody(reason=reason) | CancelBody(reason=reason) | HangupBody(reason=reason):
-                del self._calls[env.call]
+                self._end(env.call)
                 events = (CallEnded(env.call, reason),)
             case BusyBody():
-                del self._calls[env.call]
+                self._end(env.call)
                 events = (CallEnded(env.call, "busy"),)
         return Route(Action.FORWARD, env, forged=forged, events=events)

@@ -10,6 +10,7 @@ from audio_env import PulseServer, require_tools
 from hypothesis import HealthCheck, settings
 
 from tools.lab.broker import Mosquitto
+from tools.lab.postgres import Postgres
 
 # Hypothesis times its own data generation; on a loaded 2-core CI machine a garbage
 # collection or a busy neighbour makes that look slow. What is tested stays the same.
@@ -47,3 +48,19 @@ def broker(tmp_path: Path) -> Iterator[Mosquitto]:
     """A private mosquitto (tools/lab/broker.py) for this test."""
     with Mosquitto.running(root=tmp_path / "broker") as b:
         yield b
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Postgres]:
+    """One PostgreSQL server for the session (tools/lab/postgres.py); a database per test."""
+    with Postgres.running() as pg:
+        yield pg
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The relay's store on each database it supports: a SQLite file, a PostgreSQL database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'relay.db'}"
+    pg: Postgres = request.getfixturevalue("postgres")
+    return pg.create_database()

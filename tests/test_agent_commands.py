@@ -93,6 +93,7 @@ async def test_audio_and_config_commands(tmp_path: Path) -> None:
         await refused(lab_, A, "config/set", "expected bool", key="calls.privacy", value=3)
         await refused(lab_, A, "config/set", "is a table", key="calls", value=1)
         await refused(lab_, A, "config/set", "key must be", value=1)
+        await refused(lab_, A, "config/set", "agent file only", key="device_id", value="door-z")
 
         # Mute and volume hold outside calls too; status shows them.
         assert (await lab_.command(A, "mute"))["muted"] is True
@@ -163,6 +164,13 @@ async def test_audio_and_config_commands(tmp_path: Path) -> None:
             "b's policy to decline",
         )
         assert status["last_call"]["reason"] == "policy-refused", status["last_call"]
+
+        # Saved: b restarted keeps both values (its speaker's WAV is kept: null sink now).
+        await lab_.stop_agent(B)
+        await lab_.agent(B, source=f"tone:{TONES[B]:g}", sink="null", auto_answer=(A,))
+        await lab_.until_status(B, lambda s: s["phase"] == "idle", "b up again")
+        config = (await lab_.command(B, "config/get"))["config"]
+        assert (config["calls"]["do_not_disturb"], config["calls"]["ring_timeout_s"]) == (True, 12)
 
         for device in (A, B):
             await lab_.stop_agent(device)

@@ -14,13 +14,13 @@ import asyncio
 import contextlib
 import json
 import wave
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from agent.signaling.mqtt import MqttClient
+from agent.signaling.mqtt import MqttClient, MqttConfig
 from agent.signaling.topics import Kind, device_topic
 from cloud_relay.commands import reply_topic
 from tools.lab.fleet import WAIT, Fleet, fleet
@@ -142,3 +142,64 @@ async def _raw_command(client: MqttClient, device: str, payload: bytes) -> dict[
             if msg.correlation_data == correlation:
                 reply: dict[str, Any] = json.loads(msg.payload)
                 return reply
+
+
+async def test_listen_in_shows_on_the_listened_boards_led_and_presence(tmp_path: Path) -> None:
+    """A listen call (receive-only for the caller) shows on the callee: its status LED
+    blinks the being-listened pattern and its retained presence names the listener."""
+    led = tmp_path / "led-b"  # stands in for /sys/class/leds/NAME: the same attribute files
+    led.mkdir()
+    async with lab(tmp_path) as lab_:
+        await tone_agent(lab_, A)
+        await lab_.agent(
+            B,
+            source=f"tone:{TONES[B]:g}",
+            sink="null",
+            settings=f'status_led = "{led}"',
+            extra=f'listen_allowed = ["{A}"]',
+        )
+        watcher = MqttClient(
+            MqttConfig(client_id="presence-watch", port=lab_.port, session_expiry=0),
+            subscriptions=[device_topic(B, Kind.PRESENCE)],
+        )
+        await watcher.start()
+        try:
+            for device in (A, B):
+                await lab_.until_status(device, lambda s: s["phase"] == "idle", f"{device} up")
+            await lab_.until_online(A, B)
+            code, reply = await lab_.cli(A, "call", f"peer={B}", "mode=listen")
+            assert (code, reply["ok"]) == (0, True), reply
+            presence = await _presence_until(watcher, lambda p: p.get("call") == "being-listened")
+            assert presence["listener"] == A and presence["state"] == "online"
+            assert (led / "trigger").read_text() == "timer"
+            assert ((led / "delay_on").read_text(), (led / "delay_off").read_text()) == (
+                "150",
+                "850",
+            )
+            status = await lab_.until_status(
+                A,
+                lambda s: (
+                    s["phase"] == "active" and bool((s["media"] or {}).get("packets_received"))
+                ),
+                "the listener hears the board",
+            )
+            assert status["media"]["packets_sent"] == 0  # receive-only: nothing goes back
+
+            code, reply = await lab_.cli(A, "hangup")
+            assert (code, reply["ok"]) == (0, True), reply
+            presence = await _presence_until(watcher, lambda p: p.get("call") != "being-listened")
+            assert "listener" not in presence
+            assert (led / "trigger").read_text() == "none"
+            assert (led / "brightness").read_text() == "0"
+        finally:
+            await watcher.close()
+
+
+async def _presence_until(
+    client: MqttClient, check: Callable[[dict[str, Any]], bool]
+) -> dict[str, Any]:
+    async with asyncio.timeout(WAIT):
+        while True:
+            presence: dict[str, Any] = json.loads((await client.recv()).payload)
+            if check(presence):
+                return presence

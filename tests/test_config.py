@@ -6,7 +6,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.service.config import PROFILE_DIR, AgentConfig, ConfigError, from_dict, load_config
+from agent.service.config import (
+    OVERRIDES_FILE,
+    PROFILE_DIR,
+    AgentConfig,
+    ConfigError,
+    from_dict,
+    load_config,
+    save_override,
+)
 
 
 def _write(tmp_path: Path, text: str) -> Path:
@@ -84,3 +92,20 @@ def test_arbitrary_tables_give_a_config_or_a_config_error(data: dict[str, object
     except ConfigError:
         return
     assert isinstance(config, AgentConfig)
+
+
+def test_saved_overrides_win_and_bad_ones_are_skipped(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    agent_file = tmp_path / "agent.toml"
+    agent_file.write_text(f'state_dir = "{tmp_path}"\n[calls]\nring_timeout_s = 20.0\n')
+    save_override(tmp_path, "calls.ring_timeout_s", 12.0)
+    save_override(tmp_path, "calls.renamed_in_an_upgrade", True)
+    save_override(tmp_path, "state_dir", "/elsewhere")
+    assert (tmp_path / OVERRIDES_FILE).stat().st_mode & 0o777 == 0o600
+    config = load_config(agent_file)
+    assert (config.calls.ring_timeout_s, config.state_dir) == (12.0, str(tmp_path))
+    assert "renamed_in_an_upgrade" in caplog.text and "state_dir" in caplog.text
+    (tmp_path / OVERRIDES_FILE).write_text("[1, 2")
+    with pytest.raises(ConfigError, match=OVERRIDES_FILE):
+        load_config(agent_file)

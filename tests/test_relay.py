@@ -51,6 +51,7 @@ from cloud_relay.config import (
     PolicySettings,
     RelayConfig,
     RuleSettings,
+    StoreSettings,
     load_config,
 )
 from cloud_relay.presence import PresenceTable
@@ -84,9 +85,12 @@ def device_config(broker: Mosquitto, device: str) -> MqttConfig:
     return fast_config(device, broker.port, broker.host)
 
 
-def relay_config(broker: Mosquitto, data_dir: Path, **changes: object) -> RelayConfig:
+def relay_config(
+    broker: Mosquitto, data_dir: Path, store_url: str | None = None, **changes: object
+) -> RelayConfig:
     base = RelayConfig(
         data_dir=str(data_dir),
+        store=StoreSettings(url=store_url),
         broker=BrokerSettings(url=f"mqtt://{broker.host}:{broker.port}"),
         mqtt=MqttSettings(client_id="relay-test", **FAST_TIMERS),
     )
@@ -145,6 +149,15 @@ def test_router_checks_call_membership_and_sides() -> None:
     assert router.route("b", to_json(stray).encode(), now_ms()).reason == "unknown-call"
     to_self = invite("a", "a")
     assert router.route("a", to_json(to_self).encode(), now_ms()).reason == "bad-recipient"
+    # Both sides hang up at once: the second one is for a call that just ended.
+    for side, other in (("a", "b"), ("b", "a")):
+        bye = make(HangupBody(reason="hangup"), call=inv.call, from_=side, to=other, ts=now_ms())
+        route = router.route(side, to_json(bye).encode(), now_ms())
+        assert (route.action, route.reason) == (
+            (Action.FORWARD, "") if side == "a" else (Action.DROP, "finished-call")
+        )
+    again = make(InviteBody(sdp=SDP), call=inv.call, from_="a", to="b", ts=now_ms())
+    assert router.route("a", to_json(again).encode(), now_ms()).reason == "duplicate-call"
 
 
 def test_policy_groups_and_config_file(tmp_path: Path) -> None:
@@ -188,9 +201,9 @@ callee = "desk"
 
 
 async def test_presence_online_and_lwt_offline_are_stored(
-    broker: Mosquitto, tmp_path: Path
+    broker: Mosquitto, tmp_path: Path, store_url: str
 ) -> None:
-    async with relay_running(relay_config(broker, tmp_path)) as relay:
+    async with relay_running(relay_config(broker, tmp_path, store_url)) as relay:
         proc = await spawn_client(DEVICE_SCRIPT, "door-killed", broker)
         try:
             assert proc.stdout is not None
@@ -219,10 +232,10 @@ async def test_presence_online_and_lwt_offline_are_stored(
 
 
 async def test_call_is_routed_with_authoritative_sender_and_recorded(
-    broker: Mosquitto, tmp_path: Path
+    broker: Mosquitto, tmp_path: Path, store_url: str
 ) -> None:
     async with (
-        relay_running(relay_config(broker, tmp_path)) as relay,
+        relay_running(relay_config(broker, tmp_path, store_url)) as relay,
         devices(broker, "door-a", "door-b") as (a, b),
     ):
         await until(
@@ -361,9 +374,11 @@ async def answer_commands(session: MqttSession, seen: list[dict[str, object]]) -
         )
 
 
-async def test_command_round_trip_and_timeout(broker: Mosquitto, tmp_path: Path) -> None:
+async def test_command_round_trip_and_timeout(
+    broker: Mosquitto, tmp_path: Path, store_url: str
+) -> None:
     async with (
-        relay_running(relay_config(broker, tmp_path)) as relay,
+        relay_running(relay_config(broker, tmp_path, store_url)) as relay,
         devices(broker, "door-a", "door-mute") as (a, _mute),
     ):
         seen: list[dict[str, object]] = []
@@ -406,9 +421,9 @@ async def test_command_round_trip_and_timeout(broker: Mosquitto, tmp_path: Path)
 
 
 async def test_relay_restart_keeps_devices_and_open_calls(
-    broker: Mosquitto, tmp_path: Path
+    broker: Mosquitto, tmp_path: Path, store_url: str
 ) -> None:
-    config = relay_config(broker, tmp_path)
+    config = relay_config(broker, tmp_path, store_url)
     async with devices(broker, "door-a", "door-b") as (a, b):
         async with relay_running(config) as relay:
             await until(lambda: relay.presence.reachable("door-b"), "door-b online")
@@ -467,11 +482,13 @@ def test_sync_messages_round_trip_and_refuse_garbage() -> None:
 
 
 async def test_two_relay_workers_share_the_signaling_load(
-    broker: Mosquitto, tmp_path: Path
+    broker: Mosquitto, tmp_path: Path, store_url: str
 ) -> None:
     """The broker deals the shared ``out`` subscription round-robin, so the messages of one
     call go to both workers; every call must still be routed whole and recorded once."""
-    first = relay_config(broker, tmp_path, mqtt=MqttSettings(client_id="relay-w1", **FAST_TIMERS))
+    first = relay_config(
+        broker, tmp_path, store_url, mqtt=MqttSettings(client_id="relay-w1", **FAST_TIMERS)
+    )
     second = replace(first, mqtt=MqttSettings(client_id="relay-w2", **FAST_TIMERS))
     async with (
         relay_running(first) as w1,

@@ -30,8 +30,12 @@ wrappers (``agent.audio.gain``), so they work in and out of calls and last until
 ``volume`` (``level`` 0..100) and ``test-tone`` (``frequency`` Hz, ``seconds``; only while no
 call has media: the speaker belongs to the call). ``config/get`` returns the effective
 configuration with secrets redacted; ``config/set`` (``key``, ``value``) checks the new value
-with the TOML loader, applies call-policy keys and ``audio.volume`` at once and says that
-any other key only takes effect after a restart (the change is not written to a file).
+with the TOML loader, saves it under the state directory (it overrides the agent file at
+every start), applies call-policy keys and ``audio.volume`` at once and says that any other
+key takes effect after a restart. Identity keys (``device_id``, ...) are refused.
+
+Every call indicator change (``Notify``) is shown on the status LED and republished in
+the retained presence (``call``, and ``listener`` while someone listens in).
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ import tomllib
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from agent.audio.base import AudioSink
@@ -67,6 +72,7 @@ from agent.calls.machine import (
     Hangup,
     HangupCommand,
     IceFailed,
+    Indicator,
     Invite,
     MediaConnected,
     MediaFailed,
@@ -86,11 +92,12 @@ from agent.calls.machine import (
 )
 from agent.media.peer import CallSetupError, MediaPeer
 from agent.media.sdp import Direction
-from agent.media.session import MediaStats
+from agent.media.session import EndReason, MediaSession, MediaStats
 from agent.net.candidate import Candidate, CandidateError
 from agent.net.ice import IceError
 from agent.net.transport import TransportClosed
-from agent.service.config import AgentConfig
+from agent.service.config import FIXED_KEYS, AgentConfig, save_override
+from agent.service.led import StatusLed
 from agent.service.tomlconf import ConfigError, replace_key, to_plain
 from agent.signaling.envelope import (
     AcceptBody,
@@ -301,10 +308,14 @@ class CallRuntime:
         controls: AudioControls | None = None,
         speaker: AudioSink | None = None,
         config: AgentConfig | None = None,
+        presence: Mapping[str, object] | None = None,
+        led: StatusLed | None = None,
     ) -> None:
         """``controls``: the mute and volume the audio wrappers read; ``speaker``: where a
         test tone plays (None: ``test-tone`` is refused); ``config``: the effective config
-        for ``config/get``/``config/set`` (None: ``AgentConfig()``)."""
+        for ``config/get``/``config/set`` (None: ``AgentConfig()``); ``presence``: the
+        device's online presence, republished with the call indicator as it changes
+        (None: not republished); ``led``: the status LED showing the indicator."""
         self.device_id = session.device_id
         self._session = session
         self.machine = machine
@@ -328,6 +339,10 @@ class CallRuntime:
         self.config = config if config is not None else AgentConfig(device_id=self.device_id)
         self.controls = controls if controls is not None else AudioControls()
         self._speaker = speaker
+        self._presence = presence
+        self._led = led
+        self._indicator = Indicator.IDLE
+        self._presence_tasks: set[asyncio.Task[None]] = set()
         self._tone: asyncio.Task[None] | None = None
         self._commands: dict[str, Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]] = {
             "call": self._cmd_call,
@@ -370,6 +385,11 @@ class CallRuntime:
         for handle in self._timers.values():
             handle.cancel()
         self._timers.clear()
+        if self._presence_tasks:
+            # The session publishes its offline presence next; these are moot.
+            for task in self._presence_tasks:
+                task.cancel()
+            await asyncio.gather(*self._presence_tasks, return_exceptions=True)
 
     def _post(self, event: Event) -> None:
         if not self._closed:
@@ -443,10 +463,39 @@ class CallRuntime:
                     "media": None if stats is None else asdict(stats),
                 }
                 await self._telemetry({"event": "call-ended", **self.last_call})
-            case Notify(indicator=indicator, call_id=call_id):
-                logger.info("device %s call %s: %s", self.device_id, call_id, indicator)
+            case Notify():
+                await self._indicate(action)
             case _:
                 pass  # refusals and ignored events: the machine logs and counts them
+
+    async def _indicate(self, notify: Notify) -> None:
+        """Show the call indicator on the LED and in the retained presence.
+
+        Being listened to names the listener in the presence, so that the relay and the
+        dashboard show who hears this board's microphone."""
+        logger.info("device %s call %s: %s", self.device_id, notify.call_id, notify.indicator)
+        if notify.indicator is self._indicator:
+            return
+        self._indicator = notify.indicator
+        if self._led is not None:
+            await self._led.show(notify.indicator)
+        if self._presence is None:
+            return
+        presence = {**self._presence, "call": notify.indicator.value}
+        if notify.indicator is Indicator.BEING_LISTENED and notify.peer is not None:
+            presence["listener"] = notify.peer
+        # Not awaited here: the call must not wait for the broker. Updates still go out in
+        # order (each task queues its publish when it starts).
+        task = asyncio.get_running_loop().create_task(self._publish_presence(presence))
+        self._presence_tasks.add(task)
+        task.add_done_callback(self._presence_tasks.discard)
+
+    async def _publish_presence(self, presence: Mapping[str, object]) -> None:
+        try:
+            await self._session.set_presence(presence)
+        except PublishFailed as exc:
+            # The latest presence is republished on the next connect anyway.
+            logger.info("device %s: presence not confirmed: %s", self.device_id, exc)
 
     def _fire(self, timer: Timer, call_id: str) -> None:
         self._timers.pop((timer, call_id), None)
@@ -580,16 +629,66 @@ class CallRuntime:
     async def _run_media(self, media: _Media) -> None:
         call_id = media.call_id
         try:
-            await media.peer.connect()
+            session = await media.peer.connect()
         except CallSetupError as exc:
             logger.warning("device %s call %s: %s", self.device_id, call_id, exc)
             ice = isinstance(exc.__cause__, IceError | TransportClosed)
             self._post(IceFailed(call_id) if ice else MediaFailed(call_id, "dtls-failed"))
             return
         self._post(MediaConnected(call_id))
-        event = media_end_event(await media.peer.ended(), call_id)
+        ended = asyncio.get_running_loop().create_task(
+            media.peer.ended(), name=f"media-ended-{call_id[:8]}"
+        )
+        try:
+            await self._audio_flowing(media, session, ended)
+            reason = await ended
+        finally:
+            ended.cancel()  # our wait only: the session's own end is shielded
+        event = media_end_event(reason, call_id)
         if event is not None:
             self._post(event)
+
+    async def _audio_flowing(
+        self,
+        media: _Media,
+        session: MediaSession,
+        ended: asyncio.Future[EndReason],
+        wait_s: float = 10.0,
+    ) -> None:
+        """Publish ``audio-flowing`` once the first frame from the peer is decoded.
+
+        ``at_ms`` is the wall clock (``wall_ms``) when it was decoded: the end of call
+        setup, for operators and ``tools/bench/e2e.py``. Waits at most ``wait_s`` and
+        never past the end of the session; a call in which we only send hears nothing and
+        publishes nothing.
+        """
+        negotiated = media.peer.negotiated
+        if negotiated is not None and not negotiated.direction.receives:
+            return
+        loop = asyncio.get_running_loop()
+        first = loop.create_task(session.first_audio(), name=f"first-audio-{media.call_id[:8]}")
+        waiting: set[asyncio.Future[Any]] = {first, ended}
+        try:
+            done, _ = await asyncio.wait(
+                waiting, timeout=wait_s, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            first.cancel()  # our wait only: first_audio() is shielded
+        if first not in done:
+            if not ended.done():
+                logger.warning(
+                    "device %s call %s: media connected but no audio decoded within %g s",
+                    self.device_id, media.call_id, wait_s,
+                )  # fmt: skip
+            return
+        at_ms = self._wall_ms() - round(1000 * (loop.time() - first.result()))
+        logger.info("device %s call %s: audio flowing", self.device_id, media.call_id)
+        await self._telemetry({
+            "event": "audio-flowing",
+            "call_id": media.call_id,
+            "peer": media.peer_id,
+            "at_ms": at_ms,
+        })  # fmt: skip
 
     async def _stop_media(self, call_id: str) -> None:
         media = self._media
@@ -858,6 +957,8 @@ class CallRuntime:
         key = args.get("key")
         if not isinstance(key, str) or not key:
             raise CommandRejected("key must be a dotted config key, e.g. calls.do_not_disturb")
+        if key in FIXED_KEYS:
+            raise CommandRejected(f"config/set: {key} is set in the agent file only")
         if "value" not in args:
             raise CommandRejected("value is required")
         value = args["value"]
@@ -871,24 +972,26 @@ class CallRuntime:
                 config = replace_key(self.config, key, parsed)
             except ConfigError as exc:
                 raise CommandRejected(f"config/set: {exc}") from None
+        plain = to_plain(_lookup(config, key))
+        try:
+            await asyncio.to_thread(save_override, Path(config.state_dir), key, plain)
+        except (OSError, ConfigError) as exc:
+            logger.error("device %s: config/set %s not saved: %s", self.device_id, key, exc)
+            return {"ok": False, "message": f"config/set: {key} not saved: {exc}"}
         self.config = config
-        shown = redact({key.rsplit(".", 1)[-1]: to_plain(_lookup(config, key))})
-        shown_value = next(iter(shown.values()))
+        shown = json.dumps(redact({key.rsplit(".", 1)[-1]: plain}).popitem()[1])
         if key in LIVE_KEYS:
             self.machine.policy = config.calls.policy()
             self.controls.set_volume(config.audio.volume)
             return {
                 "ok": True,
-                "message": f"{key} = {json.dumps(shown_value)}, applied",
+                "message": f"{key} = {shown}, applied and saved",
                 "applied": True,
                 "restart_required": False,
             }
         return {
             "ok": True,
-            "message": (
-                f"{key} = {json.dumps(shown_value)} accepted; takes effect after a restart "
-                "(not saved: put it in the agent's config file too)"
-            ),
+            "message": f"{key} = {shown} saved; takes effect after a restart",
             "applied": False,
             "restart_required": True,
         }

@@ -28,7 +28,6 @@ import datetime
 import enum
 import logging
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +40,7 @@ from OpenSSL import SSL, crypto
 from agent.media.sdp import SUPPORTED_FINGERPRINTS, Fingerprint, certificate_matches, fingerprint_of
 from agent.media.srtp import KeyPair, SrtpKeys, SrtpProfile
 from agent.net.transport import DatagramTransport, TransportClosed
+from agent.service.files import write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -199,8 +199,8 @@ class DtlsCertificate:
         )
         # Key first: a crash between the two leaves a pair that does not match, which
         # the next start detects and replaces.
-        _write_atomic(directory / KEY_FILE, key_pem, 0o600)
-        _write_atomic(
+        write_atomic(directory / KEY_FILE, key_pem, 0o600)
+        write_atomic(
             directory / CERT_FILE, self._cert.public_bytes(serialization.Encoding.PEM), 0o644
         )
 
@@ -232,26 +232,6 @@ def _public_der(key: object) -> bytes:
     return key.public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-
-
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    """Write to a temporary file next to ``path`` (created 0600), fsync, then rename over."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def _tighten_key_mode(path: Path) -> None:

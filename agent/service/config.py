@@ -3,20 +3,28 @@
 A board profile (``firmware_configs/*.toml``) gives the hardware defaults;
 the agent's own file overrides them key by key. Unknown keys and wrong types
 are errors that name the offending key, so a typo never silently does nothing.
+What operators set with the ``config/set`` command is saved under the state
+directory (``OVERRIDES_FILE``) and overrides both at every start.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from agent.audio.device import DeviceConfig
 from agent.calls.policy import CallPolicy
 from agent.media.dtls import DtlsTimers
 from agent.media.session import MediaConfig
 from agent.net.ice import IceConfig
-from agent.service.tomlconf import ConfigError, from_dict, merge, read_toml
+from agent.service.files import write_atomic
+from agent.service.tomlconf import ConfigError, from_dict, merge, read_toml, replace_key
 from agent.signaling.mqtt import MqttTimers
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,13 +111,60 @@ class AgentConfig:
     """The device's MQTT session (``run``)."""
     calls: CallSettings = field(default_factory=CallSettings)
     """Call timers and incoming-call policy (``run``)."""
+    status_led: str | None = None
+    """The status LED's Linux LED class directory (``/sys/class/leds/NAME``); None: no LED."""
 
 
 PROFILE_DIR = Path(__file__).resolve().parents[2] / "firmware_configs"
 
 
+OVERRIDES_FILE = "config-overrides.json"
+"""Under the state directory: what operators set with ``config/set``, key by dotted key."""
+
+FIXED_KEYS = frozenset({"device_id", "board", "state_dir"})
+"""Set at pairing or in the agent file only: ``config/set`` refuses them."""
+
+
+def read_overrides(state_dir: Path) -> dict[str, Any]:
+    """The saved ``config/set`` values; a missing file is none, a broken one a ConfigError."""
+    path = state_dir / OVERRIDES_FILE
+    try:
+        raw = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: must be a JSON object")
+    return raw
+
+
+def save_override(state_dir: Path, key: str, value: Any) -> None:
+    """Add ``key = value`` to the saved overrides (0600: values may be secrets)."""
+    overrides = read_overrides(state_dir)
+    overrides[key] = value
+    state_dir.mkdir(parents=True, exist_ok=True)
+    data = json.dumps(overrides, indent=1, sort_keys=True).encode()
+    write_atomic(state_dir / OVERRIDES_FILE, data, 0o600)
+
+
+def apply_overrides(config: AgentConfig) -> AgentConfig:
+    """``config`` with the saved ``config/set`` values on top; one that no longer fits (a
+    key renamed by an upgrade, say) is logged and skipped, never fatal."""
+    for key, value in read_overrides(Path(config.state_dir)).items():
+        if key in FIXED_KEYS:
+            logger.warning("config override %s ignored: set in the agent file only", key)
+            continue
+        try:
+            config = replace_key(config, key, value)
+        except ConfigError as exc:
+            logger.warning("config override ignored: %s", exc)
+    return config
+
+
 def load_config(path: Path | None, profile_dir: Path = PROFILE_DIR) -> AgentConfig:
-    """The agent file's settings on top of its board profile's ``[agent]`` table."""
+    """The agent file's settings on top of its board profile's ``[agent]`` table, and the
+    operators' saved ``config/set`` values on top of both."""
     data = read_toml(path) if path is not None else {}
     board = data.get("board", "generic")
     if not isinstance(board, str) or not board.replace("-", "").replace("_", "").isalnum():
@@ -118,7 +173,7 @@ def load_config(path: Path | None, profile_dir: Path = PROFILE_DIR) -> AgentConf
     profile = read_toml(profile_path).get("agent", {}) if profile_path.exists() else {}
     if board != "generic" and not profile_path.exists():
         raise ConfigError(f"board: no profile {profile_path}")
-    return from_dict(AgentConfig, merge(profile, data))
+    return apply_overrides(from_dict(AgentConfig, merge(profile, data)))
 
 
 __all__ = [
