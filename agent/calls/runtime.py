@@ -78,6 +78,7 @@ from agent.calls.machine import (
     MediaFailed,
     Message,
     Notify,
+    Phase,
     Received,
     Ringing,
     Role,
@@ -526,11 +527,36 @@ class CallRuntime:
         await self._publish(env)
         media = self._media
         if sdp is not None and media is not None and media.call_id == call_id:
+            loop = asyncio.get_running_loop()
             media.tasks.append(
-                asyncio.get_running_loop().create_task(
-                    self._trickle(media), name=f"trickle-{call_id[:8]}"
-                )
+                loop.create_task(self._trickle(media), name=f"trickle-{call_id[:8]}")
             )
+            if isinstance(message, Invite) and self.config.calls.invite_resend_s > 0:
+                media.tasks.append(
+                    loop.create_task(self._resend_invite(env), name=f"resend-{call_id[:8]}")
+                )
+
+    async def _resend_invite(self, env: Envelope) -> None:
+        """Publish the same invite again until the callee answers anything.
+
+        The broker acknowledges a message that no relay was subscribed to take (a relay
+        reconnecting after a broker restart, say), so a PUBACK does not mean the invite
+        got anywhere. The copy has the same message id: relay and callee drop it as a
+        duplicate if the first one did arrive. The invite timer still bounds the call."""
+        while True:
+            await asyncio.sleep(self.config.calls.invite_resend_s)
+            live = self.machine.state.live
+            if (
+                self.machine.phase is not Phase.OUTGOING
+                or live is None
+                or live.call_id != env.call
+                or live.remote_ringing_at is not None
+            ):
+                return
+            logger.info(
+                "device %s call %s: no answer yet, invite sent again", self.device_id, env.call
+            )
+            await self._publish(env)
 
     async def _publish(self, env: Envelope) -> None:
         try:

@@ -59,6 +59,8 @@ class CallSettings:
 
     invite_timeout_s: float = 5.0
     """Caller: the callee must acknowledge the invite within this (else unreachable)."""
+    invite_resend_s: float = 1.0
+    """Caller: send the same invite again after this long without an answer (0: never)."""
     answer_timeout_s: float = 30.0
     """Caller: how long the callee may ring."""
     ring_timeout_s: float = 30.0

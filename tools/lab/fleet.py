@@ -4,7 +4,8 @@
 ``root / "relay-data"`` (or ``data_dir``) and an MQTT client for commands; ``f.agent(...)``
 starts ``edge-intercom-agent run`` processes. Logs go to ``root / NAME.log``. Every wait is
 bounded and fails with ``FleetError`` naming what it waited for, with the logs' tails.
-Used by ``tests/test_agent_run.py`` and the demo (``tools/demo_call.py``).
+``f.restart_relay()`` and ``f.broker_pid()`` are for fault tests. Used by
+``tests/test_agent_run.py``, ``tests/test_faults.py`` and the demo (``tools/demo_call.py``).
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ def _entry(script: str, module: str) -> list[str]:
 
 
 RELAY_CMD = _entry("edge-intercom-relay", "cloud_relay")
+RELAY_READY = "relay ready"
+"""What ``edge-intercom-relay serve`` logs once it is connected and subscribed."""
 AGENT_CMD = _entry("edge-intercom-agent", "agent.app")
 
 
@@ -87,23 +90,29 @@ class Fleet:
         source: str = "device",
         sink: str = "device",
         auto_answer: Sequence[str] = (),
+        settings: str = "",
         extra: str = "",
         env: Mapping[str, str] | None = None,
+        keepalive: int = 5,
     ) -> Path:
         """Start ``edge-intercom-agent run`` for ``device``; returns its config file.
 
-        ``extra`` is TOML appended to the generated configuration (e.g. audio devices)."""
+        ``settings`` is TOML for the top level (before any table); ``extra`` is TOML
+        appended to the generated configuration, inside its ``[calls]`` table unless it
+        opens tables of its own (e.g. audio devices). ``keepalive``: its MQTT keep-alive in
+        seconds (the broker declares it gone after 1.5x this)."""
         config = self.root / f"{device}.toml"
         auto = ", ".join(json.dumps(d) for d in auto_answer)
         config.write_text(
             f"""
 device_id = "{device}"
 state_dir = "{self.root / device}"
+{settings}
 [ice]
 host_addresses = ["127.0.0.1"]
 [mqtt]
 port = {self.port}
-keepalive = 5
+keepalive = {keepalive}
 backoff_min = 0.05
 backoff_max = 0.5
 connect_timeout = 5.0
@@ -153,13 +162,17 @@ ended_hold_s = 60.0
     async def until_status(
         self, device: str, check: Callable[[dict[str, Any]], bool], what: str
     ) -> dict[str, Any]:
-        """Poll ``status`` until ``check`` accepts the reply."""
+        """Poll ``status`` until ``check`` accepts the reply.
+
+        Each request waits for its reply at most 2 s: one sent while the device was
+        reconnecting to a new broker had no subscriber and is gone, so ask again."""
+        assert self.client is not None
         last: dict[str, Any] = {}
         try:
             async with asyncio.timeout(WAIT):
                 while True:
                     with contextlib.suppress(CommandError):
-                        last = await self.command(device, "status")
+                        last = await send_command(self.client, device, "status", timeout=2.0)
                         if check(last):
                             return last
                     await asyncio.sleep(0.05)
@@ -200,6 +213,61 @@ ended_hold_s = 60.0
         code = await self._stop(self.relay, "relay")
         if code != 0:
             raise FleetError(f"relay exited with {code}\n{self.log('relay')}")
+
+    @property
+    def broker_pid_path(self) -> Path:
+        """Where the relay's embedded broker writes the pid of the current mosquitto."""
+        return self.data_dir / "broker" / "mosquitto.pid"
+
+    def broker_pid(self) -> int | None:
+        """The pid of the relay's current mosquitto, None if it has not written one (yet)."""
+        try:
+            return int(self.broker_pid_path.read_text())
+        except (OSError, ValueError):
+            return None
+
+    async def start_relay(self) -> None:
+        """Start ``edge-intercom-relay serve`` (``root / relay.toml``, this data dir) and wait
+        until it is ready: its broker listens and the relay is connected and subscribed (so
+        no device message published from now on goes past it)."""
+        config = self.root / "relay.toml"
+        argv = [*RELAY_CMD, "serve", "--config", str(config), "--data-dir", str(self.data_dir)]
+        log = self.root / "relay.log"
+        readies = log.read_text(errors="replace").count(RELAY_READY) if log.exists() else 0
+        self.relay = relay = await self.spawn("relay", argv, env=os.environ)
+        try:
+            async with asyncio.timeout(WAIT):
+                while log.read_text(errors="replace").count(RELAY_READY) <= readies:
+                    if relay.returncode is not None:
+                        raise self.fail(f"relay exited with {relay.returncode}")
+                    await asyncio.sleep(0.05)
+        except TimeoutError:
+            raise self.fail(f"the relay was not ready within {WAIT:g} s") from None
+
+    async def restart_relay(self, *, kill: bool = False) -> None:
+        """Stop the relay and start it again on the same config, data dir and port.
+
+        ``kill`` False: SIGTERM, and it must exit 0; True: SIGKILL (its broker gets SIGTERM
+        from the kernel), then wait until that broker has let go of the port. The command
+        client stays: it reconnects to the new broker by itself."""
+        relay = self.relay
+        assert relay is not None
+        if kill:
+            relay.kill()
+            await relay.wait()
+            try:
+                async with asyncio.timeout(WAIT):
+                    while True:  # the kernel's SIGTERM takes mosquitto a moment
+                        if not _tcp_open(self.port):
+                            break
+                        await asyncio.sleep(0.05)
+            except TimeoutError:
+                raise self.fail(f"the killed relay's broker still listens on {self.port}") from None
+        else:
+            code = await self._stop(relay, "relay")
+            if code != 0:
+                raise FleetError(f"relay exited with {code}\n{self.log('relay')}")
+        await self.start_relay()
 
     async def _stop(self, proc: asyncio.subprocess.Process, name: str) -> int:
         if proc.returncode is None:
@@ -246,19 +314,13 @@ connect_timeout = 3.0
 misc_interval = 0.2
 """
     )
-    argv = [*RELAY_CMD, "serve", "--config", str(config), "--data-dir", str(f.data_dir)]
-    f.relay = await f.spawn("relay", argv, env=os.environ)
     try:
-        try:
-            async with asyncio.timeout(WAIT):
-                while not _tcp_open(port):
-                    if f.relay.returncode is not None:
-                        raise f.fail(f"relay exited with {f.relay.returncode}")
-                    await asyncio.sleep(0.05)
-        except TimeoutError:
-            raise f.fail(f"the relay's broker did not listen on {port}") from None
+        await f.start_relay()
         f.client = MqttClient(
-            MqttConfig(client_id=client_id, port=port, session_expiry=0),
+            # Back within half a second of a broker that was killed or restarted.
+            MqttConfig(
+                client_id=client_id, port=port, session_expiry=0, backoff_min=0.05, backoff_max=0.5
+            ),
             subscriptions=[reply_topic(d) for d in devices],
         )
         await f.client.start()
@@ -270,12 +332,13 @@ misc_interval = 0.2
             if proc.returncode is None:
                 proc.kill()
                 await proc.wait()
-        if f.relay.returncode is None:
+        if f.relay is not None and f.relay.returncode is None:
             # Politely first: the relay stops its broker on SIGTERM.
-            f.relay.send_signal(signal.SIGTERM)
+            relay = f.relay
+            relay.send_signal(signal.SIGTERM)
             try:
                 async with asyncio.timeout(WAIT):
-                    await f.relay.wait()
+                    await relay.wait()
             except TimeoutError:
-                f.relay.kill()
-                await f.relay.wait()
+                relay.kill()
+                await relay.wait()
