@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import logging
 import secrets
@@ -91,6 +92,11 @@ async def serve(config: RelayConfig) -> int:
                     async with asyncio.timeout(delay):
                         await stop.wait()
         if not stop.is_set():
+            # What start-up made (modules, SQLAlchemy, paho, the loaded devices) lives as
+            # long as the process: out of the collector's reach, a full collection walks
+            # only what routing made since, in a few ms instead of 30-50 ms that every
+            # message in flight waited for.
+            gc.freeze()
             logger.info("relay ready (data in %s)", data_dir)
             await stop.wait()
         logger.info("shutting down")

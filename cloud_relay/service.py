@@ -7,17 +7,26 @@ workers' sync topic and every device's ``reply``. One task reads all messages in
 order and dispatches them by topic kind. Publishes and store writes are
 started in that order and not awaited by the reader, so a slow broker or
 database never stalls routing; both are tracked and awaited in ``close()``.
+
+Under load the reader takes many messages per wake-up. What routing them
+publishes goes out once the reader has taken every message waiting: first one
+sync message with all their call events (``cloud_relay.sync``: the other workers
+learn of the calls before any forward, as before), then the forwards and
+rejections in routing order. One sync message per batch instead of one per call
+event is a good part of what lets one relay route thousands of messages a second.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import itertools
 import logging
 import secrets
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -60,15 +69,29 @@ class RelayStats:
     """Call events applied from other relay workers."""
     publish_failed: int = 0
     store_failed: int = 0
+    store_retried: int = 0
+    """Answers and ends written again because another worker's call was not stored yet."""
     dropped: Counter[str] = field(default_factory=Counter)
     """Dropped messages by reason (``malformed-<field>``, ``stale``, ``unknown-call``, ...)."""
 
 
 def mqtt_config(config: RelayConfig) -> MqttConfig:
+    """The relay's connection: one client carries every device's signaling, so its windows
+    are a device's times the load. Unacknowledged QoS 1 publishes: with an agent's 20, the
+    relay could forward no more than 20 per broker round trip, and the round trip grows
+    with the load, so a burst stalled it (publishes failed with queue-full)."""
     host, port = config.broker.endpoint()
     connection = config.mqtt.mqtt_config(config.mqtt.client_id, host, port)
-    return replace(connection, max_incoming=10_000)
+    return replace(connection, max_incoming=20_000, max_inflight=1_000, max_queued=20_000)
 
+
+CALL_RETRY_DELAYS = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2)
+"""Seconds before writing an answer or an end again while its call is not in the store:
+another worker routed the invite and has not committed it yet (6.35 s in all)."""
+
+SYNC_EVENTS_PER_MESSAGE = 50
+"""At most this many call events per sync message (each well under 300 bytes encoded,
+so a message stays below ``sync.MAX_SYNC_BYTES``)."""
 
 SUBSCRIPTIONS = (
     topics.all_devices(Kind.PRESENCE),
@@ -99,6 +122,15 @@ class Relay:
         self.requester = Requester(self.client)
         self._reader: asyncio.Task[None] | None = None
         self._pending: set[asyncio.Future[Any]] = set()
+        self._sync_events: list[CallEvent] = []
+        """Call events of the messages routed since the last flush, for the other workers."""
+        self._outbox: list[tuple[str, bytes]] = []
+        """(topic, payload) routed since the last flush, in routing order."""
+        self._flush_handle: asyncio.Handle | None = None
+        self._retries: dict[int, asyncio.TimerHandle] = {}
+        """Answers and ends waiting to be written again (``_write_to_call``)."""
+        self._retry_keys = itertools.count()
+        self._closing = False
 
     async def start(self) -> None:
         """Load state from the store, connect (``ConnectFailed`` after the connect timeout)."""
@@ -113,11 +145,19 @@ class Relay:
 
     async def close(self) -> None:
         """Stop reading, let started publishes and writes finish, disconnect."""
+        self._closing = True
         reader, self._reader = self._reader, None
         if reader is not None:
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reader
+        self._flush()  # what the reader routed last
+        if self._retries:
+            logger.warning("%d call records for calls not in the store dropped at close",
+                           len(self._retries))  # fmt: skip
+            for handle in self._retries.values():
+                handle.cancel()
+            self._retries.clear()
         self.requester.cancel_all()
         if self._pending:
             await asyncio.wait(self._pending, timeout=self.config.mqtt.publish_timeout)
@@ -243,10 +283,27 @@ class Relay:
             self.stats.forwarded += 1
             if logger.isEnabledFor(logging.DEBUG):
                 logger.debug("%s -> %s: %s (call %s)", env.from_, env.to, env.type, env.call)
-            if route.events:
-                # Before the forward: the other workers must know the call first (sync.py).
-                self._track(self._publish(RELAY_SYNC_TOPIC, encode(self.worker, route.events)))
-        self._track(self._publish(topics.device_topic(env.to, Kind.IN), to_json(env).encode()))
+            # Published before the forward: the other workers must know the call first.
+            self._sync_events += route.events
+        self._outbox.append((topics.device_topic(env.to, Kind.IN), to_json(env).encode()))
+        if self._flush_handle is None:
+            # After the reader has taken every message waiting now (it does not yield
+            # while the receive queue has more).
+            self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """Publish the sync message(s) of everything routed since the last flush, then the
+        routed messages."""
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        events, self._sync_events = self._sync_events, []
+        outbox, self._outbox = self._outbox, []
+        for start in range(0, len(events), SYNC_EVENTS_PER_MESSAGE):
+            chunk = events[start : start + SYNC_EVENTS_PER_MESSAGE]
+            self._publish(RELAY_SYNC_TOPIC, encode(self.worker, chunk))
+        for topic, payload in outbox:
+            self._publish(topic, payload)
 
     def _record(self, route: Route, now_ms: int) -> None:
         at = utc_from_ms(now_ms)
@@ -258,29 +315,71 @@ class Relay:
             case CallStarted(call=call, caller=caller, callee=callee, mode=mode):
                 self._write(self.store.call_started, call, caller, callee, mode, at)
             case CallAnswered(call=call):
-                self._write(self.store.call_answered, call, at)
+                self._write_to_call(0, self.store.call_answered, call, at)
             case CallEnded(call=call, reason=reason):
-                self._write(self.store.call_ended, call, reason, at)
+                self._write_to_call(0, self.store.call_ended, call, reason, at)
 
-    async def _publish(self, topic: str, payload: bytes) -> None:
+    def _write_to_call(self, attempt: int, fn: Callable[..., bool], call: str, *args: Any) -> None:
+        """Record an answer or an end; again later while the store has no such call yet.
+
+        Another worker may have routed the invite and not committed the call yet (its
+        writes are not ordered with ours), so a missing call is tried again after each
+        of ``CALL_RETRY_DELAYS`` before it is given up with a warning.
+        """
+        fut = self._write(fn, call, *args)
+
+        def done(fut: asyncio.Future[Any]) -> None:
+            if fut.cancelled() or fut.exception() is not None or fut.result():
+                return
+            if self._closing:
+                self.stats.dropped["call-not-stored"] += 1
+                return
+            if attempt >= len(CALL_RETRY_DELAYS):
+                self.stats.dropped["call-not-stored"] += 1
+                logger.warning("call %s: %s not recorded: no such call in the store", call,
+                               fn.__name__)  # fmt: skip
+                return
+            self.stats.store_retried += 1
+            key = next(self._retry_keys)
+            self._retries[key] = asyncio.get_running_loop().call_later(
+                CALL_RETRY_DELAYS[attempt], self._retry, key, attempt + 1, fn, call, *args
+            )
+
+        fut.add_done_callback(done)
+
+    def _retry(
+        self, key: int, attempt: int, fn: Callable[..., bool], call: str, *args: Any
+    ) -> None:
+        del self._retries[key]
+        self._write_to_call(attempt, fn, call, *args)
+
+    def _publish(self, topic: str, payload: bytes) -> None:
+        """Publish at QoS 1 without waiting; a failure is counted and logged."""
         try:
-            await self.client.publish(topic, payload, qos=1)
+            fut = self.client.publish_nowait(topic, payload, qos=1)
         except PublishFailed as exc:
-            self.stats.publish_failed += 1
-            logger.warning("publish to %s failed: %s", topic, exc)
+            self._publish_failed(topic, exc)
+            return
+        self._pending.add(fut)
+        fut.add_done_callback(functools.partial(self._published, topic))
 
-    def _write(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
-        fut = self.store.submit(lambda: fn(*args, **kwargs))
+    def _published(self, topic: str, fut: asyncio.Future[None]) -> None:
+        self._pending.discard(fut)
+        if not fut.cancelled() and isinstance(exc := fut.exception(), PublishFailed):
+            self._publish_failed(topic, exc)
+
+    def _publish_failed(self, topic: str, exc: PublishFailed) -> None:
+        self.stats.publish_failed += 1
+        logger.warning("publish to %s failed: %s", topic, exc)
+
+    def _write(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> asyncio.Future[Any]:
+        fut = self.store.write(fn, *args, **kwargs)
         self._pending.add(fut)
         fut.add_done_callback(self._write_done)
+        return fut
 
     def _write_done(self, fut: asyncio.Future[Any]) -> None:
         self._pending.discard(fut)
         if not fut.cancelled() and (exc := fut.exception()) is not None:
             self.stats.store_failed += 1
             logger.error("store write failed: %r", exc)
-
-    def _track(self, coro: Awaitable[None]) -> None:
-        task = asyncio.ensure_future(coro)
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)

@@ -1,19 +1,31 @@
 """The relay's store: SQLAlchemy Core over any URL (SQLite file by default), Alembic schema.
 
 All database work runs on one worker thread owned by the ``Store``, never on the
-event loop. The thread takes jobs in the order they were submitted, so writes
+event loop. The thread takes jobs in the order they were queued, so writes
 issued in order (a call's start before its end) land in order even when the
 caller does not wait for them. ``open()`` brings the schema to the newest
 Alembic revision before anything else runs.
+
+Writes queued with ``write()`` are committed together: a write waits up to
+``linger`` (10 ms) for others, and the thread runs every write waiting next to
+each other in one transaction (one commit, one fsync, one wake-up of the event
+loop for all of them), which is what lets one relay keep up with thousands of
+presence and call events per second. Reads and other ``submit()`` jobs never
+wait; they take the writes queued before them along, in order.
+A write's own transaction semantics are unchanged: if any write of a batch
+raises, the batch is rolled back and each of its writes runs again in its own
+transaction, so only the failing one fails.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import functools
 import logging
-from collections.abc import Callable, Mapping
+import threading
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,7 +33,18 @@ from typing import Any, TypeVar
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
-from sqlalchemy import Engine, create_engine, event, insert, inspect, or_, select, update
+from sqlalchemy import (
+    Engine,
+    bindparam,
+    create_engine,
+    event,
+    func,
+    insert,
+    inspect,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.engine import Connection, RowMapping
 from sqlalchemy.exc import IntegrityError
 
@@ -87,6 +110,95 @@ class CommandRecord:
     status: str
 
 
+# The writes that run per presence message and per call event, built once: building a
+# statement costs several times more than executing it (SQLAlchemy coercion, cache key).
+_dev, _call_row = devices.c, calls.c
+_PRESENCE_VALUES = {
+    "presence": bindparam("p_state", type_=_dev.presence.type),
+    "last_seen": bindparam("p_at", type_=_dev.last_seen.type),
+    # Fields the message did not carry (None) keep what the device had.
+    "board": func.coalesce(bindparam("p_board", type_=_dev.board.type), _dev.board),
+    "version": func.coalesce(bindparam("p_version", type_=_dev.version.type), _dev.version),
+    "group": func.coalesce(bindparam("p_group", type_=_dev.group.type), _dev.group),
+}
+_PRESENCE_CHANGED = (
+    update(devices)
+    .where(
+        _dev.id == bindparam("p_device"),
+        or_(_dev.presence.is_(None), _dev.presence != bindparam("p_state")),
+    )
+    .values(_PRESENCE_VALUES)
+)
+_PRESENCE_SEEN = update(devices).where(_dev.id == bindparam("p_device")).values(_PRESENCE_VALUES)
+_DEVICE_NEW = insert(devices).values(
+    id=bindparam("p_device"),
+    created=bindparam("p_at", type_=_dev.created.type),
+    presence=bindparam("p_state"),
+    last_seen=bindparam("p_at", type_=_dev.last_seen.type),
+    board=bindparam("p_board"),
+    version=bindparam("p_version"),
+    group=bindparam("p_group"),
+)
+_PRESENCE_EVENT = insert(presence_events).values(
+    device=bindparam("p_device"),
+    state=bindparam("p_state"),
+    at=bindparam("p_at", type_=presence_events.c.at.type),
+)
+_CALL_EXISTS = select(_call_row.id).where(_call_row.id == bindparam("c_id"))
+_CALL_NEW = insert(calls).values(
+    id=bindparam("c_id"),
+    caller=bindparam("c_caller"),
+    callee=bindparam("c_callee"),
+    mode=bindparam("c_mode"),
+    started=bindparam("c_at", type_=_call_row.started.type),
+)
+_CALL_ANSWERED = (
+    update(calls)
+    .where(_call_row.id == bindparam("c_id"), _call_row.answered.is_(None))
+    .values(answered=bindparam("c_at", type_=_call_row.answered.type))
+)
+_CALL_ENDED = (
+    update(calls)
+    .where(_call_row.id == bindparam("c_id"), _call_row.ended.is_(None))
+    .values(
+        ended=bindparam("c_at", type_=_call_row.ended.type),
+        end_reason=bindparam("c_reason"),
+    )
+)
+_CALL_ENDED_QUALITY = _CALL_ENDED.values(
+    quality=bindparam("c_quality", type_=_call_row.quality.type)
+)
+
+
+@dataclass(slots=True)
+class _Job:
+    fn: Callable[[], Any]
+    future: asyncio.Future[Any]
+    batched: bool
+    """A write that may share a transaction with the writes queued next to it."""
+
+
+_Outcome = tuple[bool, Any]
+"""(True, result) or (False, the exception)."""
+
+
+def _outcome(fn: Callable[[], Any]) -> _Outcome:
+    try:
+        return True, fn()
+    except Exception as exc:
+        return False, exc
+
+
+def _settle(jobs: list[_Job], outcomes: list[_Outcome]) -> None:
+    for job, (ok, value) in zip(jobs, outcomes, strict=True):
+        if job.future.done():  # cancelled meanwhile
+            continue
+        if ok:
+            job.future.set_result(value)
+        else:
+            job.future.set_exception(value)
+
+
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")  # readers (dashboard, tests) do not block the writer
@@ -106,8 +218,10 @@ def migrate(connection: Connection) -> None:
 class Store:
     """Devices, presence history, calls and commands; every method runs on the store thread."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, linger: float = 0.01) -> None:
         self.url = url
+        self.linger = linger
+        """Seconds a write waits for others to share its transaction (reads never wait)."""
         self._engine: Engine = create_engine(url)
         if self._engine.dialect.name == "sqlite":
             event.listen(self._engine, "connect", _sqlite_pragmas)
@@ -115,11 +229,18 @@ class Store:
             max_workers=1, thread_name_prefix="relay-store"
         )
         self._closed = False
+        self._lock = threading.Lock()
+        self._queue: list[_Job] = []
+        """Jobs not yet taken by the store thread (guarded by ``_lock``)."""
+        self._batch: Connection | None = None
+        """The shared transaction while the store thread runs a batch of writes."""
+        self._linger: asyncio.TimerHandle | None = None
+        """Starts the drain of the writes queued since the queue was last empty."""
 
     @classmethod
-    async def open(cls, url: str) -> Store:
+    async def open(cls, url: str, *, linger: float = 0.01) -> Store:
         """Connect and migrate; raises whatever the database raised."""
-        store = cls(url)
+        store = cls(url, linger=linger)
         try:
             await store.run(store._migrate)
         except BaseException:
@@ -129,10 +250,33 @@ class Store:
 
     def submit(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
         """Queue ``fn(*args)`` on the store thread; the future is its result."""
+        return self._enqueue(functools.partial(fn, *args), batched=False)
+
+    def write(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> asyncio.Future[T]:
+        """Queue the write ``fn(*args, **kwargs)`` (a method of this store); it may be
+        committed together with the writes queued next to it (see the module docstring)."""
+        return self._enqueue(functools.partial(fn, *args, **kwargs), batched=True)
+
+    def _enqueue(self, fn: Callable[[], T], *, batched: bool) -> asyncio.Future[T]:
         if self._closed:
             raise RuntimeError("store is closed")
         loop = asyncio.get_running_loop()
-        return loop.run_in_executor(self._executor, functools.partial(fn, *args))
+        future: asyncio.Future[T] = loop.create_future()
+        with self._lock:
+            self._queue.append(_Job(fn, future, batched))
+            first = len(self._queue) == 1
+        if not batched:
+            self._start_drain(loop)  # someone waits for it: no lingering
+        elif first and self._linger is None:
+            # Otherwise a drain is due and takes this one too.
+            self._linger = loop.call_later(self.linger, self._start_drain, loop)
+        return future
+
+    def _start_drain(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
+        self._executor.submit(self._drain, loop)
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         return await self.submit(fn, *args)
@@ -143,8 +287,53 @@ class Store:
             return
         self._closed = True
         loop = asyncio.get_running_loop()
+        self._start_drain(loop)  # writes still lingering
         await loop.run_in_executor(self._executor, self._engine.dispose)
         self._executor.shutdown(wait=True)
+
+    # --- the store thread ---
+
+    def _drain(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Run every queued job in order, writes next to each other in one transaction."""
+        with self._lock:
+            jobs, self._queue = self._queue, []
+        outcomes: list[_Outcome] = []
+        start = 0
+        while start < len(jobs):
+            end = start + 1
+            if jobs[start].batched:
+                while end < len(jobs) and jobs[end].batched:
+                    end += 1
+                outcomes += self._run_batch([job.fn for job in jobs[start:end]])
+            else:
+                outcomes.append(_outcome(jobs[start].fn))
+            start = end
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits any more
+            loop.call_soon_threadsafe(_settle, jobs, outcomes)
+
+    def _run_batch(self, writes: list[Callable[[], Any]]) -> list[_Outcome]:
+        if len(writes) == 1:
+            return [_outcome(writes[0])]
+        try:
+            with self._engine.begin() as conn:
+                self._batch = conn
+                try:
+                    results = [fn() for fn in writes]
+                finally:
+                    self._batch = None
+        except Exception:
+            # Rolled back: each again in its own transaction, so only the culprit fails.
+            return [_outcome(fn) for fn in writes]
+        return [(True, r) for r in results]
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[Connection]:
+        """The batch's transaction while a batch runs, else a new one."""
+        if self._batch is not None:
+            yield self._batch
+        else:
+            with self._engine.begin() as conn:
+                yield conn
 
     # --- sync operations (store thread) ---
 
@@ -174,40 +363,33 @@ class Store:
         one history row between them, and a restarted relay re-reading retained
         presence adds none.
         """
-        values: dict[str, Any] = {"presence": state, "last_seen": at}
-        if board is not None:
-            values["board"] = board
-        if version is not None:
-            values["version"] = version
-        if group is not None:
-            values["group"] = group
+        params = {"p_device": device, "p_state": state, "p_at": at, "p_board": board,
+                  "p_version": version, "p_group": group}  # fmt: skip
         try:
-            return self._record_presence(device, state, at, values)
+            return self._record_presence(params)
         except IntegrityError:
             # Another worker created the device between our update and insert.
-            return self._record_presence(device, state, at, values)
+            return self._record_presence(params)
 
-    def _record_presence(
-        self, device: str, state: str, at: datetime, values: dict[str, Any]
-    ) -> bool:
-        row = devices.c
-        with self._engine.begin() as conn:
-            changed = conn.execute(
-                update(devices)
-                .where(row.id == device, or_(row.presence.is_(None), row.presence != state))
-                .values(**values)
-            ).rowcount
-            if not changed:
-                if conn.execute(update(devices).where(row.id == device).values(**values)).rowcount:
+    def _record_presence(self, params: dict[str, Any]) -> bool:
+        with self._transaction() as conn:
+            if not conn.execute(_PRESENCE_CHANGED, params).rowcount:
+                if conn.execute(_PRESENCE_SEEN, params).rowcount:
                     return False
-                conn.execute(insert(devices).values(id=device, created=at, **values))
-            conn.execute(insert(presence_events).values(device=device, state=state, at=at))
+                conn.execute(_DEVICE_NEW, params)
+            conn.execute(_PRESENCE_EVENT, params)
         return True
 
     def devices(self) -> list[DeviceRecord]:
         with self._engine.connect() as conn:
             rows = conn.execute(select(devices).order_by(devices.c.id)).mappings().all()
         return [_device(r) for r in rows]
+
+    def presence_counts(self) -> dict[str | None, int]:
+        """How many devices are in each presence state (None: never reported)."""
+        query = select(devices.c.presence, func.count()).group_by(devices.c.presence)
+        with self._engine.connect() as conn:
+            return {state: count for state, count in conn.execute(query).all()}
 
     def presence_history(self, device: str) -> list[PresenceEvent]:
         query = (
@@ -220,32 +402,30 @@ class Store:
         return [PresenceEvent(r["device"], r["state"], _utc(r["at"]) or r["at"]) for r in rows]
 
     def call_started(self, call: str, caller: str, callee: str, mode: str, at: datetime) -> None:
-        with self._engine.begin() as conn:
-            if conn.execute(select(calls.c.id).where(calls.c.id == call)).first() is None:
-                conn.execute(
-                    insert(calls).values(
-                        id=call, caller=caller, callee=callee, mode=mode, started=at
-                    )
-                )
+        params = {"c_id": call, "c_caller": caller, "c_callee": callee, "c_mode": mode, "c_at": at}
+        with self._transaction() as conn:
+            if conn.execute(_CALL_EXISTS, params).first() is None:
+                conn.execute(_CALL_NEW, params)
 
-    def call_answered(self, call: str, at: datetime) -> None:
-        with self._engine.begin() as conn:
-            conn.execute(
-                update(calls)
-                .where(calls.c.id == call, calls.c.answered.is_(None))
-                .values(answered=at)
-            )
+    def call_answered(self, call: str, at: datetime) -> bool:
+        """Record the answer (the first one); False if the store has no such call (yet)."""
+        params = {"c_id": call, "c_at": at}
+        with self._transaction() as conn:
+            return bool(conn.execute(_CALL_ANSWERED, params).rowcount) or _has_call(conn, params)
 
     def call_ended(
         self, call: str, reason: str, at: datetime, quality: Mapping[str, Any] | None = None
-    ) -> None:
-        values: dict[str, Any] = {"ended": at, "end_reason": reason}
-        if quality is not None:
-            values["quality"] = dict(quality)
-        with self._engine.begin() as conn:
-            conn.execute(
-                update(calls).where(calls.c.id == call, calls.c.ended.is_(None)).values(**values)
-            )
+    ) -> bool:
+        """Record the end (the first one); False if the store has no such call (yet)."""
+        params = {"c_id": call, "c_at": at, "c_reason": reason}
+        with self._transaction() as conn:
+            if quality is None:
+                done = conn.execute(_CALL_ENDED, params).rowcount
+            else:
+                done = conn.execute(
+                    _CALL_ENDED_QUALITY, params | {"c_quality": dict(quality)}
+                ).rowcount
+            return bool(done) or _has_call(conn, params)
 
     def calls(self, *, open_only: bool = False) -> list[CallRecord]:
         query = select(calls).order_by(calls.c.started, calls.c.id)
@@ -258,7 +438,7 @@ class Store:
     def command_sent(
         self, cmd_id: str, device: str, name: str, args: Mapping[str, Any], at: datetime
     ) -> None:
-        with self._engine.begin() as conn:
+        with self._transaction() as conn:
             conn.execute(
                 insert(commands).values(
                     id=cmd_id, device=device, name=name, args=dict(args), sent=at, status="sent"
@@ -268,7 +448,7 @@ class Store:
     def command_finished(
         self, cmd_id: str, status: str, result: Mapping[str, Any] | None = None
     ) -> None:
-        with self._engine.begin() as conn:
+        with self._transaction() as conn:
             conn.execute(
                 update(commands)
                 .where(commands.c.id == cmd_id)
@@ -290,6 +470,10 @@ class Store:
             )
             for r in rows
         ]
+
+
+def _has_call(conn: Connection, params: Mapping[str, Any]) -> bool:
+    return conn.execute(_CALL_EXISTS, params).first() is not None
 
 
 def _device(r: RowMapping) -> DeviceRecord:

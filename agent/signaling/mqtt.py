@@ -37,6 +37,7 @@ import enum
 import json
 import logging
 import random
+import socket
 import ssl
 import threading
 from collections import deque
@@ -291,6 +292,72 @@ class StatusTopic:
 
 _END = object()
 
+_READ_SIZE = 65536
+
+
+class _Paho(paho.Client):
+    """paho with fewer system calls; the rest of this module drives it like paho.
+
+    paho reads a packet with up to five ``recv`` calls (its type, each length byte, the
+    rest) and sends each packet with its own ``send``: for a relay that carries thousands
+    of small messages a second, the system calls cost more than the packets' handling.
+    Here one ``recv`` fills a buffer that paho's reads are served from (``MqttClient``
+    calls ``loop_read`` again while it holds bytes), and the packets of one write pass
+    are gathered and leave in one ``send`` with the last of them (what the socket does
+    not take waits in ``_out``, and ``want_write`` stays true until it has gone).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._in = memoryview(b"")
+        self._out = bytearray()
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet handed to paho."""
+        return len(self._in)
+
+    def reconnect(self) -> MQTTErrorCode:
+        self._in = memoryview(b"")
+        self._out.clear()
+        return super().reconnect()
+
+    def want_write(self) -> bool:
+        return bool(self._out) or super().want_write()
+
+    def loop_write(self) -> MQTTErrorCode:
+        if self._out and self._sock is not None:
+            try:
+                self._send_out()
+            except OSError:
+                self._out.clear()  # the connection is broken: the next read reports it
+        return super().loop_write()
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        if not self._in:
+            data = super()._sock_recv(_READ_SIZE)
+            if not data:
+                return data  # end of stream
+            self._in = memoryview(data)
+        chunk, self._in = self._in[:bufsize], self._in[bufsize:]
+        return chunk.tobytes()
+
+    def _sock_send(self, buf: bytes | bytearray) -> int:
+        if self._sock is None:
+            raise ConnectionError("self._sock is None")
+        self._out += buf
+        if not self._out_packet:  # paho's last packet of this pass: send them all
+            self._send_out()
+        return len(buf)
+
+    def _send_out(self) -> None:
+        assert self._sock is not None
+        try:
+            sent = self._sock.send(self._out)
+        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            return  # full: ``want_write`` keeps the writer registered
+        del self._out[:sent]
+
 
 class MqttClient:
     """One MQTT v5 connection kept up forever; see the module docstring."""
@@ -328,16 +395,19 @@ class MqttClient:
         self._lost: asyncio.Future[str] | None = None
         self._client = self._make_client()
 
-    def _make_client(self) -> paho.Client:
+    def _make_client(self) -> _Paho:
         cfg = self.config
-        client = paho.Client(
+        client = _Paho(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=cfg.client_id,
             protocol=MQTTProtocolVersion.MQTTv5,
         )
         client.enable_logger(logging.getLogger(f"{__name__}.paho"))
         client.connect_timeout = cfg.connect_timeout
-        client.max_inflight_messages = cfg.max_inflight
+        # The window is kept in ``_flush`` (``max_inflight``): paho's own, once full, walks
+        # every message in flight on each PUBACK, which costs a relay with a large window
+        # more than the rest of its routing.
+        client.max_inflight_messages = 0
         client.max_queued_messages = 0  # bounded here, in ``_pending`` + ``_inflight``
         if cfg.username is not None:
             client.username_pw_set(cfg.username, cfg.password)
@@ -442,6 +512,21 @@ class MqttClient:
         finally:
             if not out.future.done() or out.future.cancelled():
                 self._forget(out)
+
+    def publish_nowait(self, topic: str, payload: bytes, *, qos: int = 1) -> asyncio.Future[None]:
+        """``publish`` for a caller that does not wait: the future is done when ``publish``
+        would return, or holds its ``PublishFailed``; cancelling it withdraws the message
+        like cancelling ``publish``. Refusals that ``publish`` raises at once (closed,
+        queue full) are raised here too. No task per message: what a relay that
+        publishes thousands of messages a second needs.
+        """
+        out = self._enqueue(topic, payload, qos=qos, retain=False, properties=None)
+        if out is None:  # QoS 0: handed to the socket
+            done = self._loop_or_fail().create_future()
+            done.set_result(None)
+            return done
+        out.future.add_done_callback(lambda f: self._forget(out) if f.cancelled() else None)
+        return out.future
 
     async def set_status(self, online: bytes) -> None:
         """Replace the retained "online" payload; publish it now if connected.
@@ -590,6 +675,11 @@ class MqttClient:
         sock = self._client.socket()
         if sock is None:
             raise _AttemptFailed("no socket after connect")
+        # Small messages that must leave at once (paho leaves Nagle on): without this a
+        # publish waits for the TCP ACK of the previous one, which the broker delays.
+        if isinstance(sock, socket.socket):  # TLS too: SSLSocket is one
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._fd = sock.fileno()
         loop.add_reader(self._fd, self._on_readable)
         self._writing = False
@@ -689,7 +779,12 @@ class MqttClient:
         return out
 
     def _flush(self) -> None:
-        while self._pending and self._is_connected and self._client.is_connected():
+        while (
+            self._pending
+            and len(self._inflight) < self.config.max_inflight
+            and self._is_connected
+            and self._client.is_connected()
+        ):
             out = self._pending.popleft()
             info = self._client.publish(out.topic, out.payload, out.qos, out.retain, out.properties)
             if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
@@ -719,6 +814,7 @@ class MqttClient:
         for mid, other in list(self._inflight.items()):
             if other is out:
                 del self._inflight[mid]
+                self._flush()  # its place in the window is free
                 return True
         return False
 
@@ -793,8 +889,16 @@ class MqttClient:
     def _on_readable(self) -> None:
         if self._fd is None:
             return
-        self._client.loop_read()
-        sock = self._client.socket()
+        client = self._client
+        client.loop_read()
+        # paho takes a few packets per call; the rest of what one recv() brought waits.
+        while self._fd is not None and (left := client.buffered):
+            client.loop_read()
+            if client.buffered == left:
+                break  # not taken (the connection is going away)
+        if self._fd is not None and client.want_write():
+            client.loop_write()  # the PUBACKs for what was read, at once and together
+        sock = client.socket()
         # TLS may hold decrypted bytes the selector cannot see.
         if self._fd is not None and isinstance(sock, ssl.SSLSocket) and sock.pending():
             self._loop_or_fail().call_soon(self._on_readable)

@@ -3,8 +3,8 @@
 ``with Postgres.running() as pg:`` runs ``initdb`` into a new temporary directory
 (trust authentication for loopback only, a ``relay`` superuser), starts ``postgres``
 on a free loopback port with its socket there, waits until it takes connections,
-and on exit stops it and removes the directory. ``pg.url(db)`` is a SQLAlchemy URL for the psycopg driver;
-``pg.create_database()`` makes a fresh database per test.
+and on exit stops it and removes the directory. ``pg.url(db)`` is a SQLAlchemy URL
+for the psycopg driver; ``pg.create_database()`` makes a fresh database per test.
 
 PostgreSQL refuses to run as root: as root, the server runs as the ``postgres``
 user the Debian package creates, and the directory (made directly in the world-

@@ -1,0 +1,110 @@
+"""The relay store's batched writes, on SQLite and PostgreSQL, and the relay's records of
+calls that another worker opened and has not stored yet.
+
+Every wait is bounded (``mqtt_env.eventually``); nothing asserts on wall-clock time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from mqtt_env import eventually, now_ms, until
+from sqlalchemy.exc import IntegrityError
+
+from agent.signaling.envelope import new_id
+from cloud_relay.config import RelayConfig, StoreSettings
+from cloud_relay.routing import CallAnswered, CallEnded
+from cloud_relay.service import Relay
+from cloud_relay.store import Store, utc_from_ms
+
+
+async def test_queued_writes_land_in_order_and_reads_see_them(store_url: str) -> None:
+    store = await Store.open(store_url, linger=0.05)
+    try:
+        at = utc_from_ms(now_ms())
+        call = new_id()
+        devices = [f"door-{n}" for n in range(50)]
+        firsts = [store.write(store.record_presence, d, "online", at, board="b") for d in devices]
+        repeat = store.write(store.record_presence, "door-0", "online", at, version="2")
+        offline = store.write(store.record_presence, "door-1", "offline", at)
+        started = store.write(store.call_started, call, "door-0", "door-2", "normal", at)
+        ends = [
+            store.write(store.call_answered, call, at),
+            store.write(store.call_ended, call, "hangup", at),
+        ]
+        # A read queued after the writes waits for none of the linger and sees them all.
+        counts = await store.run(store.presence_counts)
+        assert counts == {"online": 49, "offline": 1}
+        assert await asyncio.gather(*firsts) == [True] * 50
+        assert await repeat is False  # no change: no history row
+        assert await offline is True
+        await started
+        assert await asyncio.gather(*ends) == [True, True]
+        (record,) = await store.run(store.calls)
+        assert (record.answered, record.ended, record.end_reason) == (at, at, "hangup")
+        door0 = next(d for d in await store.run(store.devices) if d.id == "door-0")
+        assert (door0.board, door0.version) == ("b", "2")  # a missing field keeps its value
+        assert [e.state for e in await store.run(store.presence_history, "door-1")] == [
+            "online",
+            "offline",
+        ]
+    finally:
+        await store.close()
+
+
+async def test_a_failing_write_fails_alone(store_url: str) -> None:
+    store = await Store.open(store_url, linger=0.05)
+    try:
+        at = utc_from_ms(now_ms())
+        good = store.write(store.record_presence, "door-a", "online", at)
+        bad = store.write(store.call_started, new_id(), None, "door-b", "normal", at)  # NOT NULL
+        after = store.write(store.call_started, call := new_id(), "door-a", "door-b", "normal", at)
+        assert await good is True
+        with pytest.raises(IntegrityError):
+            await bad
+        await after
+        assert [c.id for c in await store.run(store.calls)] == [call]
+    finally:
+        await store.close()
+
+
+async def test_close_commits_lingering_writes(store_url: str) -> None:
+    store = await Store.open(store_url, linger=60.0)
+    write = store.write(store.record_presence, "door-a", "online", utc_from_ms(now_ms()))
+    await store.close()
+    assert await write is True
+    store = await Store.open(store_url)
+    try:
+        assert await store.run(store.presence_counts) == {"online": 1}
+    finally:
+        await store.close()
+
+
+async def test_answer_and_end_of_a_call_stored_late_by_another_worker(
+    store_url: str, tmp_path: Path
+) -> None:
+    """Workers' writes are not ordered: the worker that routed the invite may commit the
+    call after another worker routed its answer and end, which are then written again."""
+    config = RelayConfig(data_dir=str(tmp_path), store=StoreSettings(url=store_url))
+    store = await Store.open(store_url)
+    other = await Store.open(store_url)  # the worker that routed the invite
+    relay = Relay(config, store)  # never connected: only its store records are used
+    try:
+        call, at = new_id(), utc_from_ms(now_ms())
+        relay._record_event(CallAnswered(call), at)
+        relay._record_event(CallEnded(call, "hangup"), at)
+        await until(lambda: relay.stats.store_retried >= 2, "the first retries")
+        await other.run(other.call_started, call, "door-a", "door-b", "normal", at)
+
+        async def recorded() -> bool:
+            calls = await store.run(store.calls)
+            return bool(calls) and calls[0].answered is not None and calls[0].ended is not None
+
+        await eventually(recorded, "the answer and the end in the store")
+        assert not relay.stats.dropped
+    finally:
+        await relay.close()
+        await other.close()
+        await store.close()
