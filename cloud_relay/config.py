@@ -154,6 +154,21 @@ class RoutingSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class PresenceSettings:
+    """How presence reports are taken."""
+
+    offline_grace_s: float = 5.0
+    """An offline report stands only if the device is not back online within this: shorter
+    gaps are reconnects (a broker or relay restart makes the broker send every device's
+    will, and the devices come straight back). Meanwhile the device counts as reachable;
+    a lasting offline is recorded with the time it was reported. 0: take it at once."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.offline_grace_s <= 300:
+            raise ValueError("offline_grace_s must be within 0..300")
+
+
+@dataclass(frozen=True, slots=True)
 class RelayConfig:
     """The whole relay."""
 
@@ -164,6 +179,7 @@ class RelayConfig:
     store: StoreSettings = field(default_factory=StoreSettings)
     policy: PolicySettings = field(default_factory=PolicySettings)
     routing: RoutingSettings = field(default_factory=RoutingSettings)
+    presence: PresenceSettings = field(default_factory=PresenceSettings)
 
     def store_url(self) -> str:
         if self.store.url is not None:

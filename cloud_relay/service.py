@@ -36,7 +36,7 @@ from agent.signaling.mqtt import Message, MqttClient, MqttConfig, PublishFailed
 from agent.signaling.topics import Kind, TopicError
 from cloud_relay.commands import CommandError, CommandTimeout, Requester
 from cloud_relay.config import RelayConfig
-from cloud_relay.presence import PresenceError, PresenceTable, parse_presence
+from cloud_relay.presence import Presence, PresenceError, PresenceTable, parse_presence
 from cloud_relay.routing import (
     Action,
     CallAnswered,
@@ -58,6 +58,8 @@ class RelayStats:
 
     presence_updates: int = 0
     presence_malformed: int = 0
+    offline_absorbed: int = 0
+    """Offline reports dropped because the device was back within the grace."""
     received: int = 0
     """Messages taken from the ``out`` topics."""
     forwarded: int = 0
@@ -131,6 +133,8 @@ class Relay:
         """Answers and ends waiting to be written again (``_write_to_call``)."""
         self._retry_keys = itertools.count()
         self._closing = False
+        self._offline: dict[str, tuple[asyncio.TimerHandle, Presence, int]] = {}
+        """Offline reports waiting out ``presence.offline_grace_s``, by device."""
 
     async def start(self) -> None:
         """Load state from the store, connect (``ConnectFailed`` after the connect timeout)."""
@@ -151,6 +155,9 @@ class Relay:
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reader
+        for device, (handle, presence, at_ms) in list(self._offline.items()):
+            handle.cancel()  # taken now: nothing will tell a restarted relay otherwise
+            self._take_presence(device, presence, at_ms)
         self._flush()  # what the reader routed last
         if self._retries:
             logger.warning("%d call records for calls not in the store dropped at close",
@@ -230,15 +237,32 @@ class Relay:
             logger.warning("%s: bad presence: %s", device, exc)
             return
         self.stats.presence_updates += 1
-        changed = self.presence.update(device, presence.state)
-        if changed:
+        now = self._clock_ms()
+        grace = self.config.presence.offline_grace_s
+        held = self._offline.pop(device, None)
+        if held is not None:
+            held[0].cancel()
+            if presence.reachable:
+                self.stats.offline_absorbed += 1
+                logger.info("%s: back within the offline grace", device)
+        if not presence.reachable and grace > 0 and self.presence.reachable(device):
+            handle = asyncio.get_running_loop().call_later(
+                grace, self._take_presence, device, presence, now
+            )
+            self._offline[device] = (handle, presence, now)
+            return
+        self._take_presence(device, presence, now)
+
+    def _take_presence(self, device: str, presence: Presence, at_ms: int) -> None:
+        self._offline.pop(device, None)
+        if self.presence.update(device, presence.state):
             logger.info("%s: presence %s", device, presence.state)
         groups = sorted(self.config.policy.groups_of(device))
         self._write(
             self.store.record_presence,
             device,
             presence.state,
-            utc_from_ms(self._clock_ms()),
+            utc_from_ms(at_ms),
             board=presence.board,
             version=presence.version,
             group=groups[0] if groups else None,

@@ -22,7 +22,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
-import pytest
 from mqtt_env import FAST_TIMERS, SDP, next_matching, now_ms, store_until, until
 
 from agent.signaling.envelope import (
@@ -533,13 +532,6 @@ async def test_relay_restarted_keeps_state(tmp_path: Path) -> None:
         await hang_up(f, call)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="mosquitto publishes every client's will when it shuts down, so the restarted "
-    "relay gets 'offline' for every device from its session, records it (then 'online' "
-    "when the device is back) and meanwhile refuses invites to it as unreachable-offline; "
-    "cloud_relay/service.py needs a grace period for offline reports after it connects",
-)
 async def test_relay_restart_is_not_an_outage_of_the_devices(tmp_path: Path) -> None:
     async with fleet(tmp_path, devices=(A, B), client_id="faults-will") as f:
         await start_pair(f)

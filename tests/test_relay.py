@@ -49,6 +49,7 @@ from cloud_relay.config import (
     GroupSettings,
     MqttSettings,
     PolicySettings,
+    PresenceSettings,
     RelayConfig,
     RuleSettings,
     StoreSettings,
@@ -91,6 +92,7 @@ def relay_config(
     base = RelayConfig(
         data_dir=str(data_dir),
         store=StoreSettings(url=store_url),
+        presence=PresenceSettings(offline_grace_s=0.5),
         broker=BrokerSettings(url=f"mqtt://{broker.host}:{broker.port}"),
         mqtt=MqttSettings(client_id="relay-test", **FAST_TIMERS),
     )
@@ -203,21 +205,31 @@ callee = "desk"
 async def test_presence_online_and_lwt_offline_are_stored(
     broker: Mosquitto, tmp_path: Path, store_url: str
 ) -> None:
-    async with relay_running(relay_config(broker, tmp_path, store_url)) as relay:
-        proc = await spawn_client(DEVICE_SCRIPT, "door-killed", broker)
-        try:
-            assert proc.stdout is not None
-            async with asyncio.timeout(WAIT):
-                assert (await proc.stdout.readline()).strip() == b"ready"
-            await until(lambda: relay.presence.state("door-killed") == "online", "online")
-            proc.kill()  # no DISCONNECT: the broker publishes the will
-            async with asyncio.timeout(WAIT):
-                await proc.wait()
+    """A will followed by the device's return within the grace is a reconnect, not an
+    outage; a will that stands is recorded with the time it came."""
+    grace = PresenceSettings(offline_grace_s=3.0)
+    config = relay_config(broker, tmp_path, store_url, presence=grace)
+    async with relay_running(config) as relay:
+        for round_ in ("reconnects", "stays away"):
+            proc = await spawn_client(DEVICE_SCRIPT, "door-killed", broker)
+            try:
+                assert proc.stdout is not None
+                async with asyncio.timeout(WAIT):
+                    assert (await proc.stdout.readline()).strip() == b"ready"
+                await until(lambda: relay.stats.presence_updates > 0, "online")
+                assert relay.presence.state("door-killed") == "online"
+                proc.kill()  # no DISCONNECT: the broker publishes the will
+                async with asyncio.timeout(WAIT):
+                    await proc.wait()
+                killed_ms = now_ms()
+            finally:
+                if proc.returncode is None:
+                    proc.kill()
+                    await proc.wait()
+            if round_ == "reconnects":
+                continue  # the next round's client is the device coming back
             await until(lambda: relay.presence.state("door-killed") == "offline", "LWT")
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
+        assert relay.stats.offline_absorbed == 1
         store = relay.store
 
         async def stored_offline() -> bool:
@@ -229,6 +241,8 @@ async def test_presence_online_and_lwt_offline_are_stored(
         assert (device.board, device.version) == ("lab", "test")
         history = await store.run(store.presence_history, "door-killed")
         assert [e.state for e in history] == ["online", "offline"]
+        # When the will came, not when the grace ran out.
+        assert history[1].at.timestamp() * 1000 < killed_ms + 1000 * grace.offline_grace_s
 
 
 async def test_call_is_routed_with_authoritative_sender_and_recorded(

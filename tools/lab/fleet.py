@@ -312,6 +312,8 @@ backoff_min = 0.05
 backoff_max = 0.3
 connect_timeout = 3.0
 misc_interval = 0.2
+[presence]
+offline_grace_s = 2.0
 """
     )
     try:
