@@ -46,6 +46,23 @@ def encode_command(name: str, args: Mapping[str, Any]) -> bytes:
     return json.dumps({"name": name, "args": dict(args)}, separators=(",", ":")).encode()
 
 
+def command_summary(payload: bytes) -> tuple[str, dict[str, Any]]:
+    """(name, args) of a request as the store records it, whatever the payload held: what
+    the device makes of a malformed one is in its reply."""
+    try:
+        raw = json.loads(payload.decode("utf-8")) if len(payload) <= MAX_REPLY_BYTES else None
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raw = None
+    if not isinstance(raw, dict):
+        return "(malformed)", {}
+    name = raw.get("name")
+    args = raw.get("args")
+    return (
+        name if isinstance(name, str) and _NAME.fullmatch(name) else "(malformed)",
+        args if isinstance(args, dict) else {},
+    )
+
+
 def decode_reply(payload: bytes) -> dict[str, Any]:
     if len(payload) > MAX_REPLY_BYTES:
         raise CommandError(f"reply larger than {MAX_REPLY_BYTES} bytes")

@@ -34,7 +34,7 @@ from agent.signaling import topics
 from agent.signaling.envelope import to_json
 from agent.signaling.mqtt import Message, MqttClient, MqttConfig, PublishFailed
 from agent.signaling.topics import Kind, TopicError
-from cloud_relay.commands import CommandError, CommandTimeout, Requester
+from cloud_relay.commands import CommandError, Requester, command_summary, decode_reply
 from cloud_relay.config import RelayConfig
 from cloud_relay.presence import Presence, PresenceError, PresenceTable, parse_presence
 from cloud_relay.routing import (
@@ -67,6 +67,8 @@ class RelayStats:
     """Invites answered by the relay with a decline."""
     forged: int = 0
     """Envelopes whose ``from`` was not the topic's device (overwritten, then routed)."""
+    commands_seen: int = 0
+    """Commands to devices recorded (from any operator client)."""
     synced: int = 0
     """Call events applied from other relay workers."""
     publish_failed: int = 0
@@ -87,9 +89,13 @@ def mqtt_config(config: RelayConfig) -> MqttConfig:
     return replace(connection, max_incoming=20_000, max_inflight=1_000, max_queued=20_000)
 
 
-CALL_RETRY_DELAYS = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2)
-"""Seconds before writing an answer or an end again while its call is not in the store:
-another worker routed the invite and has not committed it yet (6.35 s in all)."""
+RETRY_DELAYS = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2)
+"""Seconds before writing an answer, an end or a command's outcome again while its row is
+not in the store: another worker took the invite or command and has not committed it yet
+(6.35 s in all)."""
+
+COMMAND_EXPIRY_S = 60
+"""A command seen without a message expiry counts as timed out after this long."""
 
 SYNC_EVENTS_PER_MESSAGE = 50
 """At most this many call events per sync message (each well under 300 bytes encoded,
@@ -98,6 +104,9 @@ so a message stays below ``sync.MAX_SYNC_BYTES``)."""
 SUBSCRIPTIONS = (
     topics.all_devices(Kind.PRESENCE),
     topics.RELAY_OUT_FILTER,
+    # Commands from any operator client (the CLI, the API, a dashboard): one worker
+    # records each; every worker sees the replies and matches them by correlation data.
+    topics.shared(topics.all_devices(Kind.CMD)),
     topics.all_devices(Kind.REPLY),
     RELAY_SYNC_TOPIC,
 )
@@ -130,10 +139,12 @@ class Relay:
         """(topic, payload) routed since the last flush, in routing order."""
         self._flush_handle: asyncio.Handle | None = None
         self._retries: dict[int, asyncio.TimerHandle] = {}
-        """Answers and ends waiting to be written again (``_write_to_call``)."""
+        """Call and command updates waiting to be written again (``_write_to_record``)."""
         self._retry_keys = itertools.count()
         self._closing = False
         self._offline: dict[str, tuple[asyncio.TimerHandle, Presence, int]] = {}
+        self._expiries: dict[str, asyncio.TimerHandle] = {}
+        """Commands recorded as sent, by id: marked timed out when their expiry passes."""
         """Offline reports waiting out ``presence.offline_grace_s``, by device."""
 
     async def start(self) -> None:
@@ -160,11 +171,13 @@ class Relay:
             self._take_presence(device, presence, at_ms)
         self._flush()  # what the reader routed last
         if self._retries:
-            logger.warning("%d call records for calls not in the store dropped at close",
+            logger.warning("%d updates of calls or commands not in the store dropped at close",
                            len(self._retries))  # fmt: skip
-            for handle in self._retries.values():
-                handle.cancel()
-            self._retries.clear()
+        # Commands in flight stay "sent": their outcome is not known here.
+        for handle in (*self._retries.values(), *self._expiries.values()):
+            handle.cancel()
+        self._retries.clear()
+        self._expiries.clear()
         self.requester.cancel_all()
         if self._pending:
             await asyncio.wait(self._pending, timeout=self.config.mqtt.publish_timeout)
@@ -179,23 +192,10 @@ class Relay:
         args: Mapping[str, Any] | None = None,
         timeout: float = 10.0,  # noqa: ASYNC109 (also the request's MQTT expiry)
     ) -> dict[str, Any]:
-        """Send a command, record it and its outcome in the store, return the reply."""
+        """Send a command and return the reply; the store records it as it records every
+        operator's commands (``_on_command``)."""
         correlation = secrets.token_bytes(16)
-        args = dict(args or {})
-        sent = utc_from_ms(self._clock_ms())
-        await self.store.run(self.store.command_sent, correlation.hex(), device, name, args, sent)
-        try:
-            reply = await self.requester.request(device, name, args, timeout, correlation)
-        except CommandTimeout:
-            self._write(self.store.command_finished, correlation.hex(), "timeout")
-            raise
-        except (CommandError, PublishFailed) as exc:
-            error = {"error": str(exc)}
-            self._write(self.store.command_finished, correlation.hex(), "failed", error)
-            raise
-        status = "ok" if reply.get("ok", True) is not False else "error"
-        self._write(self.store.command_finished, correlation.hex(), status, reply)
-        return reply
+        return await self.requester.request(device, name, dict(args or {}), timeout, correlation)
 
     # --- the reader ---
 
@@ -221,11 +221,48 @@ class Relay:
             self._on_presence(device, msg.payload)
         elif kind is Kind.OUT:
             self._on_out(device, msg.payload)
+        elif kind is Kind.CMD:
+            self._on_command(device, msg)
         elif kind is Kind.REPLY:
-            if not self.requester.deliver(msg):
-                logger.debug("%s: reply nobody waits for", device)
+            self._on_reply(device, msg)
         else:
             self.stats.dropped["bad-topic"] += 1
+
+    def _on_command(self, device: str, msg: Message) -> None:
+        """Record a command some operator client sent to ``device``; its reply (or its
+        expiry) finishes the record."""
+        if msg.correlation_data is None:
+            self.stats.dropped["command-uncorrelated"] += 1
+            return  # nobody can match a reply to it: the device answers nothing useful
+        cmd_id = msg.correlation_data.hex()[:32]
+        name, args = command_summary(msg.payload)
+        self.stats.commands_seen += 1
+        self._write(self.store.command_sent, cmd_id, device, name, args,
+                    utc_from_ms(self._clock_ms()))  # fmt: skip
+        expiry = msg.message_expiry if msg.message_expiry is not None else COMMAND_EXPIRY_S
+        # Still "sent" by then: nobody answered within the request's own lifetime.
+        self._expiries[cmd_id] = asyncio.get_running_loop().call_later(
+            expiry + 1, self._command_expired, cmd_id
+        )
+
+    def _command_expired(self, cmd_id: str) -> None:
+        del self._expiries[cmd_id]
+        self._write(self.store.command_finished, cmd_id, "timeout")
+
+    def _on_reply(self, device: str, msg: Message) -> None:
+        if not self.requester.deliver(msg):
+            logger.debug("%s: reply nobody here waits for", device)
+        if msg.correlation_data is None:
+            return
+        try:
+            reply: dict[str, Any] = decode_reply(msg.payload)
+        except CommandError as exc:
+            reply = {"ok": False, "error": f"bad reply: {exc}"}
+        status = "ok" if reply.get("ok", True) is not False else "error"
+        cmd_id = msg.correlation_data.hex()[:32]
+        if (expiry := self._expiries.pop(cmd_id, None)) is not None:
+            expiry.cancel()
+        self._write_to_record(0, self.store.command_finished, cmd_id, status, reply)
 
     def _on_presence(self, device: str, payload: bytes) -> None:
         if not payload:
@@ -339,43 +376,41 @@ class Relay:
             case CallStarted(call=call, caller=caller, callee=callee, mode=mode):
                 self._write(self.store.call_started, call, caller, callee, mode, at)
             case CallAnswered(call=call):
-                self._write_to_call(0, self.store.call_answered, call, at)
+                self._write_to_record(0, self.store.call_answered, call, at)
             case CallEnded(call=call, reason=reason):
-                self._write_to_call(0, self.store.call_ended, call, reason, at)
+                self._write_to_record(0, self.store.call_ended, call, reason, at)
 
-    def _write_to_call(self, attempt: int, fn: Callable[..., bool], call: str, *args: Any) -> None:
-        """Record an answer or an end; again later while the store has no such call yet.
+    def _write_to_record(self, attempt: int, fn: Callable[..., bool], key: str, *args: Any) -> None:
+        """Update the call or command ``key``; again later while the store has no such row.
 
-        Another worker may have routed the invite and not committed the call yet (its
-        writes are not ordered with ours), so a missing call is tried again after each
-        of ``CALL_RETRY_DELAYS`` before it is given up with a warning.
+        Another worker may have routed the invite (or taken the command) and not committed
+        it yet (its writes are not ordered with ours), so a missing row is tried again
+        after each of ``RETRY_DELAYS`` before it is given up with a warning.
         """
-        fut = self._write(fn, call, *args)
+        fut = self._write(fn, key, *args)
 
         def done(fut: asyncio.Future[Any]) -> None:
             if fut.cancelled() or fut.exception() is not None or fut.result():
                 return
-            if self._closing:
-                self.stats.dropped["call-not-stored"] += 1
-                return
-            if attempt >= len(CALL_RETRY_DELAYS):
-                self.stats.dropped["call-not-stored"] += 1
-                logger.warning("call %s: %s not recorded: no such call in the store", call,
-                               fn.__name__)  # fmt: skip
+            if self._closing or attempt >= len(RETRY_DELAYS):
+                self.stats.dropped["record-not-stored"] += 1
+                if not self._closing:
+                    logger.warning("%s %s: not recorded: no such row in the store",
+                                   fn.__name__, key)  # fmt: skip
                 return
             self.stats.store_retried += 1
-            key = next(self._retry_keys)
-            self._retries[key] = asyncio.get_running_loop().call_later(
-                CALL_RETRY_DELAYS[attempt], self._retry, key, attempt + 1, fn, call, *args
+            handle = next(self._retry_keys)
+            self._retries[handle] = asyncio.get_running_loop().call_later(
+                RETRY_DELAYS[attempt], self._retry, handle, attempt + 1, fn, key, *args
             )
 
         fut.add_done_callback(done)
 
     def _retry(
-        self, key: int, attempt: int, fn: Callable[..., bool], call: str, *args: Any
+        self, handle: int, attempt: int, fn: Callable[..., bool], key: str, *args: Any
     ) -> None:
-        del self._retries[key]
-        self._write_to_call(attempt, fn, call, *args)
+        del self._retries[handle]
+        self._write_to_record(attempt, fn, key, *args)
 
     def _publish(self, topic: str, payload: bytes) -> None:
         """Publish at QoS 1 without waiting; a failure is counted and logged."""

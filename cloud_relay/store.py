@@ -447,13 +447,19 @@ class Store:
 
     def command_finished(
         self, cmd_id: str, status: str, result: Mapping[str, Any] | None = None
-    ) -> None:
+    ) -> bool:
+        """Record the outcome of a command still ``sent``; False if there is no such command
+        (yet: another relay worker may be recording it)."""
         with self._transaction() as conn:
-            conn.execute(
+            finished = conn.execute(
                 update(commands)
-                .where(commands.c.id == cmd_id)
+                .where(commands.c.id == cmd_id, commands.c.status == "sent")
                 .values(status=status, result=None if result is None else dict(result))
-            )
+            ).rowcount
+            if finished:
+                return True
+            found = conn.execute(select(commands.c.id).where(commands.c.id == cmd_id)).first()
+            return found is not None
 
     def commands(self) -> list[CommandRecord]:
         with self._engine.connect() as conn:

@@ -23,6 +23,7 @@ import numpy as np
 from agent.signaling.mqtt import MqttClient, MqttConfig
 from agent.signaling.topics import Kind, device_topic
 from cloud_relay.commands import reply_topic
+from cloud_relay.store import Store
 from tools.lab.fleet import WAIT, Fleet, fleet
 
 A, B = "door-a", "door-b"
@@ -114,6 +115,20 @@ async def test_call_through_relay_by_command(tmp_path: Path) -> None:
             assert status["last_call"]["media"]["packets_received"] >= 100
         code, reply = await lab_.cli(A, "hangup")
         assert (code, reply["ok"]) == (1, False)  # nothing to hang up any more
+
+        # The relay recorded every operator command and its outcome.
+        async def recorded() -> list[tuple[str, str]]:
+            store = await Store.open(f"sqlite:///{lab_.db_path}")
+            try:
+                return [(c.name, c.status) for c in await store.run(store.commands)]
+            finally:
+                await store.close()
+
+        async with asyncio.timeout(WAIT):
+            while ("hangup", "error") not in (commands := await recorded()):
+                await asyncio.sleep(0.1)
+        assert ("call", "ok") in commands and ("frobnicate", "error") in commands
+        assert ("(malformed)", "error") in commands, commands
 
         for device in (A, B):
             await lab_.stop_agent(device)

@@ -398,13 +398,14 @@ async def test_command_round_trip_and_timeout(
         seen: list[dict[str, object]] = []
         answerer = asyncio.create_task(answer_commands(a, seen))
         try:
-            # The relay's API, recorded in the store.
+            # The relay's API.
             reply = await relay.send_command("door-a", "volume", {"level": 5}, timeout=WAIT)
             assert reply == {"ok": True, "message": "done", "echo": {"level": 5}}
             with pytest.raises(CommandTimeout, match="door-mute"):
                 await relay.send_command("door-mute", "status", timeout=0.3)
 
-            # The standalone API on a dedicated client (what the CLI uses).
+            # The standalone API on a dedicated client (what the CLI uses): the relay
+            # records this operator's command too.
             client = MqttClient(
                 device_config(broker, "operator-1"), subscriptions=[reply_topic("door-a")]
             )
@@ -422,16 +423,20 @@ async def test_command_round_trip_and_timeout(
         store = relay.store
 
         async def statuses_settled() -> bool:
-            return [c.status for c in await store.run(store.commands)] == ["ok", "timeout"]
+            statuses = [c.status for c in await store.run(store.commands)]
+            return statuses == ["ok", "timeout", "error"]
 
-        await eventually(statuses_settled, "command statuses ok and timeout")
-        ok = (await store.run(store.commands))[0]
+        await eventually(statuses_settled, "command statuses ok, timeout (expired), error")
+        ok, silent, refused = await store.run(store.commands)
         assert (ok.device, ok.name, ok.args, ok.result) == (
             "door-a",
             "volume",
             {"level": 5},
-            reply | {"ok": True, "echo": {"level": 5}},
+            {"ok": True, "message": "done", "echo": {"level": 5}},
         )
+        assert (silent.device, silent.name, silent.result) == ("door-mute", "status", None)
+        assert (refused.name, refused.args, refused.result) == ("explode", {"x": "y"}, reply)
+        assert relay.stats.commands_seen == 3
 
 
 async def test_relay_restart_keeps_devices_and_open_calls(

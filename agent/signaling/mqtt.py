@@ -193,6 +193,8 @@ class Message:
     response_topic: str | None = None
     correlation_data: bytes | None = None
     retained: bool = False
+    message_expiry: int | None = None
+    """Seconds the message has left to live (MQTT v5), as the broker forwarded it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -1012,6 +1014,7 @@ class MqttClient:
         props = msg.properties
         response_topic = getattr(props, "ResponseTopic", None) if props is not None else None
         correlation = getattr(props, "CorrelationData", None) if props is not None else None
+        expiry = getattr(props, "MessageExpiryInterval", None) if props is not None else None
         self._stats.received += 1
         self._incoming.put_nowait(
             Message(
@@ -1022,6 +1025,7 @@ class MqttClient:
                 if isinstance(correlation, bytes | bytearray)
                 else None,
                 retained=bool(msg.retain),
+                message_expiry=expiry if isinstance(expiry, int) else None,
             )
         )
 
