@@ -17,7 +17,7 @@ setup(
         "cryptography>=42",
         "numpy>=1.24",
         "opuslib==3.0.1",
-        "paho-mqtt>=2.1,<2.2",  # agent.signaling.mqtt overrides two of its socket methods
+        "paho-mqtt>=2.2,<2.3",  # agent.signaling.mqtt overrides two of its socket methods
         "pyaudio>=0.2.13",
         "pylibsrtp>=0.10",
         "pyOpenSSL>=24",
