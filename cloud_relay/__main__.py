@@ -103,6 +103,7 @@ async def serve(config: RelayConfig) -> int:
     finally:
         if relay is not None:
             await relay.close()
+            logger.info("relay stopped: %s", relay.stats.summary())
         if broker is not None:
             await broker.close()
         await store.close()

@@ -14,7 +14,9 @@ Rules:
   otherwise the caller at once gets ``decline`` from ``RELAY_ID`` with reason
   ``policy-refused`` (detail ``relay``) or ``unreachable`` (detail ``unknown`` /
   ``offline``). A forwarded invite opens the call.
-* Everything else must belong to an open call between exactly these two devices,
+* Everything else must belong to an open call between exactly these two devices
+  (a message of a call not known yet is parked until another worker's sync opens
+  it, or dropped as ``unknown-call`` when the service expires it),
   sent by the side that may send it (``ringing``/``accept``/``decline``/``busy`` by
   the callee, ``cancel`` by the caller). ``decline``/``busy``/``cancel``/``hangup``
   end the call; what still comes for it (both sides hanging up at once) is dropped
@@ -50,6 +52,8 @@ from cloud_relay.presence import PresenceTable
 
 UNREACHABLE = "unreachable"
 POLICY_REFUSED = "policy-refused"
+MAX_PARKED_PER_CALL = 64
+MAX_PARKED = 10_000
 FINISHED_CALL = "finished-call"
 """Drop reason of a message for a call that just ended (the peer's own hang-up, mostly)."""
 
@@ -61,6 +65,8 @@ class Action(enum.Enum):
     """Publish ``envelope`` (a decline from the relay) on the sender's ``in``."""
     DROP = "drop"
     """Nothing; ``reason`` says why (a counter label)."""
+    PARK = "park"
+    """Held: a message of a call this worker has not heard of yet (``Router.apply``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,9 +122,14 @@ class Router:
     policy: PolicySettings = field(default_factory=PolicySettings)
     settings: RoutingSettings = field(default_factory=RoutingSettings)
     _calls: OrderedDict[str, _Call] = field(default_factory=OrderedDict, init=False)
+    _parked: dict[str, list[tuple[Envelope, bool]]] = field(default_factory=dict, init=False)
+    """Messages of calls not known yet, by call: another worker may have routed the invite
+    and its sync message not have arrived (the broker does not keep one sender's order
+    across workers). ``apply`` routes them once it comes; ``expire`` drops them."""
     _ended: OrderedDict[str, None] = field(default_factory=OrderedDict, init=False)
     """Recently ended calls: both sides often hang up at once, and the second is no error."""
     _guard: ReplayGuard = field(init=False)
+    _parked_count: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
         self._guard = ReplayGuard(
@@ -139,17 +150,32 @@ class Router:
         while len(self._ended) > self.settings.max_calls:
             self._ended.popitem(last=False)
 
-    def apply(self, event: CallEvent) -> None:
-        """A call event another relay worker routed (``cloud_relay.sync``)."""
+    def apply(self, event: CallEvent) -> tuple[Route, ...]:
+        """A call event another relay worker routed (``cloud_relay.sync``); the routes of
+        the messages of that call parked here meanwhile, in the order they came."""
         match event:
             case CallStarted(call=call, caller=caller, callee=callee):
                 if call not in self._calls:
                     self._remember(call, _Call(caller, callee))
+                return tuple(self._in_call(env, forged) for env, forged in self._unpark(call))
             case CallAnswered(call=call):
                 if (entry := self._calls.get(call)) is not None:
                     entry.answered = True
             case CallEnded(call=call):
                 self._end(call)
+        return ()
+
+    def expire(self, call: str) -> tuple[Route, ...]:
+        """Drop what is parked for ``call``: no worker opened it in time."""
+        return tuple(
+            Route(Action.DROP, env, reason="unknown-call", forged=forged)
+            for env, forged in self._unpark(call)
+        )
+
+    def _unpark(self, call: str) -> list[tuple[Envelope, bool]]:
+        parked = self._parked.pop(call, [])
+        self._parked_count -= len(parked)
+        return parked
 
     def _remember(self, call: str, entry: _Call) -> None:
         self._calls[call] = entry
@@ -207,8 +233,14 @@ class Router:
     def _in_call(self, env: Envelope, forged: bool) -> Route:
         call = self._calls.get(env.call)
         if call is None:
-            reason = FINISHED_CALL if env.call in self._ended else "unknown-call"
-            return Route(Action.DROP, env, reason=reason, forged=forged)
+            if env.call in self._ended:
+                return Route(Action.DROP, env, reason=FINISHED_CALL, forged=forged)
+            parked = self._parked.get(env.call, [])
+            if len(parked) >= MAX_PARKED_PER_CALL or self._parked_count >= MAX_PARKED:
+                return Route(Action.DROP, env, reason="unknown-call", forged=forged)
+            self._parked[env.call] = [*parked, (env, forged)]
+            self._parked_count += 1
+            return Route(Action.PARK, env, reason="unknown-call", forged=forged)
         if {env.from_, env.to} != {call.caller, call.callee}:
             return Route(Action.DROP, env, reason="not-in-call", forged=forged)
         body = env.body

@@ -27,7 +27,7 @@ import secrets
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from agent.signaling import topics
@@ -78,6 +78,13 @@ class RelayStats:
     dropped: Counter[str] = field(default_factory=Counter)
     """Dropped messages by reason (``malformed-<field>``, ``stale``, ``unknown-call``, ...)."""
 
+    def summary(self) -> str:
+        """One line for the log: every counter that is not zero."""
+        counts = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "dropped"}
+        parts = [f"{k}={v}" for k, v in counts.items() if v]
+        parts += [f"dropped[{k}]={v}" for k, v in sorted(self.dropped.items())]
+        return " ".join(parts) or "nothing"
+
 
 def mqtt_config(config: RelayConfig) -> MqttConfig:
     """The relay's connection: one client carries every device's signaling, so its windows
@@ -93,6 +100,10 @@ RETRY_DELAYS = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2)
 """Seconds before writing an answer, an end or a command's outcome again while its row is
 not in the store: another worker took the invite or command and has not committed it yet
 (6.35 s in all)."""
+
+PARK_S = 2.0
+"""How long a message of a call this worker does not know waits for the sync message of
+the worker that routed its invite (on one broker, milliseconds)."""
 
 COMMAND_EXPIRY_S = 60
 """A command seen without a message expiry counts as timed out after this long."""
@@ -143,6 +154,8 @@ class Relay:
         self._retry_keys = itertools.count()
         self._closing = False
         self._offline: dict[str, tuple[asyncio.TimerHandle, Presence, int]] = {}
+        self._park_timers: dict[str, asyncio.TimerHandle] = {}
+        """Calls with parked messages (``Router``), each until ``PARK_S`` has passed."""
         self._expiries: dict[str, asyncio.TimerHandle] = {}
         """Commands recorded as sent, by id: marked timed out when their expiry passes."""
         """Offline reports waiting out ``presence.offline_grace_s``, by device."""
@@ -174,10 +187,12 @@ class Relay:
             logger.warning("%d updates of calls or commands not in the store dropped at close",
                            len(self._retries))  # fmt: skip
         # Commands in flight stay "sent": their outcome is not known here.
-        for handle in (*self._retries.values(), *self._expiries.values()):
+        for handle in (*self._retries.values(), *self._expiries.values(),
+                       *self._park_timers.values()):  # fmt: skip
             handle.cancel()
         self._retries.clear()
         self._expiries.clear()
+        self._park_timers.clear()
         self.requester.cancel_all()
         if self._pending:
             await asyncio.wait(self._pending, timeout=self.config.mqtt.publish_timeout)
@@ -315,13 +330,32 @@ class Relay:
         if worker == self.worker:
             return  # our own, back from the broker
         self.stats.synced += len(events)
+        now = self._clock_ms()
         for event in events:
-            self.router.apply(event)
+            for route in self.router.apply(event):
+                self._after_route(route.envelope.from_ if route.envelope else "-", route, now)
+            if (timer := self._park_timers.pop(event.call, None)) is not None:
+                timer.cancel()
 
     def _on_out(self, device: str, payload: bytes) -> None:
         self.stats.received += 1
         now = self._clock_ms()
-        route = self.router.route(device, payload, now)
+        self._after_route(device, self.router.route(device, payload, now), now)
+
+    def _expire_parked(self, call: str) -> None:
+        del self._park_timers[call]
+        now = self._clock_ms()
+        for route in self.router.expire(call):
+            self._after_route(route.envelope.from_ if route.envelope else "-", route, now)
+
+    def _after_route(self, device: str, route: Route, now: int) -> None:
+        if route.action is Action.PARK:
+            if route.envelope is not None and route.envelope.call not in self._park_timers:
+                call = route.envelope.call
+                self._park_timers[call] = asyncio.get_running_loop().call_later(
+                    PARK_S, self._expire_parked, call
+                )
+            return
         if route.forged:
             self.stats.forged += 1
             logger.warning("%s: claimed another sender; 'from' overwritten", device)

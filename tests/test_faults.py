@@ -43,7 +43,7 @@ from cloud_relay.config import BrokerSettings, MqttSettings, RelayConfig
 from cloud_relay.service import Relay
 from cloud_relay.store import CallRecord, PresenceEvent, Store
 from tools.lab.broker import Mosquitto
-from tools.lab.fleet import WAIT, Fleet, fleet
+from tools.lab.fleet import RELAY_CMD, RELAY_READY, WAIT, Fleet, fleet
 
 T = TypeVar("T")
 A, B, X = "door-a", "door-b", "door-x"
@@ -668,3 +668,48 @@ async def start_pair_without_relay(f: Fleet) -> None:
     await f.agent(B, source="tone:1100", sink="null", auto_answer=[A], extra=MEDIA)
     for device in (A, B):
         await f.until_status(device, lambda s: s["phase"] == "idle", f"{device} up")
+
+
+async def test_two_relay_processes_share_the_load(tmp_path: Path) -> None:
+    """A second ``edge-intercom-relay serve`` on the first one's broker and store: the
+    broker deals the devices' ``out`` messages to both, and every call still goes through
+    whole and is recorded once."""
+    async with fleet(tmp_path, devices=(A, B), client_id="faults-workers") as f:
+        second = tmp_path / "relay-2.toml"
+        second.write_text(
+            (tmp_path / "relay.toml").read_text().replace("relay-faults-workers", "relay-w2")
+            + f'[store]\nurl = "sqlite:///{f.db_path}"\n'
+        )
+        argv = [*RELAY_CMD, "serve", "--config", str(second), "--broker-url", f.url,
+                "--data-dir", str(tmp_path / "relay-2-data")]  # fmt: skip
+        worker = await f.spawn("relay-2", argv, env=os.environ)
+        try:
+            async with asyncio.timeout(WAIT):
+                while RELAY_READY not in f.log("relay-2"):
+                    assert worker.returncode is None, f.log("relay-2")
+                    await asyncio.sleep(0.05)
+            await start_pair(f)
+            calls = []
+            for _ in range(4):
+                call, _ = await active_call(f)
+                await hang_up(f, call)
+                calls.append(call)
+        finally:
+            if worker.returncode is None:
+                worker.send_signal(signal.SIGTERM)
+            async with asyncio.timeout(WAIT):
+                assert await worker.wait() == 0, f.log("relay-2")
+        await f.stop_relay()
+        records = await read_store(f, lambda store: store.calls())
+        assert [c.id for c in records] == calls
+        assert all(c.answered and c.end_reason == "local-hangup" for c in records), records
+        for name in ("relay", "relay-2"):
+            (summary,) = re.findall(r"relay stopped: (.*)", f.log(name))
+            counts = dict(re.findall(r"(\S+)=(\d+)", summary))
+            assert int(counts.get("forwarded", 0)) > 0 and int(counts.get("synced", 0)) > 0, (
+                name,
+                summary,
+            )
+            # Only a hang-up that crossed the other side's: both ends may hang up at once.
+            dropped = {k for k in counts if k.startswith("dropped[")}
+            assert dropped <= {"dropped[finished-call]"}, (name, summary)

@@ -489,10 +489,18 @@ def test_sync_messages_round_trip_and_refuse_garbage() -> None:
     ):
         with pytest.raises(sync.SyncError):
             sync.decode(bad)
-    # A worker's call table follows another worker's events.
+    # A worker's call table follows another worker's events; a message of the call that
+    # came before the sync is parked, then routed when it comes.
     router = Router(PresenceTable({"door-a": "online", "door-b": "online"}))
-    router.apply(events[0])
+    ring = make(RingingBody(), call=call, from_="door-b", to="door-a", ts=now_ms())
+    assert router.route("door-b", to_json(ring).encode(), now_ms()).action is Action.PARK
+    (routed,) = router.apply(events[0])
+    assert (routed.action, routed.envelope) == (Action.FORWARD, ring)
     assert router.open_calls() == 1
+    stray = make(RingingBody(), call=new_id(), from_="door-b", to="door-a", ts=now_ms())
+    assert router.route("door-b", to_json(stray).encode(), now_ms()).action is Action.PARK
+    (dropped,) = router.expire(stray.call)
+    assert (dropped.action, dropped.reason) == (Action.DROP, "unknown-call")
     acc = make(AcceptBody(sdp=SDP), call=call, from_="door-b", to="door-a", ts=now_ms())
     router.apply(events[1])
     assert router.route("door-b", to_json(acc).encode(), now_ms()).reason == "duplicate-accept"

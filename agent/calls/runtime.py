@@ -296,6 +296,36 @@ class _Media:
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
 
+@dataclass(slots=True)
+class TrickleOrder:
+    """The peer's trickled candidates of one call, ends last.
+
+    Relay workers sharing the signaling do not keep one sender's messages in order, so
+    the end of candidates may overtake candidates sent before it. It says how many
+    those were (``count``); ``take`` holds it until they have all arrived. An end
+    without a count (an older peer) is taken as it comes."""
+
+    received: int = 0
+    end_after: int | None = None
+    ended: bool = False
+
+    def take(self, candidate: Candidate | None, count: int | None) -> list[Candidate | None]:
+        """What to hand to ICE now, in order."""
+        if candidate is not None:
+            self.received += 1
+            if self.end_after is not None and self.received >= self.end_after:
+                self.end_after, self.ended = None, True
+                return [candidate, None]
+            return [candidate]
+        if self.ended or self.end_after is not None:
+            return []  # a second end
+        if count is None or self.received >= count:
+            self.ended = True
+            return [None]
+        self.end_after = count
+        return []
+
+
 class CallRuntime:
     """Runs calls for one device over its MQTT session; ``start()``, then ``close()``."""
 
@@ -329,6 +359,7 @@ class CallRuntime:
         self._offers: dict[str, tuple[str, str]] = {}
         """Call id -> (caller, offer SDP) of invites that have no peer yet."""
         self._early: dict[str, list[Candidate | None]] = {}
+        self._trickle_order: dict[str, TrickleOrder] = {}
         self._reader: asyncio.Task[None] | None = None
         self._worker: asyncio.Task[None] | None = None
         self._closed = False
@@ -451,6 +482,7 @@ class CallRuntime:
                 await self._stop_media(summary.call_id)
                 self._offers.pop(summary.call_id, None)
                 self._early.pop(summary.call_id, None)
+                self._trickle_order.pop(summary.call_id, None)
                 stats = self._media_stats.pop(summary.call_id, None)
                 self.last_call = {
                     "call_id": summary.call_id,
@@ -569,13 +601,15 @@ class CallRuntime:
             )  # fmt: skip
 
     async def _trickle(self, media: _Media) -> None:
+        sent = 0
         async for candidate in media.peer.local_candidates():
-            await self._publish(self._candidate(media, candidate.to_sdp()))
-        await self._publish(self._candidate(media, None))
+            await self._publish(self._candidate(media, CandidateBody(candidate.to_sdp())))
+            sent += 1
+        await self._publish(self._candidate(media, CandidateBody(None, count=sent)))
 
-    def _candidate(self, media: _Media, text: str | None) -> Envelope:
+    def _candidate(self, media: _Media, body: CandidateBody) -> Envelope:
         return make(
-            CandidateBody(candidate=text),
+            body,
             call=media.call_id,
             from_=self.device_id,
             to=media.peer_id,
@@ -802,18 +836,24 @@ class CallRuntime:
         if media is not None and media.call_id == env.call:
             if env.from_ != media.peer_id:
                 self._reject("wrong-peer", f"candidate of call {env.call} from {env.from_}")
-            elif media.ready:
-                await media.peer.add_remote_candidate(candidate)
-            elif len(media.early) < MAX_EARLY_CANDIDATES:
-                media.early.append(candidate)
-            return
-        offer = self._offers.get(env.call)
-        if offer is not None and offer[0] == env.from_:
-            early = self._early.setdefault(env.call, [])
-            if len(early) < MAX_EARLY_CANDIDATES:
-                early.append(candidate)
-            return
-        self._reject("unknown-call", f"candidate of call {env.call}")
+                return
+        else:
+            offer = self._offers.get(env.call)
+            if offer is None or offer[0] != env.from_:
+                self._reject("unknown-call", f"candidate of call {env.call}")
+                return
+        order = self._trickle_order.setdefault(env.call, TrickleOrder())
+        for item in order.take(candidate, body.count):
+            media = self._media
+            if media is not None and media.call_id == env.call:
+                if media.ready:
+                    await media.peer.add_remote_candidate(item)
+                elif len(media.early) < MAX_EARLY_CANDIDATES:
+                    media.early.append(item)
+            else:
+                early = self._early.setdefault(env.call, [])
+                if len(early) < MAX_EARLY_CANDIDATES:
+                    early.append(item)
 
     # --- commands ---
 

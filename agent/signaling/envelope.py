@@ -67,6 +67,8 @@ MAX_ENVELOPE_BYTES = MAX_MESSAGE_BYTES
 TS_MIN_MS = 1_577_836_800_000  # 2020-01-01T00:00:00Z
 TS_MAX_MS = 4_102_444_800_000  # 2100-01-01T00:00:00Z
 MAX_CANDIDATE_CHARS = 1024
+MAX_CANDIDATES = 1000
+"""Most candidates one side trickles in a call (the end's ``count``)."""
 MAX_SIG_CHARS = 512
 
 _HEX_ID = re.compile(r"[0-9a-f]{32}")
@@ -169,6 +171,14 @@ def _check_candidate(value: object, name: str) -> str | None:
         _fail(name, "must be a string or null")
     if len(value) > MAX_CANDIDATE_CHARS or _CANDIDATE.fullmatch(value) is None:
         _fail(name, f"must be 1-{MAX_CANDIDATE_CHARS} printable ASCII characters")
+    return value
+
+
+def _check_count(value: object, name: str) -> int | None:
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_CANDIDATES:
+        _fail(name, f"must be null or an integer 0-{MAX_CANDIDATES}")
     return value
 
 
@@ -280,13 +290,21 @@ class AnswerBody:
 
 @dataclass(frozen=True, slots=True)
 class CandidateBody:
-    """A trickled ICE candidate (the ``candidate:`` attribute value); null ends the list."""
+    """A trickled ICE candidate (the ``candidate:`` attribute value); null ends the list.
+
+    The end carries ``count``, how many candidates its sender trickled before it: relay
+    workers that share the signaling do not keep one sender's messages in order, so the
+    receiver holds the end until that many have arrived."""
 
     TYPE: ClassVar[str] = "candidate"
     candidate: str | None
+    count: int | None = None
 
     def __post_init__(self) -> None:
         _check_candidate(self.candidate, "body.candidate")
+        _check_count(self.count, "body.count")
+        if self.count is not None and self.candidate is not None:
+            _fail("body.count", "only the end of candidates (candidate null) has a count")
 
 
 @dataclass(frozen=True, slots=True)
@@ -336,12 +354,22 @@ _BODY_FIELD_CHECKS: dict[str, Callable[[object, str], object]] = {
     "reason": _check_reason,
     "detail": _check_detail,
     "candidate": _check_candidate,
+    "count": _check_count,
     "mode": _check_mode,
 }
 
 
+_ADDED_FIELDS = frozenset({"count"})
+"""Body fields added to version 1 later: optional, and left out while at their default,
+so that peers which predate them read the message as before."""
+
+
 def _body_to_dict(body: Body) -> dict[str, Any]:
-    return {f.name: getattr(body, f.name) for f in fields(body)}
+    return {
+        f.name: getattr(body, f.name)
+        for f in fields(body)
+        if f.name not in _ADDED_FIELDS or getattr(body, f.name) != f.default
+    }
 
 
 def _body_from_dict(kind: str, raw: object) -> Body:
@@ -352,12 +380,12 @@ def _body_from_dict(kind: str, raw: object) -> Body:
     for key in sorted(raw):
         if key not in names:
             _fail("body", f"unknown field {key[:40]!r} for {kind}")
-    for name in names:
-        if name not in raw:
-            _fail(f"body.{name}", f"missing for {kind}")
     values: dict[str, Any] = {}
-    for name in names:
-        values[name] = _BODY_FIELD_CHECKS[name](raw[name], f"body.{name}")
+    for f in fields(cls):
+        if f.name in raw:
+            values[f.name] = _BODY_FIELD_CHECKS[f.name](raw[f.name], f"body.{f.name}")
+        elif f.name not in _ADDED_FIELDS:
+            _fail(f"body.{f.name}", f"missing for {kind}")
     return cls(**values)
 
 
