@@ -154,6 +154,12 @@ async def read_store(f: Fleet, fn: Callable[[Store], T]) -> T:
         await store.close()
 
 
+async def never_offline(f: Fleet) -> None:
+    for device in (A, B):
+        history = await presence_history(f, device)
+        assert [e.state for e in history] == ["online"], history
+
+
 async def presence_history(f: Fleet, device: str) -> list[PresenceEvent]:
     return await read_store(f, lambda s: s.presence_history(device))
 
@@ -375,9 +381,7 @@ async def test_broker_killed_while_idle(tmp_path: Path) -> None:
         await hang_up(f, call)
 
         # A dead broker is not a device going away: no offline in the presence history.
-        for device in (A, B):
-            history = await presence_history(f, device)
-            assert [e.state for e in history] == ["online"], history
+        await never_offline(f)
 
 
 async def test_broker_killed_during_call_media_keeps_flowing(tmp_path: Path) -> None:
@@ -542,9 +546,7 @@ async def test_relay_restart_is_not_an_outage_of_the_devices(tmp_path: Path) -> 
         async with client(f) as raw:
             await inject(raw, X, envelope(InviteBody(sdp=SDP), probe, X, "door-nobody"))
         await stored(f, call_ended(probe, "unreachable"), "the probe")
-        for device in (A, B):
-            history = await presence_history(f, device)
-            assert [e.state for e in history] == ["online"], history
+        await never_offline(f)
 
 
 async def test_duplicate_and_out_of_order_signaling(tmp_path: Path) -> None:

@@ -55,6 +55,7 @@ from typing import Any
 from agent.signaling.envelope import EnvelopeError, from_json
 from agent.signaling.mqtt import MqttClient, MqttConfig, SessionClosed
 from agent.signaling.topics import Kind, TopicError, device_topic, parse_topic
+from tools.bench.args import positive_int
 from tools.bench.setup import LOOPBACK, Certificates, agent_call, percentiles, series
 from tools.lab.fleet import Fleet, FleetError, fleet
 
@@ -290,18 +291,11 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
     }
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not >= 1")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--calls", type=_positive, default=20, help="measured calls per series")
+    parser.add_argument("--calls", type=positive_int, default=20, help="measured calls per series")
     parser.add_argument(
         "--dir", type=Path, default=None,
         help="keep the fleet's configs and logs here (default: a temporary directory)",

@@ -83,6 +83,7 @@ from agent.signaling.envelope import (
 )
 from agent.signaling.topics import RELAY_ID
 from cloud_relay.store import Store
+from tools.bench.args import positive_float, positive_int
 from tools.lab.broker import _free_port
 from tools.lab.fleet import RELAY_CMD
 from tools.lab.mqtt_swarm import Device, Swarm, SwarmError
@@ -601,33 +602,19 @@ def _ratio(a: float, b: float) -> float | None:
     return round(float(a) / float(b), 2) if b else None
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{value} is not > 0")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{value} is not > 0")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--devices", type=_positive_int, default=10_000,
+    parser.add_argument("--devices", type=positive_int, default=10_000,
                         help="simulated devices (an even number is used)")  # fmt: skip
-    parser.add_argument("--seconds", type=_positive_float, default=20.0,
+    parser.add_argument("--seconds", type=positive_float, default=20.0,
                         help="length of each signaling phase")  # fmt: skip
-    parser.add_argument("--rate", type=_positive_float, default=2200.0,
+    parser.add_argument("--rate", type=positive_float, default=2200.0,
                         help="signaling messages per second offered (open loop)")  # fmt: skip
-    parser.add_argument("--batch", type=_positive_int, default=500,
+    parser.add_argument("--batch", type=positive_int, default=500,
                         help="devices connected at a time")  # fmt: skip
-    parser.add_argument("--online-timeout", type=_positive_float, default=120.0,
+    parser.add_argument("--online-timeout", type=positive_float, default=120.0,
                         help="seconds to wait until the relay has all devices online")  # fmt: skip
     parser.add_argument("--keep", action="store_true", help="keep the data dir and logs")
     parser.add_argument("--profile", type=Path,

@@ -41,6 +41,7 @@ from agent.audio.sources import NullSink, ToneSource
 from agent.media.dtls import DtlsCertificate
 from agent.media.peer import MediaPeer, PeerConfig
 from agent.net.ice import IceConfig
+from tools.bench.args import positive_int
 from tools.lab.aiortc_peer import AiortcPeer
 from tools.lab.turn import Coturn
 
@@ -259,22 +260,15 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
     }
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not >= 1")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--calls", type=_positive, default=20, help="measured calls per loopback series"
+        "--calls", type=positive_int, default=20, help="measured calls per loopback series"
     )
     parser.add_argument(
-        "--turn-calls", type=_positive, default=10, help="measured calls through TURN"
+        "--turn-calls", type=positive_int, default=10, help="measured calls through TURN"
     )
     return parser
 
