@@ -21,7 +21,7 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from cloud_relay.broker import BrokerError, BrokerFiles, mosquitto_config
+from cloud_relay.broker import BrokerError, BrokerFiles, BrokerTls, mosquitto_config
 
 _PORT_RETRIES = 3
 
@@ -45,12 +45,20 @@ class Mosquitto(BrokerFiles):
     """A mosquitto process; create with ``Mosquitto.running(...)``."""
 
     def __init__(
-        self, root: Path, *, host: str, port: int, extra: Sequence[str], timeout: float
+        self,
+        root: Path,
+        *,
+        host: str,
+        port: int,
+        extra: Sequence[str],
+        timeout: float,
+        tls: BrokerTls | None = None,
     ) -> None:
         self.root = root
         self.host = host
         self.port = port
         self.timeout = timeout
+        self.tls = tls
         self._extra = tuple(extra)
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -75,6 +83,7 @@ class Mosquitto(BrokerFiles):
             persistence_dir=self.persistence_dir,
             log_path=self.log_path,
             autosave_interval=None,
+            tls=self.tls,
             extra=self._extra,
         )
         self.config_path.write_text(text)
@@ -148,12 +157,14 @@ class Mosquitto(BrokerFiles):
         root: Path | None = None,
         extra: Sequence[str] = (),
         timeout: float = 10.0,
+        tls: BrokerTls | None = None,
     ) -> Iterator[Mosquitto]:
         """Start mosquitto, wait until it accepts connections, and stop it on exit.
 
         ``port`` 0 picks a free one (retried if another process takes it first);
         ``root`` holds config, log and persistence (default: a temp dir, removed on
-        exit); ``extra`` lines go into the config as they are.
+        exit); ``extra`` lines go into the config as they are; ``tls``: the secured
+        listener (client certificates, CRL, ACL) instead of an anonymous one.
         """
         made_root = root is None
         root = Path(tempfile.mkdtemp(prefix="edge-mosquitto-")) if root is None else root
@@ -166,6 +177,7 @@ class Mosquitto(BrokerFiles):
                     port=port or _free_port(host),
                     extra=extra,
                     timeout=timeout,
+                    tls=tls,
                 )
                 try:
                     broker.start()
