@@ -44,6 +44,7 @@ from cloud_relay.service import Relay
 from cloud_relay.store import CallRecord, PresenceEvent, Store
 from tools.lab.broker import Mosquitto
 from tools.lab.fleet import RELAY_CMD, RELAY_READY, WAIT, Fleet, fleet
+from tools.lab.procs import terminate
 
 T = TypeVar("T")
 A, B, X = "door-a", "door-b", "door-x"
@@ -152,6 +153,15 @@ async def read_store(f: Fleet, fn: Callable[[Store], T]) -> T:
         return await store.run(fn, store)
     finally:
         await store.close()
+
+
+async def back_once(f: Fleet) -> None:
+    """door-b is online again after one outage in its history, and a call works."""
+    await f.until_online(B)
+    history = await presence_history(f, B)
+    assert [e.state for e in history] == ["online", "offline", "online"], history
+    call, _ = await active_call(f)
+    await hang_up(f, call)
 
 
 async def never_offline(f: Fleet) -> None:
@@ -448,11 +458,7 @@ async def test_agent_killed_during_call(tmp_path: Path) -> None:
 
         # door-b comes back (its queued messages are for a dead call) and takes calls again.
         await start_b(f)
-        await f.until_online(B)
-        history = await presence_history(f, B)
-        assert [e.state for e in history] == ["online", "offline", "online"], history
-        call, _ = await active_call(f)
-        await hang_up(f, call)
+        await back_once(f)
 
 
 async def test_frozen_agent_goes_offline_within_keepalive(tmp_path: Path) -> None:
@@ -479,11 +485,7 @@ async def test_frozen_agent_goes_offline_within_keepalive(tmp_path: Path) -> Non
         )
 
         # Thawed, it finds its connection gone, reconnects and is online again.
-        await f.until_online(B)
-        history = await presence_history(f, B)
-        assert [e.state for e in history] == ["online", "offline", "online"], history
-        call, _ = await active_call(f)
-        await hang_up(f, call)
+        await back_once(f)
 
 
 async def test_relay_restarted_keeps_state(tmp_path: Path) -> None:
@@ -697,10 +699,7 @@ async def test_two_relay_processes_share_the_load(tmp_path: Path) -> None:
                 await hang_up(f, call)
                 calls.append(call)
         finally:
-            if worker.returncode is None:
-                worker.send_signal(signal.SIGTERM)
-            async with asyncio.timeout(WAIT):
-                assert await worker.wait() == 0, f.log("relay-2")
+            assert await terminate(worker, WAIT) == 0, f.log("relay-2")
         await f.stop_relay()
         records = await read_store(f, lambda store: store.calls())
         assert [c.id for c in records] == calls

@@ -54,7 +54,6 @@ import re
 import resource
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -87,6 +86,7 @@ from tools.bench.args import positive_float, positive_int
 from tools.lab.broker import _free_port
 from tools.lab.fleet import RELAY_CMD
 from tools.lab.mqtt_swarm import Device, Swarm, SwarmError
+from tools.lab.procs import terminate
 
 MESSAGES_PER_CALL = 4
 TICK_S = 0.005
@@ -343,14 +343,8 @@ class RelayProcess:
         proc, self.proc = self.proc, None
         if proc is None or proc.returncode is not None:
             return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            async with asyncio.timeout(WAIT_S):
-                await proc.wait()
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
-            raise BenchError(f"relay ignored SIGTERM for {WAIT_S:g} s") from None
+        if await terminate(proc, WAIT_S) is None:
+            raise BenchError(f"relay ignored SIGTERM for {WAIT_S:g} s")
 
 
 async def wait_online(store: Store, want: int, limit_s: float) -> int:

@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import json
 import os
-import signal
 import socket
 import sys
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -25,6 +24,7 @@ from agent.signaling.mqtt import MqttClient, MqttConfig
 from cloud_relay.commands import CommandError, reply_topic, send_command
 from cloud_relay.store import Store
 from tools.lab.broker import _free_port
+from tools.lab.procs import terminate
 
 REPO = Path(__file__).resolve().parents[2]
 WAIT = 20.0
@@ -270,15 +270,10 @@ ended_hold_s = 60.0
         await self.start_relay()
 
     async def _stop(self, proc: asyncio.subprocess.Process, name: str) -> int:
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-        try:
-            async with asyncio.timeout(WAIT):
-                return await proc.wait()
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
-            raise FleetError(f"{name} ignored SIGTERM for {WAIT:g} s\n{self.log(name)}") from None
+        code = await terminate(proc, WAIT)
+        if code is None:
+            raise FleetError(f"{name} ignored SIGTERM for {WAIT:g} s\n{self.log(name)}")
+        return code
 
 
 def _tcp_open(port: int) -> bool:
@@ -334,13 +329,5 @@ offline_grace_s = 2.0
             if proc.returncode is None:
                 proc.kill()
                 await proc.wait()
-        if f.relay is not None and f.relay.returncode is None:
-            # Politely first: the relay stops its broker on SIGTERM.
-            relay = f.relay
-            relay.send_signal(signal.SIGTERM)
-            try:
-                async with asyncio.timeout(WAIT):
-                    await relay.wait()
-            except TimeoutError:
-                relay.kill()
-                await relay.wait()
+        if f.relay is not None:
+            await terminate(f.relay, WAIT)  # politely first: it stops its broker on SIGTERM
