@@ -2,7 +2,7 @@
 
 from setuptools import find_packages, setup
 
-RELAY = ["alembic>=1.13", "sqlalchemy>=2.0"]
+RELAY = ["aiohttp>=3.9", "alembic>=1.13", "segno>=1.5", "sqlalchemy>=2.0"]
 POSTGRES = ["psycopg[binary]>=3.1"]
 
 setup(

@@ -1,8 +1,12 @@
 """Composition root: builds the agent's parts from config and owns their lifetime.
 
 ``run`` is the long-running mode: the device's MQTT session, the call runtime and the
-audio ends opened once, until SIGTERM/SIGINT. ``call`` runs one call whose offer, answer
-and candidates travel as JSON lines on stdin/stdout (tests, benchmarks, NAT labs).
+audio ends opened once, until SIGTERM/SIGINT. Its identity (device id, broker, TLS
+certificate) comes from pairing (``agent.service.identity``); an unpaired board waits
+for ``pair`` to give it one, and SIGHUP makes a running agent start over with the
+identity on disk. ``pair`` redeems a pairing token (``tools/pair-device``). ``call``
+runs one call whose offer, answer and candidates travel as JSON lines on stdin/stdout
+(tests, benchmarks, NAT labs).
 """
 
 from __future__ import annotations
@@ -10,8 +14,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
+import enum
 import json
 import logging
+import os
+import pwd
 import signal
 import sys
 from collections.abc import Callable
@@ -29,7 +37,10 @@ from agent.media.dtls import DtlsCertificate
 from agent.media.peer import CallSetupError, MediaPeer, PeerConfig
 from agent.media.session import EndReason, MediaSession
 from agent.net.candidate import Candidate, CandidateError
-from agent.service.config import AgentConfig, ConfigError, load_config
+from agent.pairing.client import PID_FILE, AlreadyPaired, PairingFailed, pair
+from agent.service.config import UNPAIRED, AgentConfig, ConfigError, load_config
+from agent.service.files import write_atomic
+from agent.service.identity import Identity, IdentityError, load_identity
 from agent.service.led import StatusLed
 from agent.signaling.messages import (
     MAX_MESSAGE_BYTES,
@@ -42,6 +53,7 @@ from agent.signaling.messages import (
     to_json,
 )
 from agent.signaling.mqtt import ConnectFailed, MqttConfig, MqttSession
+from agent.signaling.signing import Signing
 
 logger = logging.getLogger(__name__)
 
@@ -250,9 +262,18 @@ async def run_call(config: AgentConfig, opts: CallOptions) -> EndReason:
     return reason
 
 
-def mqtt_config(config: AgentConfig) -> MqttConfig:
+PAIRING_POLL_S = 1.0
+"""An unpaired agent looks for an identity this often (besides waking on SIGHUP)."""
+
+
+def mqtt_config(config: AgentConfig, identity: Identity | None = None) -> MqttConfig:
+    """The device session: to the broker pairing named, over TLS with the device's
+    certificate; without an identity, plain TCP to ``mqtt.host`` (loopback labs)."""
     m = config.mqtt
-    return m.mqtt_config(config.device_id, m.host, m.port)
+    if identity is None:
+        return m.mqtt_config(config.device_id, m.host, m.port)
+    connection = m.mqtt_config(identity.device_id, identity.broker_host, identity.broker_port)
+    return dataclasses.replace(connection, tls=identity.mqtt_tls())
 
 
 def call_machine(config: AgentConfig) -> CallMachine:
@@ -287,18 +308,97 @@ async def _connect(session: MqttSession, config: AgentConfig, stop: asyncio.Even
     return False
 
 
+class Ending(enum.Enum):
+    STOP = "stop"
+    """SIGTERM/SIGINT: the process ends."""
+    RELOAD = "reload"
+    """SIGHUP: start over with the identity on disk (pairing gave a new one)."""
+
+
+class _Signals:
+    """SIGTERM/SIGINT and SIGHUP as events the run loop waits for."""
+
+    def __init__(self) -> None:
+        self.stop = asyncio.Event()
+        self.reload = asyncio.Event()
+
+    async def wait(self) -> Ending:
+        waiters = [asyncio.ensure_future(e.wait()) for e in (self.stop, self.reload)]
+        try:
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waiters:
+                w.cancel()
+        if self.stop.is_set():
+            return Ending.STOP
+        self.reload.clear()
+        return Ending.RELOAD
+
+
 async def run_agent(config: AgentConfig, source_spec: str, sink_spec: str) -> int:
     """Calls through the relay until SIGTERM/SIGINT; then hang up and go offline."""
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
+    signals = _Signals()
+    state_dir = Path(config.state_dir)
+    pid_file = state_dir / PID_FILE
+    await asyncio.to_thread(state_dir.mkdir, parents=True, exist_ok=True)
+    write_atomic(pid_file, f"{os.getpid()}\n".encode(), 0o644)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, signals.stop.set)
+    loop.add_signal_handler(signal.SIGHUP, signals.reload.set)
+    try:
+        while True:
+            identity = await _identity(config, signals)
+            if identity is None and config.device_id == UNPAIRED:
+                return 0  # stopped while waiting for pairing
+            ending = await _run_online(config, identity, source_spec, sink_spec, signals)
+            if ending is Ending.STOP:
+                return 0
+            logger.info("reloading: starting over with the identity on disk")
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+        pid_file.unlink(missing_ok=True)
+
+
+async def _identity(config: AgentConfig, signals: _Signals) -> Identity | None:
+    """The paired identity; else, for a board configured with a device id, None (plain
+    lab broker); else wait until pairing gives one (None if stopped meanwhile)."""
+    state_dir = Path(config.state_dir)
+    announced = False
+    while not signals.stop.is_set():
+        try:
+            identity = await asyncio.to_thread(load_identity, state_dir)
+        except IdentityError as exc:
+            identity = None
+            logger.error("%s", exc)
+        if identity is not None or config.device_id != UNPAIRED:
+            return identity
+        if not announced:
+            logger.warning("not paired: run tools/pair-device TOKEN on this board")
+            announced = True
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(PAIRING_POLL_S):
+                await signals.wait()
+    return None
+
+
+async def _run_online(
+    config: AgentConfig,
+    identity: Identity | None,
+    source_spec: str,
+    sink_spec: str,
+    signals: _Signals,
+) -> Ending:
+    signing = None
+    if identity is not None:
+        config = dataclasses.replace(config, device_id=identity.device_id)
+        signing = await asyncio.to_thread(Signing.load, identity.key_path, identity.ca_path)
     certificate = await asyncio.to_thread(
         DtlsCertificate.load_or_create, Path(config.state_dir) / "dtls", config.device_id
     )
     async with contextlib.AsyncExitStack() as stack:
         # Closed in reverse order: the runtime hangs up, the session goes offline, then audio.
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-            stack.callback(loop.remove_signal_handler, sig)
         # Mute and volume act on these wrappers, so they hold in and between calls.
         controls = AudioControls(volume=config.audio.volume)
         source = MutableSource(await _open_source(source_spec, config), controls)
@@ -315,10 +415,16 @@ async def run_agent(config: AgentConfig, source_spec: str, sink_spec: str) -> in
             )
 
         presence = {"state": "online", "board": config.board, "version": "0.1.0"}
-        session = MqttSession(mqtt_config(config), presence)
+        session = MqttSession(mqtt_config(config, identity), presence)
         stack.push_async_callback(session.close)
-        if not await _connect(session, config, stop):
-            return 0
+        connected = asyncio.ensure_future(_connect(session, config, signals.stop))
+        ending = asyncio.ensure_future(signals.wait())
+        await asyncio.wait([connected, ending], return_when=asyncio.FIRST_COMPLETED)
+        if not connected.done() or not connected.result():
+            connected.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await connected
+            return await ending
         runtime = CallRuntime(
             session,
             call_machine(config),
@@ -328,14 +434,49 @@ async def run_agent(config: AgentConfig, source_spec: str, sink_spec: str) -> in
             config=config,
             presence=presence,
             led=None if config.status_led is None else StatusLed(Path(config.status_led)),
+            signing=signing,
         )
         await runtime.start()
         stack.push_async_callback(runtime.close)
         logger.info(
-            "device %s: online at %s:%d", config.device_id, session.config.host, session.config.port
+            "device %s: online at %s:%d%s",
+            config.device_id,
+            session.config.host,
+            session.config.port,
+            "" if identity is not None else " (plain MQTT: not paired, labs only)",
         )
-        await stop.wait()
+        result = await ending
         logger.info("device %s: stopping", config.device_id)
+    return result
+
+
+def pair_board(config: AgentConfig, token: str, *, force: bool, user: str | None) -> int:
+    """``pair``: redeem the token, asking before replacing an identity on a terminal."""
+    state_dir = Path(config.state_dir)
+    owner = None
+    if user is not None:
+        entry = pwd.getpwnam(user)
+        owner = (entry.pw_uid, entry.pw_gid)
+    try:
+        try:
+            done = pair(token, state_dir, force=force, owner=owner)
+        except AlreadyPaired as exc:
+            if not sys.stdin.isatty():
+                raise PairingFailed(f"{exc}: run again with --force to replace it") from None
+            answer = input(f"{exc}. Replace it? [y/N] ")
+            if answer.strip().lower() not in ("y", "yes"):
+                print("left as it was", file=sys.stderr)
+                return 1
+            done = pair(token, state_dir, force=True, owner=owner)
+    except PairingFailed as exc:
+        print(f"pairing failed: {exc}", file=sys.stderr)
+        return 1
+    told = {
+        "signalled": "the running agent is picking it up",
+        "restarted": "the agent service was restarted",
+        "not-running": "start the agent: edge-intercom-agent run",
+    }[done.agent_told]
+    print(f"paired as {done.identity.device_id}: {told}")
     return 0
 
 
@@ -371,6 +512,11 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="stay online and make calls through the relay")
     run.add_argument("--source", default="device", help="device | wav:PATH | tone:HZ")
     run.add_argument("--sink", default="device", help="device | wav:PATH | null")
+    pair_cmd = sub.add_parser("pair", help="join a fleet with a pairing token from the relay")
+    pair_cmd.add_argument("token", help="the token (eipair1. ...)")
+    pair_cmd.add_argument("--force", action="store_true", help="replace an existing identity")
+    pair_cmd.add_argument("--state-dir", help="state directory (overrides the config's)")
+    pair_cmd.add_argument("--user", help="the service user who must read the identity")
     return parser
 
 
@@ -389,6 +535,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "run":
             return asyncio.run(run_agent(config, args.source, args.sink))
+        if args.command == "pair":
+            if args.state_dir is not None:
+                config = dataclasses.replace(config, state_dir=args.state_dir)
+            return pair_board(config, args.token, force=args.force, user=args.user)
         opts = CallOptions(
             offerer=args.role == "offerer",
             trickle=not args.no_trickle,

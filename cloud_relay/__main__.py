@@ -1,17 +1,22 @@
 """``edge-intercom-relay``: the cloud relay.
 
-``serve``: presence, call routing and commands over MQTT, with the store; runs and
-supervises its own mosquitto unless given a broker URL. ``cmd``: send one command
+``serve``: presence, call routing and commands over MQTT, with the store, and the
+HTTPS pairing endpoint; runs and supervises its own mosquitto (TLS, client
+certificates of the relay's CA) unless given a broker URL. ``cmd``: send one command
 to a device and print its reply (exit 1 on timeout, error reply or no broker).
+``pair new``: mint a one-time pairing token for a new board (text and QR code).
+``device revoke``: revoke a device's certificates and cut it off the broker.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import json
 import logging
+import os
 import secrets
 import signal
 import sys
@@ -19,12 +24,20 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import segno
+
+from agent.service.files import write_atomic
 from agent.signaling.mqtt import ConnectFailed, MqttClient, MqttConfig, PublishFailed
 from cloud_relay.broker import BrokerError, EmbeddedBroker
 from cloud_relay.commands import CommandError, reply_topic, send_command
 from cloud_relay.config import ConfigError, RelayConfig, load_config
+from cloud_relay.credentials import open_credentials
+from cloud_relay.pairing import AttemptLimiter, Enrollment, Pairing, mint_token
+from cloud_relay.pki import PkiError, RelayPki
 from cloud_relay.service import Relay
+from cloud_relay.signatures import Senders
 from cloud_relay.store import Store
+from cloud_relay.web import WebServer, tls_context
 
 logger = logging.getLogger("cloud_relay")
 
@@ -33,6 +46,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="TOML configuration file")
     parser.add_argument("--broker-url", help="external broker, mqtt://host:port")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    parser.add_argument("--data-dir", help="the relay's data directory (overrides config)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,14 +54,40 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the relay")
     _common(serve)
-    serve.add_argument("--data-dir", help="database, embedded broker files (overrides config)")
     cmd = sub.add_parser("cmd", help="send a command to a device and print its reply")
     _common(cmd)
     cmd.add_argument("device", help="device id")
     cmd.add_argument("name", help="command name (call, hangup, status, ...)")
     cmd.add_argument("args", nargs="*", metavar="KEY=VALUE", help="arguments; values JSON or text")
     cmd.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the reply")
+    pair = sub.add_parser("pair", help="pairing tokens").add_subparsers(dest="pair", required=True)
+    new = pair.add_parser("new", help="mint a one-time token for a new board")
+    _common(new)
+    new.add_argument("--name", help="the board's display name")
+    new.add_argument("--site", help="where the board is")
+    new.add_argument("--id", dest="device_id", help="device id (default: a fresh one; an "
+                     "existing device's id pairs that board again)")  # fmt: skip
+    new.add_argument("--ttl", type=parse_duration, help="lifetime: 90s, 10m, 1h (default 10m)")
+    new.add_argument("--json", action="store_true", help="one JSON line, for scripts")
+    device = sub.add_parser("device", help="paired devices")
+    dev_sub = device.add_subparsers(dest="device_command", required=True)
+    revoke = dev_sub.add_parser("revoke", help="revoke a device and cut it off the broker")
+    _common(revoke)
+    revoke.add_argument("device", help="device id")
     return parser
+
+
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(text: str) -> float:
+    """``90``, ``90s``, ``10m``, ``1h``, ``2d`` in seconds (argparse reports a ValueError)."""
+    text = text.strip().lower()
+    unit = _UNITS.get(text[-1:])
+    value = float(text[:-1] if unit is not None else text)
+    if value <= 0:
+        raise ValueError("duration must be > 0")
+    return value * (unit or 1.0)
 
 
 def parse_args_kv(items: Sequence[str]) -> dict[str, Any]:
@@ -64,6 +104,10 @@ def parse_args_kv(items: Sequence[str]) -> dict[str, Any]:
     return out
 
 
+PID_FILE = "relay.pid"
+"""In the data directory: the running ``serve``, which SIGHUP makes apply revocations."""
+
+
 async def serve(config: RelayConfig) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -71,14 +115,21 @@ async def serve(config: RelayConfig) -> int:
         loop.add_signal_handler(sig, stop.set)
     data_dir = Path(config.data_dir)
     await asyncio.to_thread(data_dir.mkdir, parents=True, exist_ok=True)
+    creds = await asyncio.to_thread(open_credentials, config)
     store = await Store.open(config.store_url())
     broker: EmbeddedBroker | None = None
     relay: Relay | None = None
+    web: WebServer | None = None
+    revocations = Revocations(creds.pki)
     try:
         if config.broker.url is None:
-            broker = EmbeddedBroker(config.broker, data_dir / "broker")
+            broker = EmbeddedBroker(config.broker, data_dir / "broker", tls=creds.broker_tls)
             await broker.start()
-        relay = Relay(config, store)
+            revocations.broker = broker
+        senders = None
+        if (tls := creds.mqtt_tls) is not None and tls.key_file and tls.cert_file:
+            senders = Senders.load(tls.key_file, tls.cert_file, creds.pki.ca_path)
+        relay = Relay(config, store, tls=tls, senders=senders)
         attempt = 0
         while not stop.is_set():
             try:
@@ -92,6 +143,23 @@ async def serve(config: RelayConfig) -> int:
                     async with asyncio.timeout(delay):
                         await stop.wait()
         if not stop.is_set():
+            p = config.pairing
+            limiter = AttemptLimiter(p.per_source, p.overall, p.window_s, p.lockout_after,
+                                     p.lockout_s)  # fmt: skip
+            turn = tuple({"urls": [url]} for url in p.turn_urls)
+            pairing = Pairing(
+                store,
+                creds.pki,
+                Enrollment(config.device_broker_url(), turn),
+                limiter,
+                on_repaired=revocations.apply,
+            )
+            if config.broker.secure:  # paired boards need a broker that checks them
+                https = tls_context(creds.https.cert, creds.https.key)
+                web = WebServer(pairing, p.host, p.port, https)
+                await web.start()
+            loop.add_signal_handler(signal.SIGHUP, revocations.schedule)
+            write_atomic(data_dir / PID_FILE, f"{os.getpid()}\n".encode(), 0o644)
             # What start-up made (modules, SQLAlchemy, paho, the loaded devices) lives as
             # long as the process: out of the collector's reach, a full collection walks
             # only what routing made since, in a few ms instead of 30-50 ms that every
@@ -101,6 +169,11 @@ async def serve(config: RelayConfig) -> int:
             await stop.wait()
         logger.info("shutting down")
     finally:
+        loop.remove_signal_handler(signal.SIGHUP)
+        (data_dir / PID_FILE).unlink(missing_ok=True)
+        await revocations.close()
+        if web is not None:
+            await web.close()
         if relay is not None:
             await relay.close()
             logger.info("relay stopped: %s", relay.stats.summary())
@@ -110,6 +183,56 @@ async def serve(config: RelayConfig) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
     return 0
+
+
+class Revocations:
+    """Puts revocations into effect at the broker: on SIGHUP (``device revoke`` in another
+    process) and when a board is paired again (the old board's session is ended; the
+    new one reconnects). One at a time, in order; each device once."""
+
+    def __init__(self, pki: RelayPki) -> None:
+        self._pki = pki
+        self.broker: EmbeddedBroker | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._again = False
+        self._applied: set[str] = set()
+        self._repaired: set[str] = set()
+
+    def schedule(self) -> None:
+        if self._task is not None and not self._task.done():
+            self._again = True
+            return
+        self._task = asyncio.create_task(self._run(), name="revocations")
+
+    async def apply(self, device: str) -> None:
+        logger.warning("device %s paired again: its earlier certificates are revoked", device)
+        self._repaired.add(device)
+        self.schedule()
+
+    async def _run(self) -> None:
+        self._again = True
+        while self._again:
+            self._again = False
+            revoked = await asyncio.to_thread(self._pki.revoked_devices)
+            targets = (revoked - self._applied) | self._repaired
+            self._repaired.clear()
+            if self.broker is None:
+                logger.warning("CRL updated: make the external broker re-read it and end "
+                               "the sessions of %s", sorted(targets))  # fmt: skip
+                continue
+            try:
+                await self.broker.apply_revocations(targets)
+            except BrokerError as exc:
+                logger.error("applying revocations at the broker failed: %s", exc)
+                continue
+            self._applied |= revoked
+            logger.warning("cut off the broker: %s", ", ".join(sorted(targets)) or "nobody")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
 
 
 class _suppress_timeout:  # used like contextlib.suppress
@@ -128,6 +251,7 @@ async def cmd(
     timeout: float,  # noqa: ASYNC109
 ) -> int:
     host, port = config.broker.endpoint()
+    tls = (await asyncio.to_thread(open_credentials, config)).mqtt_tls
     client = MqttClient(
         MqttConfig(
             client_id=f"relay-cmd-{secrets.token_hex(6)}",
@@ -136,6 +260,7 @@ async def cmd(
             session_expiry=0,
             connect_timeout=min(timeout, config.mqtt.connect_timeout),
             publish_timeout=timeout,
+            tls=tls,
         ),
         subscriptions=[reply_topic(device)],
     )
@@ -155,6 +280,53 @@ async def cmd(
     return 0 if reply.get("ok", True) is not False else 1
 
 
+async def pair_new(config: RelayConfig, ns: argparse.Namespace) -> int:
+    await asyncio.to_thread(Path(config.data_dir).mkdir, parents=True, exist_ok=True)
+    creds = await asyncio.to_thread(open_credentials, config)
+    store = await Store.open(config.store_url())
+    ttl = ns.ttl or config.pairing.token_ttl_s
+    try:
+        token, device = await mint_token(
+            store,
+            config.pairing_url(),
+            creds.https.fingerprint,
+            device=ns.device_id,
+            name=ns.name,
+            site=ns.site,
+            ttl_s=ttl,
+        )
+    finally:
+        await store.close()
+    text = token.text()
+    logger.info("minted a pairing token for device %s, valid %.0f s", device, ttl)
+    if ns.json:
+        print(json.dumps({"token": text, "device_id": device, "ttl_s": ttl}))
+        return 0
+    qr = segno.make(text, error="m")
+    qr.terminal(compact=True)
+    print(f"\nPairing token for device {device} (valid {ttl / 60:.0f} min, once):\n\n{text}\n")
+    print("On the board: tools/pair-device TOKEN")
+    return 0
+
+
+def device_revoke(config: RelayConfig, device: str) -> int:
+    pki = RelayPki.open(config.pki_directory(), config.pki)
+    try:
+        serials = pki.revoke(device)
+    except LookupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"revoked {len(serials)} certificate(s) of {device}; CRL updated")
+    try:
+        pid = int((Path(config.data_dir) / PID_FILE).read_text())
+        os.kill(pid, signal.SIGHUP)
+    except (OSError, ValueError):
+        print("the relay is not running here: the broker reads the CRL when it starts")
+        return 0
+    print("the running relay is cutting the device off the broker")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
@@ -165,13 +337,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         config = load_config(
-            ns.config, data_dir=getattr(ns, "data_dir", None), broker_url=ns.broker_url
+            ns.config, data_dir=ns.data_dir, broker_url=ns.broker_url
         )
         if ns.command == "serve":
             return asyncio.run(serve(config))
+        if ns.command == "pair":
+            return asyncio.run(pair_new(config, ns))
+        if ns.command == "device":
+            return device_revoke(config, ns.device)
         args = parse_args_kv(ns.args)
         return asyncio.run(cmd(config, ns.device, ns.name, args, ns.timeout))
-    except (ConfigError, ValueError, BrokerError) as exc:
+    except (ConfigError, ValueError, BrokerError, PkiError, OSError) as exc:
         print(f"edge-intercom-relay: {exc}", file=sys.stderr)
         return 2 if ns.command == "serve" else 1
 

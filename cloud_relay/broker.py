@@ -9,8 +9,32 @@ it exits, with exponential backoff (reset once it has stayed up for
 
 ``mosquitto_config`` with ``BrokerTls`` gives the secured listener: TLS with a client
 certificate from the relay's CA required, its CN as the username, the CRL, and
-``acl_text`` confining each device to its own topics. (Wiring it into ``serve`` with
-the PKI, and CRL reloads on revocation, come with pairing.)
+``acl_text`` confining each device to its own topics. With ``BrokerTls.relay`` (meant
+to be always set) a second TLS listener on loopback serves the relay's own sessions,
+whose client ids stay free (several workers and the CLI share the CN ``relay``), and
+the device listener forces the client id to the CN as well: without that, a device
+connecting with another device's client id takes over its session (mosquitto closes
+the other connection), and the relay's own sessions are exposed the same way.
+
+Revocation (``apply_revocations``), from what mosquitto 2.0.11 does on SIGHUP: it
+re-reads ``crlfile`` (new TLS handshakes with a revoked certificate fail with a
+"certificate revoked" alert) and the ACL file, but it keeps every open connection,
+revoked or not, with its rights. So after SIGHUP, once the log says "Reloading
+config.", the relay ends each revoked device's session itself: it connects on the
+relay listener with the device's client id (mosquitto closes the device's connection:
+session taken over), publishes the device's offline presence (a takeover does not send
+the will) and disconnects with session expiry 0, which deletes the session and what
+was queued for it. Other clients are not touched. Without a relay listener the only
+way is a restart: every client is cut off for the restart plus its reconnect backoff.
+
+An external broker (``BrokerSettings.url``) is the operator's job; on every revocation
+the same two steps must happen there within seconds: (1) make it read the relay's CRL
+(``crl.pem`` in the PKI directory; a separately run mosquitto: ``kill -HUP``; EMQX:
+its CRL/listener reload), and (2) close the revoked device's live connection and
+delete its session (mosquitto: the takeover above from a trusted listener, or a
+restart; EMQX: ``DELETE /api/v5/clients/{device id}``). A relay setting such as
+``BrokerSettings.revoke_command`` (argv run with the device ids appended, non-zero
+exit or a timeout being an error) would let the relay trigger it.
 """
 
 from __future__ import annotations
@@ -18,20 +42,40 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import getpass
+import json
 import logging
+import os
 import shutil
-from collections.abc import Sequence
+import signal
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from agent.signaling import topics
+from agent.signaling.mqtt import OFFLINE_PRESENCE, MqttClient, MqttConfig, MqttTls
+from agent.signaling.topics import Kind, device_topic
 from cloud_relay.config import BrokerSettings
 
 logger = logging.getLogger(__name__)
 
+RELOADED = "Reloading config."
+"""What mosquitto logs when it handles SIGHUP, just before re-reading its files."""
+REVOCATION_TIMEOUT = 5.0
+"""Seconds ``apply_revocations`` may take: the reload, then ending the sessions."""
+
 
 class BrokerError(RuntimeError):
     """mosquitto could not be started; the text ends with its log."""
+
+
+@dataclass(frozen=True, slots=True)
+class RelayListener:
+    """A TLS listener on loopback for the relay's own sessions; see the module docstring."""
+
+    port: int
+    """Its TCP port on 127.0.0.1 (the broker certificate must name 127.0.0.1)."""
+    client: MqttTls
+    """The relay's client certificate, with which ``apply_revocations`` ends sessions."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +88,8 @@ class BrokerTls:
     crl_file: Path
     acl_file: Path
     """Written by ``write_acl``: devices confined to their own topics."""
+    relay: RelayListener | None = None
+    """The relay's loopback listener; None: revocation restarts the broker."""
 
 
 def acl_text() -> str:
@@ -58,11 +104,8 @@ def acl_text() -> str:
     return "\n".join(lines) + "\n"
 
 
-def _listener_lines(host: str, port: int, tls: BrokerTls | None) -> list[str]:
-    if tls is None:
-        return [f"listener {port} {host}", "allow_anonymous true"]
+def _tls_lines(tls: BrokerTls) -> list[str]:
     return [
-        f"listener {port} {host}",
         f"cafile {tls.ca_file}",
         f"certfile {tls.cert_file}",
         f"keyfile {tls.key_file}",
@@ -72,9 +115,21 @@ def _listener_lines(host: str, port: int, tls: BrokerTls | None) -> list[str]:
         # The certificate's CN (the device id the relay's CA put there) is the username
         # the ACL patterns use: a device cannot claim another identity.
         "use_identity_as_username true",
-        "allow_anonymous false",
-        f"acl_file {tls.acl_file}",
     ]
+
+
+def _listener_lines(host: str, port: int, tls: BrokerTls | None) -> list[str]:
+    if tls is None:
+        return [f"listener {port} {host}", "allow_anonymous true"]
+    lines = [f"listener {port} {host}", *_tls_lines(tls)]
+    if tls.relay is not None:
+        # ... and the client id: a device connecting with another's id gets its own, and
+        # cannot take over (disconnect) the other's session. Only with the relay on its
+        # own listener: relay workers and the CLI (all CN "relay") need their own ids,
+        # and ending a revoked device's session takes its id. Loopback only.
+        lines += ["use_username_as_clientid true"]
+        lines += [f"listener {tls.relay.port} 127.0.0.1", *_tls_lines(tls)]
+    return [*lines, "allow_anonymous false", f"acl_file {tls.acl_file}"]
 
 
 def mosquitto_config(
@@ -124,6 +179,84 @@ def mosquitto_config(
     return "\n".join(lines) + "\n"
 
 
+async def reload_mosquitto(pid: int, log_path: Path) -> None:
+    """SIGHUP mosquitto and return once it logged ``RELOADED``: it then re-reads the CRL,
+    certificates and ACL before it handles any new connection. The caller bounds the wait."""
+    start = await asyncio.to_thread(_size, log_path)
+    os.kill(pid, signal.SIGHUP)
+    while True:
+        if await asyncio.to_thread(_logged_since, log_path, start, RELOADED):
+            return
+        await asyncio.sleep(0.02)
+
+
+async def revoke_sessions(
+    pid: int, log_path: Path, relay: RelayListener, revoked: Collection[str], *, within: float
+) -> None:
+    """``reload_mosquitto`` then ``end_sessions``, in ``within`` seconds or ``BrokerError``.
+
+    In this order: once the CRL is read, an ended device cannot come back."""
+    try:
+        async with asyncio.timeout(within):
+            await reload_mosquitto(pid, log_path)
+            await end_sessions(revoked, relay, connect_timeout=within)
+    except TimeoutError:
+        raise BrokerError(
+            f"revocation of {', '.join(revoked)} not applied within {within}s"
+        ) from None
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _logged_since(log_path: Path, offset: int, text: str) -> bool:
+    with log_path.open("rb") as log:
+        log.seek(offset)
+        return text.encode() in log.read()
+
+
+async def end_sessions(
+    device_ids: Collection[str], relay: RelayListener, *, connect_timeout: float = 5.0
+) -> None:
+    """Close each device's live connection and delete its session, from the relay listener.
+
+    Taking the session over (same client id) makes mosquitto close the device's
+    connection; the device's offline presence is then published as its will would have
+    been, and the disconnect with session expiry 0 drops the session and its queue.
+    """
+    devices = sorted(device_ids)
+    results = await asyncio.gather(
+        *(_end_session(device, relay, connect_timeout) for device in devices),
+        return_exceptions=True,
+    )
+    failed = [f"{d}: {r}" for d, r in zip(devices, results, strict=True) if r is not None]
+    if failed:
+        raise BrokerError("sessions not ended: " + "; ".join(failed))
+
+
+async def _end_session(device: str, relay: RelayListener, connect_timeout: float) -> None:
+    config = MqttConfig(
+        client_id=topics.check_device_id(device),
+        port=relay.port,
+        tls=relay.client,
+        session_expiry=0,
+        connect_timeout=connect_timeout,
+        publish_timeout=connect_timeout,
+    )
+    client = MqttClient(config)
+    await client.start()
+    try:
+        offline = json.dumps(dict(OFFLINE_PRESENCE), sort_keys=True, separators=(",", ":"))
+        await client.publish(device_topic(device, Kind.PRESENCE), offline.encode(), retain=True)
+    finally:
+        await client.close()
+    logger.warning("%s: session ended (certificate revoked)", device)
+
+
 class BrokerFiles:
     """Where a mosquitto's generated config and its log live, under ``root``."""
 
@@ -139,9 +272,11 @@ class BrokerFiles:
 
 
 class EmbeddedBroker(BrokerFiles):
-    def __init__(self, settings: BrokerSettings, root: Path) -> None:
+    def __init__(self, settings: BrokerSettings, root: Path, tls: BrokerTls | None = None) -> None:
         self.settings = settings
         self.root = root
+        self.tls = tls
+        """The secured listener (with ``tls.relay`` for revocations); None: anonymous."""
         self.restarts = 0
         """Times the supervisor started mosquitto again after it died."""
         self._process: asyncio.subprocess.Process | None = None
@@ -163,6 +298,7 @@ class EmbeddedBroker(BrokerFiles):
             port=self.settings.port,
             persistence_dir=self.root / "data",
             log_path=self.log_path,
+            tls=self.tls,
         )
 
     def log_tail(self, lines: int = 30) -> str:
@@ -191,6 +327,43 @@ class EmbeddedBroker(BrokerFiles):
             if (current := asyncio.current_task()) is not None and current.cancelling():
                 raise asyncio.CancelledError
         await self._stop_process()
+
+    async def apply_revocations(
+        self, revoked: Collection[str], *, within: float = REVOCATION_TIMEOUT
+    ) -> None:
+        """After ``RelayPki.revoke``: the CRL is re-read and the ``revoked`` devices' live
+        sessions are ended, within ``within`` seconds; other clients stay connected.
+
+        Without a relay listener, mosquitto is restarted instead (every client is cut
+        off). ``BrokerError`` if it is not running or does not reload in time.
+        """
+        if self.tls is None:
+            raise RuntimeError("no TLS listener: nothing to revoke")
+        if self.tls.relay is None:
+            await self.restart()
+            return
+        pid = self.pid
+        if pid is None:
+            raise BrokerError("mosquitto is not running")
+        await revoke_sessions(pid, self.log_path, self.tls.relay, revoked, within=within)
+
+    async def restart(self) -> None:
+        """Stop mosquitto (it saves its persistence) and start it again with the config."""
+        if self._supervisor is None:
+            raise RuntimeError("embedded broker not started")
+        supervisor, self._supervisor = self._supervisor, None
+        supervisor.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await supervisor
+        if (current := asyncio.current_task()) is not None and current.cancelling():
+            raise asyncio.CancelledError
+        await self._stop_process()
+        self.config_path.write_text(self.config_text())
+        try:
+            await self._spawn()
+        finally:
+            # Supervised again even if it failed to come up: the supervisor retries.
+            self._supervisor = asyncio.create_task(self._supervise(), name="broker-supervisor")
 
     async def _stop_process(self) -> None:
         process, self._process = self._process, None

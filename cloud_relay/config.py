@@ -8,6 +8,7 @@ nothing. Command-line flags (``--data-dir``, ``--broker-url``) override the file
 from __future__ import annotations
 
 import dataclasses
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from urllib.parse import urlsplit
 from agent.service.tomlconf import ConfigError, from_dict, read_toml
 from agent.signaling.mqtt import MqttTimers
 from agent.signaling.topics import TopicError, check_device_id
+from cloud_relay.pki import PkiSettings
 
 ANY_GROUP = "*"
 """In a call rule: any device, whether or not it belongs to a group."""
@@ -26,11 +28,20 @@ class BrokerSettings:
     """Where the MQTT broker is, or how to run the embedded one."""
 
     url: str | None = None
-    """External broker as ``mqtt://host:port``; None: start and supervise our own mosquitto."""
+    """External broker as ``mqtts://host:port`` (TLS with the relay's client certificate;
+    the broker must trust the relay's CA) or ``mqtt://host:port`` (plain TCP: labs and
+    benchmarks on loopback only); None: start and supervise our own mosquitto."""
     host: str = "127.0.0.1"
     """Embedded broker: listener address (``0.0.0.0`` for every interface)."""
-    port: int = 1883
+    port: int = 8883
     """Embedded broker: listener TCP port."""
+    tls: bool = True
+    """Embedded broker: TLS with client certificates of the relay's CA and the device ACL.
+    False: anonymous plain TCP, for labs and benchmarks on loopback only."""
+    relay_port: int = 8884
+    """Embedded TLS broker: the relay's own listener on 127.0.0.1, where the relay's
+    workers and CLI connect (devices cannot: a device's client id there is free, and the
+    relay ends a revoked device's session by taking its id over)."""
     binary: str = "mosquitto"
     """Embedded broker: the mosquitto executable (a name on PATH or a path)."""
     start_timeout: float = 10.0
@@ -47,8 +58,11 @@ class BrokerSettings:
     def __post_init__(self) -> None:
         if self.url is not None:
             parse_broker_url(self.url)
-        if not 0 < self.port < 65536:
-            raise ValueError(f"port {self.port} out of range")
+        for port in (self.port, self.relay_port):
+            if not 0 < port < 65536:
+                raise ValueError(f"port {port} out of range")
+        if self.tls and self.url is None and self.relay_port == self.port:
+            raise ValueError("relay_port must differ from port")
         if not 0 < self.restart_min <= self.restart_max:
             raise ValueError("need 0 < restart_min <= restart_max")
         for name in ("start_timeout", "stop_timeout", "stable_after"):
@@ -56,11 +70,18 @@ class BrokerSettings:
                 raise ValueError(f"{name} must be > 0")
 
     def endpoint(self) -> tuple[str, int]:
-        """(host, port) that clients on this machine use to reach the broker."""
+        """(host, port) where the relay's own clients (workers, CLI) reach the broker."""
         if self.url is not None:
             return parse_broker_url(self.url)
+        if self.tls:
+            return "127.0.0.1", self.relay_port
         host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
         return host, self.port
+
+    @property
+    def secure(self) -> bool:
+        """Whether the broker is reached over TLS with client certificates."""
+        return self.tls if self.url is None else self.url.startswith("mqtts:")
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +190,45 @@ class PresenceSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class PairingSettings:
+    """The HTTPS pairing endpoint, what paired boards are told, and the attempt limits."""
+
+    host: str = "0.0.0.0"
+    """Listener address of the HTTPS endpoint."""
+    port: int = 8443
+    """Listener TCP port (0: any free port, for tests)."""
+    public_host: str | None = None
+    """Name or address boards reach this relay at: in tokens, the HTTPS and broker
+    certificates, and the broker URL boards get. None: this machine's host name."""
+    broker_url: str | None = None
+    """The broker as boards reach it; None: ``mqtts://{public_host}:{broker.port}``."""
+    turn_urls: tuple[str, ...] = ()
+    """TURN servers boards are told about (``turn:host:3478?transport=udp``)."""
+    token_ttl_s: float = 600.0
+    """Default lifetime of a minted token."""
+    per_source: int = 5
+    """Attempts per source address per window."""
+    overall: int = 30
+    """Attempts in all per window."""
+    window_s: float = 60.0
+    lockout_after: int = 20
+    """Failed attempts in one window after which pairing closes for ``lockout_s``."""
+    lockout_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port {self.port} out of range")
+        if self.broker_url is not None and not self.broker_url.startswith("mqtts://"):
+            raise ValueError("broker_url: boards reach the broker over TLS (mqtts://)")
+        for name in ("token_ttl_s", "per_source", "overall", "window_s", "lockout_after"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0")
+
+    def public(self) -> str:
+        return self.public_host or socket.gethostname()
+
+
+@dataclass(frozen=True, slots=True)
 class RelayConfig:
     """The whole relay."""
 
@@ -180,22 +240,52 @@ class RelayConfig:
     policy: PolicySettings = field(default_factory=PolicySettings)
     routing: RoutingSettings = field(default_factory=RoutingSettings)
     presence: PresenceSettings = field(default_factory=PresenceSettings)
+    pairing: PairingSettings = field(default_factory=PairingSettings)
+    pki: PkiSettings = field(default_factory=PkiSettings)
+    """Certificate lifetimes."""
+    pki_dir: str | None = None
+    """The CA and the relay's certificates (``cloud_relay.pki``); None: ``data_dir/pki``.
+    Relay workers on one machine share it."""
 
     def store_url(self) -> str:
         if self.store.url is not None:
             return self.store.url
         return f"sqlite:///{Path(self.data_dir).resolve() / 'relay.db'}"
 
+    def pki_directory(self) -> Path:
+        return Path(self.pki_dir) if self.pki_dir is not None else Path(self.data_dir) / "pki"
+
+    def pairing_url(self) -> str:
+        """The HTTPS endpoint as tokens name it."""
+        return f"https://{_url_host(self.pairing.public())}:{self.pairing.port}"
+
+    def device_broker_url(self) -> str:
+        """The broker as paired boards reach it."""
+        if self.pairing.broker_url is not None:
+            return self.pairing.broker_url
+        if self.broker.url is not None:
+            return self.broker.url.replace("mqtt://", "mqtts://", 1)
+        return f"mqtts://{_url_host(self.pairing.public())}:{self.broker.port}"
+
+    def certificate_hosts(self) -> list[str]:
+        """Names and addresses in the HTTPS and broker certificates."""
+        hosts = [self.pairing.public(), "localhost", "127.0.0.1"]
+        return list(dict.fromkeys(hosts))
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
 
 def parse_broker_url(url: str) -> tuple[str, int]:
-    """``mqtt://host[:port]`` to (host, port); anything else raises ``ValueError``."""
+    """``mqtt[s]://host[:port]`` to (host, port); anything else raises ``ValueError``."""
     parts = urlsplit(url)
-    if parts.scheme != "mqtt" or not parts.hostname:
-        raise ValueError(f"broker URL {url!r}: expected mqtt://host[:port]")
+    if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+        raise ValueError(f"broker URL {url!r}: expected mqtt[s]://host[:port]")
     if parts.path not in ("", "/") or parts.query or parts.username:
         raise ValueError(f"broker URL {url!r}: only host and port are supported")
     try:
-        port = parts.port or 1883
+        port = parts.port or (8883 if parts.scheme == "mqtts" else 1883)
     except ValueError as exc:
         raise ValueError(f"broker URL {url!r}: {exc}") from None
     return parts.hostname, port
@@ -224,6 +314,7 @@ __all__ = [
     "ConfigError",
     "GroupSettings",
     "MqttSettings",
+    "PairingSettings",
     "PolicySettings",
     "RelayConfig",
     "RoutingSettings",

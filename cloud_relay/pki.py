@@ -54,7 +54,7 @@ from cryptography.x509.verification import PolicyBuilder, Store, VerificationErr
 
 from agent.media.sdp import fingerprint_of
 from agent.service.files import write_atomic
-from agent.signaling.topics import RELAY_ID, check_device_id
+from agent.signaling.topics import RELAY_ID, check_device_id, is_relay_name
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +126,25 @@ class CertFiles:
     """True if this call wrote new files: whoever serves them must reload."""
 
 
+def check_csr(csr_pem: bytes) -> ec.EllipticCurvePublicKey:
+    """The public key of a CSR fit for a device certificate: PEM, at most
+    ``MAX_CSR_BYTES``, signed by its own ECDSA P-256 key; else ``CsrError``."""
+    if len(csr_pem) > MAX_CSR_BYTES:
+        raise CsrError(f"CSR is {len(csr_pem)} bytes, more than {MAX_CSR_BYTES}")
+    try:
+        csr = x509.load_pem_x509_csr(csr_pem)
+    except ValueError:
+        raise CsrError("not a PEM certificate signing request") from None
+    if not csr.is_signature_valid:
+        raise CsrError("CSR signature does not verify (not signed by its key)")
+    public_key = csr.public_key()
+    if not isinstance(public_key, ec.EllipticCurvePublicKey) or not isinstance(
+        public_key.curve, ec.SECP256R1
+    ):
+        raise CsrError(f"CSR key must be ECDSA P-256, not {type(public_key).__name__}")
+    return public_key
+
+
 def _utc_now() -> datetime:
     return datetime.now(UTC)
 
@@ -194,21 +213,9 @@ class RelayPki:
         Only the CSR's public key is used: its subject and extensions are ignored. Bad
         CSRs raise ``CsrError``; a bad device id raises ``ValueError``.
         """
-        if check_device_id(device_id) == RELAY_ID:
-            raise ValueError(f"{RELAY_ID!r} is the relay's name, not a device id")
-        if len(csr_pem) > MAX_CSR_BYTES:
-            raise CsrError(f"CSR is {len(csr_pem)} bytes, more than {MAX_CSR_BYTES}")
-        try:
-            csr = x509.load_pem_x509_csr(csr_pem)
-        except ValueError:
-            raise CsrError("not a PEM certificate signing request") from None
-        if not csr.is_signature_valid:
-            raise CsrError("CSR signature does not verify (not signed by its key)")
-        public_key = csr.public_key()
-        if not isinstance(public_key, ec.EllipticCurvePublicKey) or not isinstance(
-            public_key.curve, ec.SECP256R1
-        ):
-            raise CsrError(f"CSR key must be ECDSA P-256, not {type(public_key).__name__}")
+        if is_relay_name(check_device_id(device_id)):
+            raise ValueError(f"{device_id!r} is a name of the relay's, not a device id")
+        public_key = check_csr(csr_pem)
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_id)])
         san = x509.UniformResourceIdentifier(DEVICE_URI_PREFIX + device_id)
         days = self._settings.device_validity_days if validity_days is None else validity_days
@@ -347,6 +354,12 @@ class RelayPki:
             if fresh:
                 self._publish_crl()
         return fresh
+
+    def revoked_devices(self) -> frozenset[str]:
+        """Devices cut off: every certificate issued to them is revoked."""
+        self._load_ledger()
+        live = {d for s, d in self._issued.items() if s not in self._revoked}
+        return frozenset(d for d in self._issued.values() if d not in live)
 
     def is_revoked(self, cert_pem: bytes) -> bool:
         """Whether this CA revoked the certificate (one it never issued is not revoked)."""

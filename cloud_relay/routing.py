@@ -188,6 +188,10 @@ class Router:
             claimed = from_json(payload)
         except EnvelopeError as exc:
             return Route(Action.DROP, reason=exc.label)
+        return self.route_envelope(sender, claimed, now_ms)
+
+    def route_envelope(self, sender: str, claimed: Envelope, now_ms: int) -> Route:
+        """``route`` for an envelope parsed (and its signature checked) already."""
         forged = claimed.from_ != sender
         env = with_sender(claimed, sender)
         verdict = self._guard.check(env, now_ms)

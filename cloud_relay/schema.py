@@ -16,6 +16,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    Text,
 )
 
 metadata = MetaData()
@@ -32,6 +33,8 @@ devices = Table(
     Column("presence", String(32), nullable=True),
     Column("board", String(100), nullable=True),
     Column("version", String(100), nullable=True),
+    # PEM of the certificate issued at its latest pairing: checks its signatures.
+    Column("certificate", Text, nullable=True),
 )
 
 presence_events = Table(
@@ -70,4 +73,18 @@ commands = Table(
     Column("result", JSON, nullable=True),
     Column("status", String(16), nullable=False),
     Index("ix_commands_device_sent", "device", "sent"),
+)
+
+pairing_tokens = Table(
+    "pairing_tokens",
+    metadata,
+    # SHA-256 of the token's secret: the store never holds a usable token.
+    Column("digest", String(64), primary_key=True),
+    Column("device", String(63), nullable=False),
+    Column("name", String(200), nullable=True),
+    Column("site", String(200), nullable=True),
+    Column("created", DateTime(timezone=True), nullable=False),
+    Column("expires", DateTime(timezone=True), nullable=False),
+    Column("used", DateTime(timezone=True), nullable=True),
+    Column("used_by", String(64), nullable=True),
 )

@@ -31,8 +31,9 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from agent.signaling import topics
-from agent.signaling.envelope import to_json
-from agent.signaling.mqtt import Message, MqttClient, MqttConfig, PublishFailed
+from agent.signaling.envelope import EnvelopeError, from_json, to_json
+from agent.signaling.mqtt import Message, MqttClient, MqttConfig, MqttTls, PublishFailed
+from agent.signaling.signing import SignatureError
 from agent.signaling.topics import Kind, TopicError
 from cloud_relay.commands import CommandError, Requester, command_summary, decode_reply
 from cloud_relay.config import RelayConfig
@@ -46,6 +47,7 @@ from cloud_relay.routing import (
     Route,
     Router,
 )
+from cloud_relay.signatures import FORGED_FROM, Senders
 from cloud_relay.store import Store, utc_from_ms
 from cloud_relay.sync import RELAY_SYNC_TOPIC, SyncError, decode, encode
 
@@ -66,7 +68,8 @@ class RelayStats:
     rejected: int = 0
     """Invites answered by the relay with a decline."""
     forged: int = 0
-    """Envelopes whose ``from`` was not the topic's device (overwritten, then routed)."""
+    """Envelopes whose ``from`` was not the topic's device (signatures required: dropped;
+    else overwritten, then routed)."""
     commands_seen: int = 0
     """Commands to devices recorded (from any operator client)."""
     synced: int = 0
@@ -86,14 +89,14 @@ class RelayStats:
         return " ".join(parts) or "nothing"
 
 
-def mqtt_config(config: RelayConfig) -> MqttConfig:
+def mqtt_config(config: RelayConfig, tls: MqttTls | None = None) -> MqttConfig:
     """The relay's connection: one client carries every device's signaling, so its windows
     are a device's times the load. Unacknowledged QoS 1 publishes: with an agent's 20, the
     relay could forward no more than 20 per broker round trip, and the round trip grows
     with the load, so a burst stalled it (publishes failed with queue-full)."""
     host, port = config.broker.endpoint()
     connection = config.mqtt.mqtt_config(config.mqtt.client_id, host, port)
-    return replace(connection, max_incoming=20_000, max_inflight=1_000, max_queued=20_000)
+    return replace(connection, max_incoming=20_000, max_inflight=1_000, max_queued=20_000, tls=tls)
 
 
 RETRY_DELAYS = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2)
@@ -132,12 +135,16 @@ class Relay:
         store: Store,
         *,
         clock_ms: Callable[[], int] | None = None,
+        tls: MqttTls | None = None,
+        senders: Senders | None = None,
     ) -> None:
+        """``tls``: the relay's client certificate, for a broker that takes only those;
+        ``senders``: signatures required (paired devices), checked with these."""
         self.config = config
         self.worker = config.mqtt.client_id
         self.store = store
         self.stats = RelayStats()
-        self.client = MqttClient(mqtt_config(config), subscriptions=SUBSCRIPTIONS)
+        self.client = MqttClient(mqtt_config(config, tls), subscriptions=SUBSCRIPTIONS)
         self._clock_ms = clock_ms or (lambda: time.time_ns() // 1_000_000)
         self.presence = PresenceTable()
         self.router = Router(self.presence, config.policy, config.routing)
@@ -154,17 +161,24 @@ class Relay:
         self._retry_keys = itertools.count()
         self._closing = False
         self._offline: dict[str, tuple[asyncio.TimerHandle, Presence, int]] = {}
+        """Offline reports waiting out ``presence.offline_grace_s``, by device."""
         self._park_timers: dict[str, asyncio.TimerHandle] = {}
         """Calls with parked messages (``Router``), each until ``PARK_S`` has passed."""
         self._expiries: dict[str, asyncio.TimerHandle] = {}
         """Commands recorded as sent, by id: marked timed out when their expiry passes."""
-        """Offline reports waiting out ``presence.offline_grace_s``, by device."""
+        self._senders = senders
+        self._fetching: dict[str, list[bytes]] = {}
+        """Devices whose certificate is being read from the store, with their messages
+        meanwhile (routed in order once it is there)."""
 
     async def start(self) -> None:
         """Load state from the store, connect (``ConnectFailed`` after the connect timeout)."""
         known = await self.store.run(self.store.devices)
         self.presence = PresenceTable({d.id: d.presence for d in known})
         self.router.presence = self.presence
+        if self._senders is not None:
+            for device, cert in (await self.store.run(self.store.device_certificates)).items():
+                self._senders.learn(device, cert)
         open_calls = await self.store.run(lambda: self.store.calls(open_only=True))
         self.router.restore((c.id, c.caller, c.callee, c.answered is not None) for c in open_calls)
         logger.info("loaded %d devices and %d open calls", len(known), len(open_calls))
@@ -339,8 +353,62 @@ class Relay:
 
     def _on_out(self, device: str, payload: bytes) -> None:
         self.stats.received += 1
+        if (waiting := self._fetching.get(device)) is not None:
+            waiting.append(payload)  # behind the certificate lookup, in order
+            return
+        self._route_signed(device, payload, refetch=True)
+
+    def _route_signed(self, device: str, payload: bytes, *, refetch: bool) -> None:
         now = self._clock_ms()
-        self._after_route(device, self.router.route(device, payload, now), now)
+        senders = self._senders
+        if senders is None:
+            self._after_route(device, self.router.route(device, payload, now), now)
+            return
+        try:
+            env = from_json(payload)
+        except EnvelopeError as exc:
+            self._after_route(device, Route(Action.DROP, reason=exc.label), now)
+            return
+        if env.from_ != device:
+            self.stats.forged += 1
+            self._after_route(device, Route(Action.DROP, env, reason=FORGED_FROM), now)
+            return
+        if not senders.knows(device):
+            self._fetch_certificate(device, payload)
+            return
+        try:
+            env = senders.check(env)
+        except SignatureError as exc:
+            if refetch and exc.reason in ("bad-signature", "wrong-signer"):
+                # Paired again since we read its certificate? Read it once more.
+                self._fetch_certificate(device, payload)
+                return
+            self._after_route(device, Route(Action.DROP, env, reason=exc.reason), now)
+            return
+        self._after_route(device, self.router.route_envelope(device, env, now), now)
+
+    def _fetch_certificate(self, device: str, payload: bytes) -> None:
+        self._fetching[device] = [payload]
+        fut = self.store.submit(self.store.device_certificate, device)
+        fut.add_done_callback(functools.partial(self._certificate_read, device))
+
+    def _certificate_read(self, device: str, fut: asyncio.Future[str | None]) -> None:
+        waiting = self._fetching.pop(device, [])
+        if self._closing:
+            return
+        cert = None if fut.cancelled() or fut.exception() is not None else fut.result()
+        assert self._senders is not None
+        changed = cert is not None and self._senders.learn(device, cert)
+        now = self._clock_ms()
+        for payload in waiting:
+            if not self._senders.knows(device):
+                self._after_route(device, Route(Action.DROP, reason="unpaired-sender"), now)
+                continue
+            self._route_signed(device, payload, refetch=False)
+        if cert is None:
+            logger.warning("%s: no certificate in the store (not paired here?)", device)
+        elif changed:
+            logger.info("%s: certificate read from the store", device)
 
     def _expire_parked(self, call: str) -> None:
         del self._park_timers[call]
@@ -374,6 +442,8 @@ class Relay:
         if route.action is Action.REJECT:
             self.stats.rejected += 1
             logger.info("%s: invite %s refused: %s", device, env.call, route.reason)
+            if self._senders is not None:
+                env = self._senders.sign(env)
         else:
             self.stats.forwarded += 1
             if logger.isEnabledFor(logging.DEBUG):

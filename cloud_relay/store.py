@@ -48,7 +48,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection, RowMapping
 from sqlalchemy.exc import IntegrityError
 
-from cloud_relay.schema import calls, commands, devices, presence_events
+from cloud_relay.schema import calls, commands, devices, pairing_tokens, presence_events
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +108,23 @@ class CommandRecord:
     sent: datetime
     result: dict[str, Any] | None
     status: str
+
+
+@dataclass(frozen=True, slots=True)
+class PairingGrant:
+    """What a redeemed pairing token was minted for."""
+
+    device: str
+    name: str | None
+    site: str | None
+
+
+class TokenRefused(Exception):
+    """A pairing token that cannot be redeemed: ``reason`` is unknown, used or expired."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 # The writes that run per presence message and per call event, built once: building a
@@ -476,6 +493,78 @@ class Store:
             )
             for r in rows
         ]
+
+    def add_pairing_token(
+        self,
+        digest: str,
+        device: str,
+        created: datetime,
+        expires: datetime,
+        *,
+        name: str | None = None,
+        site: str | None = None,
+    ) -> None:
+        with self._transaction() as conn:
+            conn.execute(
+                insert(pairing_tokens).values(
+                    digest=digest, device=device, name=name, site=site,
+                    created=created, expires=expires,
+                )
+            )  # fmt: skip
+
+    def redeem_pairing_token(self, digest: str, now: datetime, source: str) -> PairingGrant:
+        """Mark the token used (once: the conditional write lets exactly one of any
+        concurrent redeemers through) and say what it was for; ``TokenRefused`` if it is
+        unknown, used or expired."""
+        tok = pairing_tokens.c
+        with self._transaction() as conn:
+            taken = conn.execute(
+                update(pairing_tokens)
+                .where(tok.digest == digest, tok.used.is_(None), tok.expires > now)
+                .values(used=now, used_by=source[:64])
+            ).rowcount
+            query = select(pairing_tokens).where(tok.digest == digest)
+            row = conn.execute(query).mappings().first()
+        if row is None:
+            raise TokenRefused("unknown")
+        if not taken:
+            raise TokenRefused("expired" if row["used"] is None else "used")
+        return PairingGrant(row["device"], row["name"], row["site"])
+
+    def device_paired(
+        self,
+        device: str,
+        certificate: str,
+        at: datetime,
+        *,
+        name: str | None = None,
+        site: str | None = None,
+    ) -> None:
+        """Create the device, or give an existing one (a board paired again) its new
+        certificate; a name or site not given keeps what the device had."""
+        dev = devices.c
+        values: dict[str, Any] = {"certificate": certificate}
+        if name is not None:
+            values["name"] = name
+        if site is not None:
+            values["site"] = site
+        with self._transaction() as conn:
+            if not conn.execute(update(devices).where(dev.id == device).values(values)).rowcount:
+                conn.execute(insert(devices).values(id=device, created=at, **values))
+
+    def device_certificates(self) -> dict[str, str]:
+        """Every paired device's current certificate (PEM), by id."""
+        query = select(devices.c.id, devices.c.certificate).where(
+            devices.c.certificate.is_not(None)
+        )
+        with self._engine.connect() as conn:
+            return {device: cert for device, cert in conn.execute(query).all()}
+
+    def device_certificate(self, device: str) -> str | None:
+        query = select(devices.c.certificate).where(devices.c.id == device)
+        with self._engine.connect() as conn:
+            value: str | None = conn.execute(query).scalar()
+        return value
 
 
 def _has_call(conn: Connection, params: Mapping[str, Any]) -> bool:

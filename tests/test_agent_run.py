@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from agent.signaling.mqtt import MqttClient, MqttConfig
+from agent.signaling.mqtt import MqttClient
 from agent.signaling.topics import Kind, device_topic
 from cloud_relay.commands import reply_topic
 from cloud_relay.store import Store
@@ -174,7 +174,7 @@ async def test_listen_in_shows_on_the_listened_boards_led_and_presence(tmp_path:
             extra=f'listen_allowed = ["{A}"]',
         )
         watcher = MqttClient(
-            MqttConfig(client_id="presence-watch", port=lab_.port, session_expiry=0),
+            lab_.mqtt_config("presence-watch", session_expiry=0),
             subscriptions=[device_topic(B, Kind.PRESENCE)],
         )
         await watcher.start()

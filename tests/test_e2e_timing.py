@@ -20,7 +20,7 @@ from typing import Any
 from mqtt_env import next_matching
 
 from agent.calls.runtime import now_ms
-from agent.signaling.mqtt import MqttClient, MqttConfig
+from agent.signaling.mqtt import MqttClient
 from agent.signaling.topics import Kind, device_topic, parse_topic
 from tools.lab.fleet import WAIT, Fleet, fleet
 
@@ -69,7 +69,7 @@ async def test_audio_flowing_reported_by_each_end_that_hears(tmp_path: Path) -> 
         reply = await f.command(B, "config/set", key="calls.listen_allowed", value=[A])
         assert reply["ok"] and reply["applied"], reply
         client = MqttClient(
-            MqttConfig(client_id="e2e-timing-watch", port=f.port, session_expiry=0),
+            f.mqtt_config("e2e-timing-watch", session_expiry=0),
             subscriptions=[device_topic(d, Kind.TELEMETRY) for d in (A, B)],
         )
         await client.start()

@@ -36,7 +36,7 @@ from agent.signaling.envelope import (
     new_id,
     to_json,
 )
-from agent.signaling.mqtt import Message, MqttClient, MqttConfig
+from agent.signaling.mqtt import Message, MqttClient
 from agent.signaling.topics import Kind, all_devices, device_topic
 from cloud_relay.commands import reply_topic
 from cloud_relay.config import BrokerSettings, MqttSettings, RelayConfig
@@ -221,11 +221,10 @@ def kill_broker(f: Fleet) -> int:
 
 @contextlib.asynccontextmanager
 async def client(f: Fleet, *subscriptions: str) -> AsyncIterator[MqttClient]:
-    """A raw MQTT client on the fleet's broker (no ACLs yet: it may act as any device)."""
+    """A raw MQTT client on the fleet's broker as the relay (it may publish as any device)."""
     c = MqttClient(
-        MqttConfig(
-            client_id=f"faults-{new_id()[:12]}",
-            port=f.port,
+        f.mqtt_config(
+            f"faults-{new_id()[:12]}",
             session_expiry=0,
             backoff_min=0.05,
             backoff_max=0.5,
@@ -245,9 +244,12 @@ def envelope(body: Body, call: str, sender: str, to: str) -> Envelope:
     return make(body, call=call, from_=sender, to=to, ts=now_ms())
 
 
-async def inject(c: MqttClient, sender: str, payload: Envelope | bytes) -> None:
-    """Publish ``payload`` on ``sender``'s ``out``, as that device would."""
-    data = to_json(payload).encode() if isinstance(payload, Envelope) else payload
+async def inject(f: Fleet, c: MqttClient, sender: str, payload: Envelope | bytes) -> None:
+    """Publish ``payload`` on ``sender``'s ``out``, as that device would (an envelope
+    signed with its key)."""
+    if isinstance(payload, Envelope):
+        payload = to_json(f.signing(sender).sign(payload)).encode()
+    data = payload
     await c.publish(device_topic(sender, Kind.OUT), data, qos=1)
 
 
@@ -525,8 +527,8 @@ async def test_relay_restarted_keeps_state(tmp_path: Path) -> None:
         # The restarted relay restored its call table from the store: repeats of the open
         # call's invite and accept are dropped, and its hang-up is routed and recorded.
         async with client(f) as raw:
-            await inject(raw, A, invite)
-            await inject(raw, B, accept)
+            await inject(f, raw, A, invite)
+            await inject(f, raw, B, accept)
         await relay_dropped(f, A, "invite", call, "duplicate-call")
         await relay_dropped(f, B, "accept", call, "duplicate-accept")
         for device in (A, B):
@@ -541,12 +543,13 @@ async def test_relay_restarted_keeps_state(tmp_path: Path) -> None:
 async def test_relay_restart_is_not_an_outage_of_the_devices(tmp_path: Path) -> None:
     async with fleet(tmp_path, devices=(A, B), client_id="faults-will") as f:
         await start_pair(f)
+        await f.pair(X)  # paired, never online: its invite is answered "unreachable"
         await f.restart_relay()
         # A probe the relay records, published after whatever its session held: once it
         # is in the store, so is everything the relay took before it.
         probe = new_id()
         async with client(f) as raw:
-            await inject(raw, X, envelope(InviteBody(sdp=SDP), probe, X, "door-nobody"))
+            await inject(f, raw, X, envelope(InviteBody(sdp=SDP), probe, X, "door-nobody"))
         await stored(f, call_ended(probe, "unreachable"), "the probe")
         await never_offline(f)
 
@@ -557,11 +560,11 @@ async def test_duplicate_and_out_of_order_signaling(tmp_path: Path) -> None:
         async with snooping(f) as (raw, seen):
             # Messages for calls nobody opened, and a candidate before its invite: dropped.
             stray = new_id()
-            await inject(raw, B, envelope(RingingBody(), stray, B, A))
-            await inject(raw, B, envelope(AcceptBody(sdp=SDP), stray, B, A))
+            await inject(f, raw, B, envelope(RingingBody(), stray, B, A))
+            await inject(f, raw, B, envelope(AcceptBody(sdp=SDP), stray, B, A))
             early = new_id()
             candidate = "candidate:1 1 udp 2130706431 127.0.0.1 9 typ host"
-            await inject(raw, A, envelope(CandidateBody(candidate=candidate), early, A, B))
+            await inject(f, raw, A, envelope(CandidateBody(candidate=candidate), early, A, B))
             await relay_dropped(f, B, "ringing", stray, "unknown-call")
             await relay_dropped(f, B, "accept", stray, "unknown-call")
             await relay_dropped(f, A, "candidate", early, "unknown-call")
@@ -570,21 +573,21 @@ async def test_duplicate_and_out_of_order_signaling(tmp_path: Path) -> None:
             invite, accept = sent(seen, A, "invite", call), sent(seen, B, "accept", call)
 
             # Exact repeats (QoS 1 redelivery): the relay's replay guard drops them.
-            await inject(raw, A, invite)
-            await inject(raw, B, accept)
+            await inject(f, raw, A, invite)
+            await inject(f, raw, B, accept)
             await relay_dropped(f, A, "invite", call, "duplicate")
             await relay_dropped(f, B, "accept", call, "duplicate")
             # The same messages made again: the call table drops them.
-            await inject(raw, B, envelope(AcceptBody(sdp=SDP), call, B, A))
-            await inject(raw, A, envelope(InviteBody(sdp=SDP), call, A, B))
+            await inject(f, raw, B, envelope(AcceptBody(sdp=SDP), call, B, A))
+            await inject(f, raw, A, envelope(InviteBody(sdp=SDP), call, A, B))
             await relay_dropped(f, B, "accept", call, "duplicate-accept")
             await relay_dropped(f, A, "invite", call, "duplicate-call")
             # A ringing after the accept is the callee's to send: routed, and ignored.
-            await inject(raw, B, envelope(RingingBody(), call, B, A))
+            await inject(f, raw, B, envelope(RingingBody(), call, B, A))
             # A new call's candidate before its invite (dropped), then the invite: busy.
             second = new_id()
-            await inject(raw, A, envelope(CandidateBody(candidate=candidate), second, A, B))
-            await inject(raw, A, envelope(InviteBody(sdp=SDP), second, A, B))
+            await inject(f, raw, A, envelope(CandidateBody(candidate=candidate), second, A, B))
+            await inject(f, raw, A, envelope(InviteBody(sdp=SDP), second, A, B))
             await relay_dropped(f, A, "candidate", second, "unknown-call")
             busy = await until_sent(f, seen, B, second)
             assert busy.type == "busy", busy
@@ -599,10 +602,10 @@ async def test_duplicate_and_out_of_order_signaling(tmp_path: Path) -> None:
 
             # After the call: a repeat of its invite is dropped by the relay, and one made
             # again (the relay has forgotten the call) is ignored by door-b, which remembers it.
-            await inject(raw, A, invite)
+            await inject(f, raw, A, invite)
             await relay_dropped(f, A, "invite", call, "duplicate")
             mark = len(seen)
-            await inject(raw, A, envelope(InviteBody(sdp=SDP), call, A, B))
+            await inject(f, raw, A, envelope(InviteBody(sdp=SDP), call, A, B))
 
             # A normal call still works. Its invite went through the relay after that one, so
             # door-b had handled it when it answered.
@@ -624,9 +627,9 @@ async def test_invite_sent_while_no_relay_listens_is_sent_again(
     after a broker restart): the caller sends the same invite again until it is answered,
     so the call goes through once a relay is there. The relay here starts in-process,
     after the first invite went nowhere."""
-    f = Fleet(tmp_path, broker.port, tmp_path / "relay-data")
+    f = Fleet(tmp_path, broker.port, tmp_path / "relay-data")  # a plain lab broker
     f.client = MqttClient(
-        MqttConfig(client_id="resend-test", port=broker.port, session_expiry=0),
+        f.mqtt_config("resend-test", session_expiry=0),
         subscriptions=[reply_topic(A), reply_topic(B)],
     )
     await f.client.start()
@@ -680,8 +683,12 @@ async def test_two_relay_processes_share_the_load(tmp_path: Path) -> None:
     whole and is recorded once."""
     async with fleet(tmp_path, devices=(A, B), client_id="faults-workers") as f:
         second = tmp_path / "relay-2.toml"
+        first = (tmp_path / "relay.toml").read_text()
         second.write_text(
-            (tmp_path / "relay.toml").read_text().replace("relay-faults-workers", "relay-w2")
+            f'pki_dir = "{f.pki_dir}"\n'  # the CA and the relay's client certificate
+            + first.replace("relay-faults-workers", "relay-w2").replace(
+                f"port = {f.pairing_port}", "port = 0"
+            )  # its own HTTPS port
             + f'[store]\nurl = "sqlite:///{f.db_path}"\n'
         )
         argv = [*RELAY_CMD, "serve", "--config", str(second), "--broker-url", f.url,

@@ -8,15 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cloud_relay.pairing import (
-    PREFIX,
-    AttemptLimiter,
-    PairingToken,
-    TokenError,
-    Verdict,
-    secret_digest,
-    secret_matches,
-)
+from agent.pairing.token import PREFIX, PairingToken, TokenError
+from cloud_relay.pairing import AttemptLimiter, Verdict, secret_digest, secret_matches
 
 FP = ":".join(["AB"] * 32)
 URL = "https://relay.example:8443"

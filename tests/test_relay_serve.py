@@ -134,6 +134,7 @@ async def test_serve_supervises_embedded_broker_and_keeps_state(tmp_path: Path) 
         f"""
 [broker]
 port = {port}
+tls = false
 restart_min = 0.05
 restart_max = 0.5
 stop_timeout = 5.0

@@ -15,7 +15,8 @@ and carries the actions out:
 * ``StartTimer``/``CancelTimer``: ``loop.call_later`` handles that post ``TimerExpired``.
 * ``CallEnded``: a telemetry record with the media statistics; ``status`` shows it.
 
-Incoming envelopes are checked (``from_json``, addressed to us, ``ReplayGuard``); a bad
+Incoming envelopes are checked (``from_json``, addressed to us, signed by their sender
+when the device is paired, ``ReplayGuard``); a bad
 one is logged and counted in ``rejected``, never fatal. A ``decline`` from the relay
 (unknown or offline callee) is taken as the callee's answer to our current call.
 Candidates that arrive before their call has a peer wait for it (bounded).
@@ -121,6 +122,7 @@ from agent.signaling.envelope import (
     to_json,
 )
 from agent.signaling.mqtt import Incoming, MqttSession, PublishFailed, SessionClosed
+from agent.signaling.signing import SignatureError, Signing
 from agent.signaling.topics import RELAY_ID, Kind, TopicError, check_device_id
 
 logger = logging.getLogger(__name__)
@@ -341,18 +343,23 @@ class CallRuntime:
         config: AgentConfig | None = None,
         presence: Mapping[str, object] | None = None,
         led: StatusLed | None = None,
+        signing: Signing | None = None,
     ) -> None:
         """``controls``: the mute and volume the audio wrappers read; ``speaker``: where a
         test tone plays (None: ``test-tone`` is refused); ``config``: the effective config
         for ``config/get``/``config/set`` (None: ``AgentConfig()``); ``presence``: the
         device's online presence, republished with the call indicator as it changes
-        (None: not republished); ``led``: the status LED showing the indicator."""
+        (None: not republished); ``led``: the status LED showing the indicator;
+        ``signing``: the paired device's key and CA: what it sends is signed, and what it
+        receives must be signed by the device (or relay) it says it is from (None: an
+        unpaired lab board; nothing is signed or checked)."""
         self.device_id = session.device_id
         self._session = session
         self.machine = machine
         self._make_peer = make_peer
         self._wall_ms = wall_ms
         self._guard = ReplayGuard()
+        self._signing = signing
         self._queue: asyncio.Queue[Incoming | Event] = asyncio.Queue()
         self._timers: dict[tuple[Timer, str], asyncio.TimerHandle] = {}
         self._media: _Media | None = None
@@ -591,6 +598,8 @@ class CallRuntime:
             await self._publish(env)
 
     async def _publish(self, env: Envelope) -> None:
+        if self._signing is not None:
+            env = self._signing.sign(env)
         try:
             await self._session.publish(Kind.OUT, to_json(env).encode("utf-8"))
         except (PublishFailed, EnvelopeError) as exc:
@@ -788,6 +797,12 @@ class CallRuntime:
         if env.to != self.device_id:
             self._reject("wrong-recipient", f"{env.type} for {env.to}")
             return
+        if self._signing is not None:
+            try:
+                self._signing.verifier.check(env)
+            except SignatureError as exc:
+                self._reject(exc.reason, str(exc))
+                return
         verdict = self._guard.check(env, self._wall_ms())
         if verdict is not ReplayVerdict.FRESH:
             self._reject(str(verdict), f"{env.type} {env.id} of call {env.call}")

@@ -96,10 +96,15 @@ class CallSettings:
         )
 
 
+UNPAIRED = "unpaired"
+"""The default device id: the identity comes from pairing (``agent.service.identity``)."""
+
+
 @dataclass(frozen=True, slots=True)
 class AgentConfig:
-    device_id: str = "unpaired"
-    """Identity issued at pairing; appears in every log line."""
+    device_id: str = UNPAIRED
+    """Identity issued at pairing, which overrides this; set it only for a lab board that
+    talks plain MQTT without pairing. Appears in every log line."""
     board: str = "generic"
     """Board profile name (a file in firmware_configs/)."""
     state_dir: str = "/var/lib/edge-intercom"

@@ -7,9 +7,11 @@ One JSON object per message::
 
 ``body`` has one fixed schema per ``type`` (one frozen dataclass each, below);
 every body field is required on the wire and no other field is allowed, at
-either level. ``sig`` is optional until pairing brings device keys: it will be
-the sender's signature over ``signing_bytes(env)``, the canonical JSON of
-everything else, so adding it changes nothing in the format.
+either level. ``sig`` is the sender's signature over ``signing_bytes(env)``, the
+canonical JSON of everything but ``sig`` and ``cert`` (``agent.signaling.signing``);
+``cert`` is the signer's certificate (base64url DER), which the relay attaches so
+that the receiver can check the signature against the relay's CA. Both are optional
+in the format: a lab broker without pairing carries unsigned messages.
 
 Call set-up, and why the SDP rides on ``invite``/``accept``::
 
@@ -70,6 +72,8 @@ MAX_CANDIDATE_CHARS = 1024
 MAX_CANDIDATES = 1000
 """Most candidates one side trickles in a call (the end's ``count``)."""
 MAX_SIG_CHARS = 512
+MAX_CERT_CHARS = 2048
+"""A P-256 device certificate is ~600 bytes of DER, ~800 characters here."""
 
 _HEX_ID = re.compile(r"[0-9a-f]{32}")
 _REASON = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
@@ -404,6 +408,8 @@ class Envelope:
     to: str
     body: Body
     sig: str | None = None
+    cert: str | None = None
+    """The signer's certificate, base64url DER (attached by the relay; not signed)."""
     v: int = VERSION
 
     def __post_init__(self) -> None:
@@ -420,14 +426,16 @@ class Envelope:
         _check_device(self.from_, "from")
         _check_device(self.to, "to")
         if self.sig is not None:
-            _check_sig(self.sig)
+            _check_b64(self.sig, "sig", MAX_SIG_CHARS)
+        if self.cert is not None:
+            _check_b64(self.cert, "cert", MAX_CERT_CHARS)
 
 
-def _check_sig(value: object) -> str:
-    if not isinstance(value, str) or not 0 < len(value) <= MAX_SIG_CHARS:
-        _fail("sig", f"must be a string of 1-{MAX_SIG_CHARS} base64url characters")
+def _check_b64(value: object, name: str, limit: int) -> str:
+    if not isinstance(value, str) or not 0 < len(value) <= limit:
+        _fail(name, f"must be a string of 1-{limit} base64url characters")
     if _SIG.fullmatch(value) is None or len(value) % 4 == 1:
-        _fail("sig", "must be unpadded base64url")
+        _fail(name, "must be unpadded base64url")
     return value
 
 
@@ -513,6 +521,8 @@ def _to_dict(env: Envelope, *, with_sig: bool) -> dict[str, Any]:
     }
     if with_sig and env.sig is not None:
         out["sig"] = env.sig
+    if with_sig and env.cert is not None:
+        out["cert"] = env.cert
     return out
 
 
@@ -521,7 +531,8 @@ def _canonical(obj: dict[str, Any]) -> str:
 
 
 def signing_bytes(env: Envelope) -> bytes:
-    """What the sender signs: canonical JSON (sorted keys, no spaces, UTF-8) of all but ``sig``.
+    """What the sender signs: canonical JSON (sorted keys, no spaces, UTF-8) of all but
+    ``sig`` and ``cert``.
 
     A receiver recomputes it from the parsed envelope, so the wire's key order
     and whitespace do not matter, while every value does.
@@ -539,7 +550,7 @@ def to_json(env: Envelope) -> str:
 
 
 _REQUIRED = ("v", "type", "id", "call", "ts", "from", "to", "body")
-_OPTIONAL = ("sig",)
+_OPTIONAL = ("sig", "cert")
 _FIELDS = frozenset(_REQUIRED + _OPTIONAL)
 
 
@@ -602,9 +613,8 @@ def _from_dict(raw: dict[str, Any]) -> Envelope:
         _fail("type", "must be a string")
     if kind not in BODY_TYPES:
         _fail("type", f"unknown message type {kind[:40]!r}")
-    sig = raw.get("sig")
-    if "sig" in raw:
-        sig = _check_sig(sig)
+    sig = _check_b64(raw["sig"], "sig", MAX_SIG_CHARS) if "sig" in raw else None
+    cert = _check_b64(raw["cert"], "cert", MAX_CERT_CHARS) if "cert" in raw else None
     return Envelope(
         type=kind,
         id=_check_hex_id(raw["id"], "id"),
@@ -614,6 +624,7 @@ def _from_dict(raw: dict[str, Any]) -> Envelope:
         to=_check_device(raw["to"], "to"),
         body=_body_from_dict(kind, raw["body"]),
         sig=sig,
+        cert=cert,
     )
 
 

@@ -87,6 +87,12 @@ def check_device_id(value: object) -> str:
     return value
 
 
+def is_relay_name(value: str) -> bool:
+    """``relay`` and ``relay-*``: the relay's own MQTT client ids, never a device's (on the
+    relay's listener a device with such an id could take over a relay session)."""
+    return value == RELAY_ID or value.startswith(RELAY_ID + "-")
+
+
 def device_topic(device_id: str, kind: Kind) -> str:
     """``intercom/v1/dev/{device_id}/{kind}``."""
     return f"{_DEVICES}{check_device_id(device_id)}/{Kind(kind).value}"

@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.signaling.envelope import EnvelopeError, from_json
-from agent.signaling.mqtt import MqttClient, MqttConfig, SessionClosed
+from agent.signaling.mqtt import MqttClient, SessionClosed
 from agent.signaling.topics import Kind, TopicError, device_topic, parse_topic
 from tools.bench.args import positive_int
 from tools.bench.setup import LOOPBACK, Certificates, agent_call, percentiles, series
@@ -172,7 +172,7 @@ class Timing:
 async def watching(f: Fleet) -> AsyncIterator[Watch]:
     topics = [device_topic(d, k) for d in (A, B) for k in (Kind.OUT, Kind.IN, Kind.TELEMETRY)]
     client = MqttClient(
-        MqttConfig(client_id="bench-e2e-watch", port=f.port, session_expiry=0),
+        f.mqtt_config("bench-e2e-watch", session_expiry=0),
         subscriptions=topics,
     )
     await client.start()

@@ -6,11 +6,17 @@ starts the Debian ``mosquitto``, waits until it accepts TCP connections, and sto
 it on exit. ``broker.restart()`` (graceful or with SIGKILL) and ``broker.stop()``
 / ``broker.start()`` are for fault tests; the port stays the same.
 
+With ``tls`` it is the relay's secured listener (``cloud_relay.broker.BrokerTls``); a
+``tls.relay`` listener with port 0 gets a free port. ``await broker.apply_revocations(ids)``
+does what the embedded broker does after a revocation (SIGHUP, then the revoked devices'
+sessions ended from the relay listener; a restart without one).
+
 Errors (``BrokerError``) end with the tail of the broker's log.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import shutil
 import signal
@@ -18,10 +24,18 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 
-from cloud_relay.broker import BrokerError, BrokerFiles, BrokerTls, mosquitto_config
+from cloud_relay.broker import (
+    REVOCATION_TIMEOUT,
+    BrokerError,
+    BrokerFiles,
+    BrokerTls,
+    mosquitto_config,
+    revoke_sessions,
+)
 
 _PORT_RETRIES = 3
 
@@ -39,6 +53,13 @@ def _tcp_probe(host: str, port: int) -> bool:
             return True
     except OSError:
         return False
+
+
+def _with_relay_port(tls: BrokerTls | None) -> BrokerTls | None:
+    """``tls`` with a free port for a relay listener asking for port 0."""
+    if tls is None or tls.relay is None or tls.relay.port:
+        return tls
+    return replace(tls, relay=replace(tls.relay, port=_free_port("127.0.0.1")))
 
 
 class Mosquitto(BrokerFiles):
@@ -132,6 +153,21 @@ class Mosquitto(BrokerFiles):
             process.kill()
             process.wait(timeout=self.timeout)
 
+    async def apply_revocations(
+        self, revoked: Collection[str], *, within: float = REVOCATION_TIMEOUT
+    ) -> None:
+        """After ``RelayPki.revoke``: as ``EmbeddedBroker.apply_revocations``."""
+        if self.tls is None:
+            raise RuntimeError("no TLS listener: nothing to revoke")
+        if self.tls.relay is None:
+            await asyncio.to_thread(self.restart)
+            return
+        if self.process is None or not self.running_now:
+            raise BrokerError("mosquitto is not running")
+        await revoke_sessions(
+            self.process.pid, self.log_path, self.tls.relay, revoked, within=within
+        )
+
     def pause(self) -> None:
         """SIGSTOP: connections stay open but nothing answers (a silent network)."""
         if self.process is not None:
@@ -177,7 +213,7 @@ class Mosquitto(BrokerFiles):
                     port=port or _free_port(host),
                     extra=extra,
                     timeout=timeout,
-                    tls=tls,
+                    tls=_with_relay_port(tls),
                 )
                 try:
                     broker.start()

@@ -2,8 +2,12 @@
 
 ``async with fleet(root) as f:`` starts ``edge-intercom-relay serve`` with its data under
 ``root / "relay-data"`` (or ``data_dir``) and an MQTT client for commands; ``f.agent(...)``
-starts ``edge-intercom-agent run`` processes. Logs go to ``root / NAME.log``. Every wait is
-bounded and fails with ``FleetError`` naming what it waited for, with the logs' tails.
+pairs a board the way an operator does (a token minted on the relay, ``tools/pair-device``
+on the board, state under ``root / DEVICE``) and starts ``edge-intercom-agent run`` on it.
+The broker takes only TLS clients with certificates of the relay's CA: the command
+client (``f.mqtt_config``) uses the relay's own certificate on the relay's listener.
+Logs go to ``root / NAME.log``. Every wait is bounded and fails with ``FleetError``
+naming what it waited for, with the logs' tails.
 ``f.restart_relay()`` and ``f.broker_pid()`` are for fault tests. Used by
 ``tests/test_agent_run.py``, ``tests/test_faults.py`` and the demo (``tools/demo_call.py``).
 """
@@ -20,8 +24,12 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from agent.signaling.mqtt import MqttClient, MqttConfig
+from agent.service.identity import load_identity
+from agent.signaling.mqtt import MqttClient, MqttConfig, MqttTls
+from agent.signaling.signing import Signing
 from cloud_relay.commands import CommandError, reply_topic, send_command
+from cloud_relay.pairing import mint_token
+from cloud_relay.pki import fingerprint_sha256
 from cloud_relay.store import Store
 from tools.lab.broker import _free_port
 from tools.lab.procs import terminate
@@ -45,16 +53,32 @@ RELAY_CMD = _entry("edge-intercom-relay", "cloud_relay")
 RELAY_READY = "relay ready"
 """What ``edge-intercom-relay serve`` logs once it is connected and subscribed."""
 AGENT_CMD = _entry("edge-intercom-agent", "agent.app")
+PAIR_DEVICE = str(REPO / "tools" / "pair-device")
 
 
 class Fleet:
     """The relay (with its broker), the agents and a command client on one port."""
 
-    def __init__(self, root: Path, port: int, data_dir: Path) -> None:
+    def __init__(
+        self,
+        root: Path,
+        port: int,
+        data_dir: Path,
+        relay_port: int | None = None,
+        pairing_port: int | None = None,
+    ) -> None:
+        """Without ``relay_port`` the broker is a plain lab one on ``port``: agents are not
+        paired but configured with their device id, and the command client is anonymous."""
         self.root = root
         self.port = port
+        """The broker's device listener."""
+        self.relay_port = relay_port
+        """The broker's listener for the relay's own clients (this fleet's too)."""
+        self.pairing_port = pairing_port
         self.data_dir = data_dir
-        self.url = f"mqtt://127.0.0.1:{port}"
+        self.url = (
+            f"mqtt://127.0.0.1:{port}" if relay_port is None else f"mqtts://127.0.0.1:{relay_port}"
+        )
         self.relay: asyncio.subprocess.Process | None = None
         self.procs: dict[str, asyncio.subprocess.Process] = {}
         """The agents by device id."""
@@ -63,6 +87,59 @@ class Fleet:
     @property
     def db_path(self) -> Path:
         return self.data_dir / "relay.db"
+
+    @property
+    def pki_dir(self) -> Path:
+        return self.data_dir / "pki"
+
+    def mqtt_config(self, client_id: str, **settings: Any) -> MqttConfig:
+        """A connection as the relay: its certificate, on its listener (any topic)."""
+        if self.relay_port is None:
+            return MqttConfig(client_id=client_id, host="127.0.0.1", port=self.port, **settings)
+        pki = self.pki_dir
+        tls = MqttTls(pki / "ca.pem", pki / "relay-client.pem", pki / "relay-client-key.pem")
+        return MqttConfig(
+            client_id=client_id, host="127.0.0.1", port=self.relay_port, tls=tls, **settings
+        )
+
+    def state_dir(self, device: str) -> Path:
+        return self.root / device
+
+    def signing(self, device: str) -> Signing:
+        """A paired device's key and the CA: to sign as that device does."""
+        identity = load_identity(self.state_dir(device))
+        assert identity is not None, f"{device} is not paired"
+        return Signing.load(identity.key_path, identity.ca_path)
+
+    async def token(self, device: str) -> str:
+        """A pairing token for ``device``, as ``edge-intercom-relay pair new --id`` mints."""
+        store = await Store.open(f"sqlite:///{self.db_path}")
+        try:
+            https = await asyncio.to_thread((self.pki_dir / "https.pem").read_bytes)
+            token, _ = await mint_token(
+                store,
+                f"https://127.0.0.1:{self.pairing_port}",
+                fingerprint_sha256(https),
+                device=device,
+                ttl_s=60,
+            )
+        finally:
+            await store.close()
+        return token.text()
+
+    async def pair(self, device: str) -> None:
+        """Pair ``device`` with ``tools/pair-device`` (state under ``state_dir(device)``)."""
+        token = await self.token(device)
+        argv = [PAIR_DEVICE, token, "--state-dir", str(self.state_dir(device))]
+        proc = await self.spawn(f"pair-{device}", argv)
+        try:
+            async with asyncio.timeout(WAIT):
+                code = await proc.wait()
+        except TimeoutError:
+            proc.kill()
+            raise self.fail(f"pair-device {device} did not finish") from None
+        if code != 0:
+            raise self.fail(f"pair-device {device} exited {code}: {self.log(f'pair-{device}')}")
 
     def log(self, name: str) -> str:
         path = self.root / f"{name}.log"
@@ -95,23 +172,31 @@ class Fleet:
         env: Mapping[str, str] | None = None,
         keepalive: int = 5,
     ) -> Path:
-        """Start ``edge-intercom-agent run`` for ``device``; returns its config file.
+        """Pair ``device`` if it is not yet, and start ``edge-intercom-agent run`` on it;
+        returns its config file.
 
         ``settings`` is TOML for the top level (before any table); ``extra`` is TOML
         appended to the generated configuration, inside its ``[calls]`` table unless it
         opens tables of its own (e.g. audio devices). ``keepalive``: its MQTT keep-alive in
         seconds (the broker declares it gone after 1.5x this)."""
+        if self.relay_port is None:
+            lab = f'device_id = "{device}"'
+            plain = f"port = {self.port}"
+        else:
+            lab = plain = ""
+            if await asyncio.to_thread(load_identity, self.state_dir(device)) is None:
+                await self.pair(device)
         config = self.root / f"{device}.toml"
         auto = ", ".join(json.dumps(d) for d in auto_answer)
         config.write_text(
             f"""
-device_id = "{device}"
-state_dir = "{self.root / device}"
+{lab}
+state_dir = "{self.state_dir(device)}"
 {settings}
 [ice]
 host_addresses = ["127.0.0.1"]
 [mqtt]
-port = {self.port}
+{plain}
 keepalive = {keepalive}
 backoff_min = 0.05
 backoff_max = 0.5
@@ -131,8 +216,8 @@ ended_hold_s = 60.0
     def cmd_argv(self, device: str, name: str, *args: str, timeout: float = 10.0) -> list[str]:
         """The ``edge-intercom-relay cmd`` command line for one command."""
         return [
-            *RELAY_CMD, "cmd", "--broker-url", self.url, device, name, *args,
-            "--timeout", f"{timeout:g}",
+            *RELAY_CMD, "cmd", "--config", str(self.root / "relay.toml"),
+            "--data-dir", str(self.data_dir), device, name, *args, "--timeout", f"{timeout:g}",
         ]  # fmt: skip
 
     async def command(self, device: str, name: str, **args: Any) -> dict[str, Any]:
@@ -293,13 +378,20 @@ async def fleet(
     client_id: str = "fleet",
 ) -> AsyncIterator[Fleet]:
     """Start the relay and a command client for ``devices``; kill whatever still runs at exit."""
-    port = _free_port("127.0.0.1")
-    f = Fleet(root, port, data_dir or root / "relay-data")
+    port, relay_port, pairing_port = (_free_port("127.0.0.1") for _ in range(3))
+    f = Fleet(root, port, data_dir or root / "relay-data", relay_port, pairing_port)
     config = root / "relay.toml"
     config.write_text(
         f"""
 [broker]
 port = {port}
+relay_port = {relay_port}
+[pairing]
+host = "127.0.0.1"
+port = {pairing_port}
+public_host = "127.0.0.1"
+per_source = 1000
+overall = 1000
 [mqtt]
 client_id = "relay-{client_id}"
 keepalive = 5
@@ -315,9 +407,7 @@ offline_grace_s = 2.0
         await f.start_relay()
         f.client = MqttClient(
             # Back within half a second of a broker that was killed or restarted.
-            MqttConfig(
-                client_id=client_id, port=port, session_expiry=0, backoff_min=0.05, backoff_max=0.5
-            ),
+            f.mqtt_config(client_id, session_expiry=0, backoff_min=0.05, backoff_max=0.5),
             subscriptions=[reply_topic(d) for d in devices],
         )
         await f.client.start()

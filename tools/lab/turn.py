@@ -1,10 +1,12 @@
 """A real coturn (``turnserver``) for tests, benchmarks and the demo.
 
-``with Coturn.running() as turn:`` writes a config into a temp dir (TURN REST
-auth with a random shared secret, no TLS, no CLI, loopback and private peers
-allowed so that relays on 127.0.0.1 can reach each other), starts the daemon,
-waits until it answers on UDP and TCP, and stops it on exit. ``turn.turn_server()``
-gives an ``agent.net.ice.TurnServer`` with freshly minted credentials.
+``with Coturn.running() as turn:`` writes the relay's hardened config
+(``cloud_relay.turn.coturn_config``: TURN REST auth with a random shared secret, no
+TLS, no CLI, private and loopback peers denied) into a temp dir, lets through only the
+test network the daemon listens on (by default), starts it, waits until it answers on
+UDP and TCP, and stops it on exit. ``turn.turn_server()`` gives an
+``agent.net.ice.TurnServer`` with freshly minted credentials. coturn ignores an option
+it does not know, with a warning in its log; here that warning is an error.
 
 With ``argv_prefix`` (e.g. ``("ip", "netns", "exec", "pub")``) the daemon runs
 inside a network namespace; since its addresses may not be reachable from here,
@@ -14,6 +16,7 @@ readiness then comes from its log unless ``probe=True``.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import secrets
 import shutil
@@ -27,6 +30,7 @@ from pathlib import Path
 from typing import Literal
 
 from agent.net.ice import IceServer, TurnCredentials, TurnServer, mint_turn_credentials
+from cloud_relay.turn import TurnSettings, coturn_config
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +44,21 @@ class CoturnError(RuntimeError):
 
 class _PortTaken(CoturnError):
     pass
+
+
+def lab_networks(listen: Sequence[str]) -> tuple[str, ...]:
+    """The networks of the listening addresses, where the lab's peers are: a loopback
+    address by itself, else its /24 (IPv4) or /64 (IPv6)."""
+    networks: list[str] = []
+    for host in listen:
+        address = ipaddress.ip_address(host)
+        prefix = (
+            address.max_prefixlen if address.is_loopback else (24 if address.version == 4 else 64)
+        )
+        network = str(ipaddress.ip_network(f"{address}/{prefix}", strict=False))
+        if network not in networks:
+            networks.append(network)
+    return tuple(networks)
 
 
 def _family(host: str) -> socket.AddressFamily:
@@ -172,8 +191,9 @@ class Coturn:
         external_ip: str | None = None,
         realm: str = "edge.test",
         secret: str | None = None,
-        allow_loopback_peers: bool = True,
-        allowed_peers: Sequence[str] = (),
+        user_quota: int = 100,
+        total_quota: int = 1000,
+        allowed_peers: Sequence[str] | None = None,
         denied_peers: Sequence[str] = (),
         tls: tuple[Path, Path] | None = None,
         argv_prefix: Sequence[str] = (),
@@ -185,9 +205,12 @@ class Coturn:
         """Start turnserver, wait until it answers, and stop it on exit.
 
         ``port`` 0 picks a free one (UDP and TCP listen on the same port); the relay
-        address defaults to the first listening address. ``allowed_peers`` and
-        ``denied_peers`` are coturn ``ip`` or ``ip-ip`` ranges; ``tls`` is a
-        (certificate, key) pair, without it TLS and DTLS are off. ``extra`` lines go
+        address defaults to the first listening address. ``allowed_peers`` are the
+        networks (``10.0.1.0/24``, ``127.0.0.1``) coturn may relay to despite its
+        denylist, by default ``lab_networks(listen)``; ``denied_peers`` are denied on
+        top. ``user_quota`` and ``total_quota`` bound concurrent allocations (the
+        lab's are generous: tests share one user name). ``tls`` is a (certificate,
+        key) pair, without it TLS and DTLS are off. ``extra`` lines go
         into the config as they are. ``probe`` (default: unless ``argv_prefix``)
         waits for a STUN answer over UDP and a TCP connection instead of just the
         log's "listener opened" lines.
@@ -197,15 +220,17 @@ class Coturn:
         made_root = root is None
         root = Path(tempfile.mkdtemp(prefix="edge-coturn-")) if root is None else root
         secret = secrets.token_hex(16) if secret is None else secret
+        settings = TurnSettings(realm=realm, user_quota=user_quota, total_quota=total_quota)
+        allowed = lab_networks(listen) if allowed_peers is None else tuple(allowed_peers)
         probe = not argv_prefix if probe is None else probe
         try:
             for attempt in range(_BIND_RETRIES if port == 0 else 1):
                 chosen = port or free_port(listen)
                 conf = cls._write_config(
                     root, chosen, listen=tuple(listen), relay_ip=relay_ip or listen[0],
-                    relay_ports=relay_ports, external_ip=external_ip, realm=realm, secret=secret,
-                    allow_loopback_peers=allow_loopback_peers, allowed_peers=tuple(allowed_peers),
-                    denied_peers=tuple(denied_peers), tls=tls, extra=tuple(extra),
+                    relay_ports=relay_ports, external_ip=external_ip, settings=settings,
+                    secret=secret, allowed_peers=allowed, denied_peers=tuple(denied_peers),
+                    tls=tls, extra=tuple(extra),
                 )  # fmt: skip
                 try:
                     with cls._process(root, conf, argv_prefix) as process:
@@ -234,46 +259,29 @@ class Coturn:
         relay_ip: str,
         relay_ports: tuple[int, int],
         external_ip: str | None,
-        realm: str,
+        settings: TurnSettings,
         secret: str,
-        allow_loopback_peers: bool,
         allowed_peers: tuple[str, ...],
         denied_peers: tuple[str, ...],
         tls: tuple[Path, Path] | None,
         extra: tuple[str, ...],
     ) -> Path:
-        lines = [f"listening-ip={ip}" for ip in listen]
-        lines += [
-            f"listening-port={port}",
-            f"relay-ip={relay_ip}",
-            f"min-port={relay_ports[0]}",
-            f"max-port={relay_ports[1]}",
-            "use-auth-secret",
-            f"static-auth-secret={secret}",
-            f"realm={realm}",
-            "fingerprint",
-            "no-cli",
-            "no-multicast-peers",
-            "no-rfc5780",  # it would also listen on port + 1
+        text = coturn_config(
+            settings, secret, listen=listen, port=port, relay_ip=relay_ip,
+            relay_ports=relay_ports, external_ip=external_ip, allowed_peers=allowed_peers,
+            denied_peers=denied_peers, tls=tls,
+            tls_port=free_port(listen) if tls is not None else 5349,
+        )  # fmt: skip
+        lines = [
             "verbose",  # logs "listener opened", which readiness without probing needs
             f"log-file={root / 'turn.log'}",
             "simple-log",  # exactly that file name, no rotation
             f"pidfile={root / 'turn.pid'}",
             f"userdb={root / 'turndb'}",
+            *extra,
         ]
-        if external_ip is not None:
-            lines.append(f"external-ip={external_ip}")
-        if allow_loopback_peers:
-            lines.append("allow-loopback-peers")
-        lines += [f"allowed-peer-ip={peer}" for peer in allowed_peers]
-        lines += [f"denied-peer-ip={peer}" for peer in denied_peers]
-        if tls is None:
-            lines += ["no-tls", "no-dtls"]
-        else:
-            lines += [f"cert={tls[0]}", f"pkey={tls[1]}", f"tls-listening-port={free_port(listen)}"]
-        lines += extra
         conf = root / "turnserver.conf"
-        conf.write_text("\n".join(lines) + "\n")
+        conf.write_text(text + "\n".join(lines) + "\n")
         conf.chmod(0o600)  # holds the secret
         return conf
 
@@ -307,6 +315,8 @@ class Coturn:
             log = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
             if any("Cannot bind" in line and f":{self.port}" in line for line in log.splitlines()):
                 raise _PortTaken(f"turnserver cannot bind port {self.port}\n{self.log_tail()}")
+            if "Bad configuration format" in log:
+                raise CoturnError(f"turnserver ignored config lines\n{self.log_tail()}")
             if self._ready(log, probe):
                 return
             time.sleep(0.05)
