@@ -321,7 +321,11 @@ class RelayProcess:
 
     async def start(self) -> None:
         config = self.root / "relay.toml"
-        config.write_text(f'[broker]\nport = {self.port}\n[mqtt]\nclient_id = "relay-bench"\n')
+        # A plain lab broker: the simulated devices are not paired, so no TLS and no
+        # signatures (the README gives what those add per message).
+        config.write_text(
+            f'[broker]\nport = {self.port}\ntls = false\n[mqtt]\nclient_id = "relay-bench"\n'
+        )
         argv = [*RELAY_CMD, "serve", "--config", str(config), "--data-dir", str(self.data_dir)]
         if self.profile is not None:  # the event loop's thread only
             argv = [sys.executable, "-m", "cProfile", "-o", str(self.profile), "-m",

@@ -1,0 +1,185 @@
+"""Attacks on a running fleet (relay, TLS broker, paired boards), each a real attempt.
+
+Signaling: envelopes published on a paired device's ``out`` that are forged (another
+``from``), tampered with, badly signed, unsigned, replayed or stale never reach the
+callee, and the relay drops each with its reason; an honest envelope published after
+them does reach it, carrying the sender's certificate. Revocation: ``device revoke``
+cuts a connected board off and keeps it off, while the others stay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import dataclasses
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from mqtt_env import SDP, now_ms
+
+from agent.signaling.envelope import (
+    Envelope,
+    InviteBody,
+    from_json,
+    make,
+    new_id,
+    to_json,
+)
+from agent.signaling.mqtt import Message, MqttClient
+from agent.signaling.signing import Verifier
+from agent.signaling.topics import Kind, device_topic
+from tools.lab.fleet import RELAY_CMD, REPO, WAIT, Fleet, fleet
+
+A, B = "door-a", "door-b"
+
+
+@contextlib.asynccontextmanager
+async def relay_client(f: Fleet, *subscriptions: str) -> AsyncIterator[MqttClient]:
+    client = MqttClient(f.mqtt_config(f"attack-{new_id()[:8]}", session_expiry=0),
+                        subscriptions=subscriptions)  # fmt: skip
+    await client.start()
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
+async def publish_as(client: MqttClient, device: str, payload: bytes) -> None:
+    await client.publish(device_topic(device, Kind.OUT), payload, qos=1)
+
+
+def invite(call: str, *, sender: str = A, to: str = B, ts: int | None = None) -> Envelope:
+    return make(InviteBody(sdp=SDP), call=call, from_=sender, to=to,
+                ts=now_ms() if ts is None else ts)  # fmt: skip
+
+
+def wire(env: Envelope) -> bytes:
+    return to_json(env).encode()
+
+
+async def relay_dropped(f: Fleet, call: str) -> str:
+    """The reason the relay logged for dropping ``call``'s message."""
+    async with asyncio.timeout(WAIT):
+        while True:
+            for line in f.log("relay").splitlines():
+                if f"(call {call}): " in line and "dropped" in line:
+                    return line.rsplit(": ", 1)[1]
+            await asyncio.sleep(0.05)
+
+
+async def test_forged_tampered_unsigned_replayed_and_stale_signaling_is_dropped(
+    tmp_path: Path,
+) -> None:
+    async with fleet(tmp_path, devices=(A, B), client_id="attacks") as f:
+        for device in (A, B):
+            await f.pair(device)
+        a = f.signing(A)
+        async with relay_client(f, device_topic(B, Kind.IN)) as raw:
+            for device in (A, B):  # online as far as the relay knows: invites are routed
+                await raw.publish(
+                    device_topic(device, Kind.PRESENCE), b'{"state":"online"}', qos=1, retain=True
+                )
+            await f.until_online(A, B)
+
+            attacks: list[tuple[str, str, bytes]] = []  # (expected reason, call, payload)
+
+            call = new_id()  # signed by A, claiming to come from another device
+            attacks.append(("forged-from", call, wire(a.sign(invite(call, sender="door-c")))))
+
+            call = new_id()  # signed, then the SDP changed on the way
+            tampered = json.loads(wire(a.sign(invite(call))))
+            tampered["body"]["sdp"] += "a=fingerprint:sha-256 " + ":".join(["AB"] * 32) + "\r\n"
+            attacks.append(("bad-signature", call, json.dumps(tampered).encode()))
+
+            call = new_id()  # a signature of the right shape by nobody
+            junk = base64.urlsafe_b64encode(bytes(64)).rstrip(b"=").decode()
+            attacks.append(
+                ("bad-signature", call, wire(dataclasses.replace(invite(call), sig=junk)))
+            )
+
+            call = new_id()
+            attacks.append(("unsigned", call, wire(invite(call))))
+
+            call = new_id()
+            attacks.append(("stale", call, wire(a.sign(invite(call, ts=now_ms() - 120_000)))))
+
+            honest_call = new_id()
+            honest = wire(a.sign(invite(honest_call)))
+            await publish_as(raw, A, honest)
+            first = await next_in(raw, honest_call)
+            attacks.append(("duplicate", honest_call, honest))  # the same message again
+
+            for _, _, payload in attacks:
+                await publish_as(raw, A, payload)
+            for reason, call, _ in attacks:
+                if call != honest_call:
+                    assert await relay_dropped(f, call) == reason, reason
+
+            marker_call = new_id()
+            await publish_as(raw, A, wire(a.sign(invite(marker_call))))
+            marker = await next_in(raw, marker_call)
+            # Nothing of the attacks reached B: the next message after the honest one is
+            # the marker.
+            assert first.call == honest_call and marker.call == marker_call
+
+            # What B got carries A's certificate, and B can check it against the CA.
+            ca = (f.pki_dir / "ca.pem").read_bytes()
+            Verifier(ca).check(marker)
+        await f.stop_relay()
+        summary = f.log("relay").rsplit("relay stopped: ", 1)[1]
+        for reason in ("forged-from", "bad-signature", "unsigned", "stale"):
+            assert f"dropped[{reason}]=" in summary, (reason, summary)
+
+
+async def next_in(client: MqttClient, call: str) -> Envelope:
+    """The next message on the subscribed ``in`` topic, which must be of ``call``."""
+    async with asyncio.timeout(WAIT):
+        msg: Message = await client.recv()
+    env = from_json(msg.payload)
+    assert env.call == call, f"expected call {call}, got {env.type} of {env.call}"
+    return env
+
+
+async def test_a_revoked_board_is_cut_off_and_stays_off(tmp_path: Path) -> None:
+    async with fleet(tmp_path, devices=(A, B), client_id="revoke") as f:
+        for device, tone in ((A, "700"), (B, "1100")):
+            await f.agent(device, source=f"tone:{tone}", sink="null")
+        await f.until_online(A, B)
+        proc = await asyncio.create_subprocess_exec(
+            *RELAY_CMD, "device", "revoke", B, "--config", str(tmp_path / "relay.toml"),
+            "--data-dir", str(f.data_dir), cwd=REPO,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+        out, _ = await proc.communicate()
+        assert proc.returncode == 0, out
+        assert b"revoked 1 certificate" in out
+        # B's session is ended and its reconnects fail: the relay records it offline.
+        await until_presence(f, B, "offline")
+        async with asyncio.timeout(WAIT):
+            while "CERTIFICATE_REVOKED" not in f.log(B) and "certificate revoked" not in f.log(B):
+                await asyncio.sleep(0.05)
+        # A stays on and can still be commanded; a call to B is refused as unreachable.
+        reply = await f.command(A, "call", peer=B)
+        assert reply["ok"], reply
+        status = await f.until_status(
+            A, lambda s: s.get("last_call") is not None, "A's call to B ended"
+        )
+        assert status["last_call"]["reason"] == "unreachable", status
+        assert "revoked" in f.log("relay") and "cut off the broker: door-b" in f.log("relay")
+
+
+async def until_presence(f: Fleet, device: str, state: str) -> None:
+    from cloud_relay.store import Store  # noqa: PLC0415
+
+    store = await Store.open(f"sqlite:///{f.db_path}")
+    try:
+        async with asyncio.timeout(WAIT):
+            while True:
+                states = {d.id: d.presence for d in await store.run(store.devices)}
+                if states.get(device) == state:
+                    return
+                await asyncio.sleep(0.05)
+    finally:
+        await store.close()
