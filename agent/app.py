@@ -37,6 +37,7 @@ from agent.media.dtls import DtlsCertificate
 from agent.media.peer import CallSetupError, MediaPeer, PeerConfig
 from agent.media.session import EndReason, MediaSession
 from agent.net.candidate import Candidate, CandidateError
+from agent.net.ice import TurnServer
 from agent.pairing.client import PID_FILE, AlreadyPaired, PairingFailed, pair
 from agent.service.config import UNPAIRED, AgentConfig, ConfigError, load_config
 from agent.service.files import write_atomic
@@ -406,9 +407,12 @@ async def _run_online(
         sink = GainSink(await _open_sink(sink_spec, config), controls)
         stack.push_async_callback(sink.close)
 
-        def make_peer(call_id: str, direction: sdp.Direction) -> MediaPeer:
+        def make_peer(
+            call_id: str, direction: sdp.Direction, turn: tuple[TurnServer, ...]
+        ) -> MediaPeer:
+            ice = dataclasses.replace(config.ice, turn_servers=turn + config.ice.turn_servers)
             peer_config = PeerConfig(
-                ice=config.ice, media=config.media, dtls=config.dtls, direction=direction
+                ice=ice, media=config.media, dtls=config.dtls, direction=direction
             )
             return MediaPeer(
                 peer_config, certificate, source, sink, call_id=f"{config.device_id}/{call_id[:8]}"

@@ -37,6 +37,7 @@ from cloud_relay.pki import PkiError, RelayPki
 from cloud_relay.service import Relay
 from cloud_relay.signatures import Senders
 from cloud_relay.store import Store
+from cloud_relay.turn import read_secret
 from cloud_relay.web import WebServer, tls_context
 
 logger = logging.getLogger("cloud_relay")
@@ -129,7 +130,12 @@ async def serve(config: RelayConfig) -> int:
         senders = None
         if (tls := creds.mqtt_tls) is not None and tls.key_file and tls.cert_file:
             senders = Senders.load(tls.key_file, tls.cert_file, creds.pki.ca_path)
-        relay = Relay(config, store, tls=tls, senders=senders)
+        turn_secret = None
+        if config.turn.urls:
+            if config.turn.secret_file is None:
+                raise ConfigError("[turn] urls need secret_file (coturn's static-auth-secret)")
+            turn_secret = await asyncio.to_thread(read_secret, Path(config.turn.secret_file))
+        relay = Relay(config, store, tls=tls, senders=senders, turn_secret=turn_secret)
         attempt = 0
         while not stop.is_set():
             try:
@@ -146,7 +152,7 @@ async def serve(config: RelayConfig) -> int:
             p = config.pairing
             limiter = AttemptLimiter(p.per_source, p.overall, p.window_s, p.lockout_after,
                                      p.lockout_s)  # fmt: skip
-            turn = tuple({"urls": [url]} for url in p.turn_urls)
+            turn = ({"urls": list(config.turn.urls)},) if config.turn.urls else ()
             pairing = Pairing(
                 store,
                 creds.pki,
@@ -336,9 +342,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
-        config = load_config(
-            ns.config, data_dir=ns.data_dir, broker_url=ns.broker_url
-        )
+        config = load_config(ns.config, data_dir=ns.data_dir, broker_url=ns.broker_url)
         if ns.command == "serve":
             return asyncio.run(serve(config))
         if ns.command == "pair":

@@ -18,6 +18,7 @@ from agent.service.tomlconf import ConfigError, from_dict, read_toml
 from agent.signaling.mqtt import MqttTimers
 from agent.signaling.topics import TopicError, check_device_id
 from cloud_relay.pki import PkiSettings
+from cloud_relay.turn import TurnSettings
 
 ANY_GROUP = "*"
 """In a call rule: any device, whether or not it belongs to a group."""
@@ -202,8 +203,6 @@ class PairingSettings:
     certificates, and the broker URL boards get. None: this machine's host name."""
     broker_url: str | None = None
     """The broker as boards reach it; None: ``mqtts://{public_host}:{broker.port}``."""
-    turn_urls: tuple[str, ...] = ()
-    """TURN servers boards are told about (``turn:host:3478?transport=udp``)."""
     token_ttl_s: float = 600.0
     """Default lifetime of a minted token."""
     per_source: int = 5
@@ -243,6 +242,8 @@ class RelayConfig:
     pairing: PairingSettings = field(default_factory=PairingSettings)
     pki: PkiSettings = field(default_factory=PkiSettings)
     """Certificate lifetimes."""
+    turn: TurnSettings = field(default_factory=TurnSettings)
+    """TURN servers and the credentials the relay mints for calls."""
     pki_dir: str | None = None
     """The CA and the relay's certificates (``cloud_relay.pki``); None: ``data_dir/pki``.
     Relay workers on one machine share it."""

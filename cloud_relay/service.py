@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import functools
 import itertools
+import json
 import logging
 import secrets
 import time
@@ -31,7 +32,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from agent.signaling import topics
-from agent.signaling.envelope import EnvelopeError, from_json, to_json
+from agent.signaling.envelope import EnvelopeError, InviteBody, from_json, to_json
 from agent.signaling.mqtt import Message, MqttClient, MqttConfig, MqttTls, PublishFailed
 from agent.signaling.signing import SignatureError
 from agent.signaling.topics import Kind, TopicError
@@ -50,6 +51,7 @@ from cloud_relay.routing import (
 from cloud_relay.signatures import FORGED_FROM, Senders
 from cloud_relay.store import Store, utc_from_ms
 from cloud_relay.sync import RELAY_SYNC_TOPIC, SyncError, decode, encode
+from cloud_relay.turn import call_credentials
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +78,8 @@ class RelayStats:
     """Call events applied from other relay workers."""
     publish_failed: int = 0
     store_failed: int = 0
+    turn_minted: int = 0
+    """TURN credentials sent to devices (on their ``config``)."""
     store_retried: int = 0
     """Answers and ends written again because another worker's call was not stored yet."""
     dropped: Counter[str] = field(default_factory=Counter)
@@ -137,9 +141,12 @@ class Relay:
         clock_ms: Callable[[], int] | None = None,
         tls: MqttTls | None = None,
         senders: Senders | None = None,
+        turn_secret: str | None = None,
     ) -> None:
         """``tls``: the relay's client certificate, for a broker that takes only those;
-        ``senders``: signatures required (paired devices), checked with these."""
+        ``senders``: signatures required (paired devices), checked with these;
+        ``turn_secret``: coturn's shared secret, to mint TURN credentials with (None: the
+        devices get none)."""
         self.config = config
         self.worker = config.mqtt.client_id
         self.store = store
@@ -167,6 +174,10 @@ class Relay:
         self._expiries: dict[str, asyncio.TimerHandle] = {}
         """Commands recorded as sent, by id: marked timed out when their expiry passes."""
         self._senders = senders
+        self._turn_secret = turn_secret if config.turn.urls else None
+        self._turn_issued: dict[str, float] = {}
+        """Devices by when (monotonic s) their current TURN credentials were minted."""
+        self._turn_refresher: asyncio.Task[None] | None = None
         self._fetching: dict[str, list[bytes]] = {}
         """Devices whose certificate is being read from the store, with their messages
         meanwhile (routed in order once it is there)."""
@@ -184,15 +195,18 @@ class Relay:
         logger.info("loaded %d devices and %d open calls", len(known), len(open_calls))
         await self.client.start()
         self._reader = asyncio.create_task(self._read(), name="relay-reader")
+        if self._turn_secret is not None:
+            self._turn_refresher = asyncio.create_task(self._refresh_turn(), name="relay-turn")
 
     async def close(self) -> None:
         """Stop reading, let started publishes and writes finish, disconnect."""
         self._closing = True
-        reader, self._reader = self._reader, None
-        if reader is not None:
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reader
+        for task in (self._reader, self._turn_refresher):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._reader = self._turn_refresher = None
         for device, (handle, presence, at_ms) in list(self._offline.items()):
             handle.cancel()  # taken now: nothing will tell a restarted relay otherwise
             self._take_presence(device, presence, at_ms)
@@ -323,6 +337,8 @@ class Relay:
         self._offline.pop(device, None)
         if self.presence.update(device, presence.state):
             logger.info("%s: presence %s", device, presence.state)
+            if presence.reachable:
+                self._send_turn(device)
         groups = sorted(self.config.policy.groups_of(device))
         self._write(
             self.store.record_presence,
@@ -450,6 +466,11 @@ class Relay:
                 logger.debug("%s -> %s: %s (call %s)", env.from_, env.to, env.type, env.call)
             # Published before the forward: the other workers must know the call first.
             self._sync_events += route.events
+            if isinstance(env.body, InviteBody):
+                # Each party's TURN credentials serve one call: the callee's arrive before
+                # the invite (for this call), the caller's for its next one.
+                self._send_turn(env.to)
+                self._send_turn(env.from_)
         self._outbox.append((topics.device_topic(env.to, Kind.IN), to_json(env).encode()))
         if self._flush_handle is None:
             # After the reader has taken every message waiting now (it does not yield
@@ -516,10 +537,32 @@ class Relay:
         del self._retries[handle]
         self._write_to_record(attempt, fn, key, *args)
 
-    def _publish(self, topic: str, payload: bytes) -> None:
+    def _send_turn(self, device: str) -> None:
+        """Fresh TURN credentials on the device's retained ``config``."""
+        if self._turn_secret is None:
+            return
+        creds = call_credentials(self.config.turn, self._turn_secret)
+        payload = json.dumps({"turn": [creds.to_json()]}, separators=(",", ":")).encode()
+        self._publish(topics.device_topic(device, Kind.CONFIG), payload, retain=True)
+        self._turn_issued[device] = time.monotonic()
+        self.stats.turn_minted += 1
+
+    async def _refresh_turn(self) -> None:
+        """Before a device's credentials pass half their lifetime it gets new ones, so it
+        always holds some that coturn takes for a new allocation."""
+        half = self.config.turn.lifetime_s / 2
+        while True:
+            now = time.monotonic()
+            for device in self.presence.devices():
+                stale = now - self._turn_issued.get(device, now - half) >= half
+                if stale and self.presence.reachable(device):
+                    self._send_turn(device)
+            await asyncio.sleep(half / 4)
+
+    def _publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
         """Publish at QoS 1 without waiting; a failure is counted and logged."""
         try:
-            fut = self.client.publish_nowait(topic, payload, qos=1)
+            fut = self.client.publish_nowait(topic, payload, qos=1, retain=retain)
         except PublishFailed as exc:
             self._publish_failed(topic, exc)
             return

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.net.ice import mint_turn_credentials
+from agent.net.ice import mint_turn_credentials, parse_turn_url
 
 logger = logging.getLogger(__name__)
 
@@ -74,23 +74,9 @@ DENIED_PEER_NETWORKS: tuple[str, ...] = (
 coturn 4.6.1 reads a lone ``::`` as a range that matches every address, IPv4 too (it
 refuses the unspecified address by itself)."""
 
-_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-_HOST = rf"(?:{_LABEL}(?:\.{_LABEL})*|\[[0-9A-Fa-f:.]+\])"  # DNS name, IPv4, [IPv6]
-_TURN_URL = re.compile(rf"turns?:{_HOST}(?::(?P<port>[0-9]{{1,5}}))?(?:\?transport=(?:udp|tcp))?")
 _REALM = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,126}[A-Za-z0-9])?")
 _SECRET = re.compile(r"[A-Za-z0-9_\-+/=.]{16,256}")
 _USER_ID_BYTES = 12
-
-
-def _check_turn_url(url: str) -> None:
-    match = _TURN_URL.fullmatch(url)
-    if match is None:
-        raise ValueError(
-            f"TURN URL {url!r} is not turn:HOST[:PORT][?transport=udp|tcp] (or turns:)"
-        )
-    port = match.group("port")
-    if port is not None and not 0 < int(port) < 65536:
-        raise ValueError(f"TURN URL {url!r}: port out of range")
 
 
 def check_secret(secret: str) -> None:
@@ -125,7 +111,7 @@ class TurnSettings:
     urls: tuple[str, ...] = ()
     """TURN URLs sent to agents (RFC 7065), e.g. ``turn:turn.example.com:3478?transport=udp``;
     empty: calls get no TURN server."""
-    secret_file: Path | None = None
+    secret_file: str | None = None
     """File with the shared secret (coturn ``static-auth-secret``); see ``read_secret``."""
     realm: str = "edge-intercom"
     """coturn realm; part of the key agents derive from the credentials."""
@@ -145,7 +131,7 @@ class TurnSettings:
 
     def __post_init__(self) -> None:
         for url in self.urls:
-            _check_turn_url(url)
+            parse_turn_url(url)
         if not _REALM.fullmatch(self.realm):
             raise ValueError(f"TURN realm {self.realm!r} is not a DNS-like name")
         if not MIN_LIFETIME_S <= self.lifetime_s <= MAX_LIFETIME_S:

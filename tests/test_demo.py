@@ -17,6 +17,9 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     out = proc.stdout
     assert proc.returncode == 0, f"{out}\n{proc.stderr}"
     assert "edge-intercom-relay cmd" in out and "door-a call peer=door-b" in out
+    # Each board joined the way an operator pairs one: a token, then pair-device.
+    assert out.count("pair new") == 2 and out.count("pair-device '<token>'") == 2, out
+    assert "paired as door-a" in out and "paired as door-b" in out, out
     assert "[door-a] call ended: local-hangup" in out, out
     assert "[door-b] call ended: remote-hangup" in out, out
     assert "PESQ a -> b: wideband" in out and "PESQ b -> a: wideband" in out, out

@@ -128,6 +128,14 @@ async def run(args: argparse.Namespace) -> None:
         print(f"$ {_shown([*serve, '--data-dir', str(root / 'relay-data')])}", flush=True)
         async with fleet(root, devices=(A, B), client_id="demo") as f:
             print(f"relay up, broker at {f.url}", flush=True)
+            for device in BOARDS:
+                # What an operator does: mint a token on the relay, run pair-device on the board.
+                print(f"$ {_shown(f.pair_new_argv(device))}", flush=True)
+                token = await f.token_cli(device)
+                print(f"  -> token {token[:24]}... (one-time, 10 min)", flush=True)
+                print(f"$ {_shown(f.pair_device_argv(device, '<token>'))}", flush=True)
+                await f.pair(device, token)
+                print(f"  -> {f.log(f'pair-{device}').strip().splitlines()[-1]}", flush=True)
             for device, board in BOARDS.items():
                 b = next(x for x in audio.boards if x.name == board)
                 extra = (

@@ -21,6 +21,9 @@ one is logged and counted in ``rejected``, never fatal. A ``decline`` from the r
 (unknown or offline callee) is taken as the callee's answer to our current call.
 Candidates that arrive before their call has a peer wait for it (bounded).
 
+The relay's retained ``config`` carries TURN credentials (``turn``: RTCIceServer objects),
+fresh for each call: the peer of a call gets the latest ones.
+
 Commands (``{"name": ..., "args": {...}}`` on ``cmd``) are answered on ``reply`` with the
 request's correlation data: ``{"ok": bool, "message": str, ...}``. Anything wrong with a
 command gets an ``ok: false`` reply and a log line.
@@ -96,7 +99,7 @@ from agent.media.peer import CallSetupError, MediaPeer
 from agent.media.sdp import Direction
 from agent.media.session import EndReason, MediaSession, MediaStats
 from agent.net.candidate import Candidate, CandidateError
-from agent.net.ice import IceError
+from agent.net.ice import IceError, TurnServer, turn_servers_from_json
 from agent.net.transport import TransportClosed
 from agent.service.config import FIXED_KEYS, AgentConfig, save_override
 from agent.service.led import StatusLed
@@ -145,7 +148,8 @@ LIVE_KEYS = frozenset({
 _SECRET = re.compile(r"password|secret|credential|token|private", re.IGNORECASE)
 REDACTED = "***"
 
-PeerFactory = Callable[[str, Direction], MediaPeer]
+PeerFactory = Callable[[str, Direction, tuple[TurnServer, ...]], MediaPeer]
+"""Makes a call's peer: (call id, media direction, TURN servers the relay sent)."""
 """Makes the media peer of call ``call_id`` with our media direction."""
 
 
@@ -360,6 +364,8 @@ class CallRuntime:
         self._wall_ms = wall_ms
         self._guard = ReplayGuard()
         self._signing = signing
+        self.turn_servers: tuple[TurnServer, ...] = ()
+        """TURN servers with credentials for the next call, from the relay (``config``)."""
         self._queue: asyncio.Queue[Incoming | Event] = asyncio.Queue()
         self._timers: dict[tuple[Timer, str], asyncio.TimerHandle] = {}
         self._media: _Media | None = None
@@ -459,8 +465,25 @@ class CallRuntime:
             await self._on_envelope(msg.payload)
         elif msg.kind is Kind.CMD:
             await self._on_command(msg)
+        elif msg.kind is Kind.CONFIG:
+            self._on_config(msg.payload)
         else:
             logger.debug("device %s: ignored a message on %s", self.device_id, msg.kind)
+
+    def _on_config(self, payload: bytes) -> None:
+        """The relay's desired config (retained): for now the TURN credentials."""
+        if not payload:
+            return  # the retained message was cleared
+        try:
+            desired = json.loads(payload)
+            if not isinstance(desired, dict):
+                raise ValueError("config must be a JSON object")
+            turn = turn_servers_from_json(desired.get("turn", []))
+        except (ValueError, RecursionError) as exc:
+            self._reject("bad-config", f"config from the relay: {exc}")
+            return
+        self.turn_servers = turn
+        logger.info("device %s: %d TURN server(s) from the relay", self.device_id, len(turn))
 
     # --- the machine ---
 
@@ -637,7 +660,7 @@ class CallRuntime:
         """A peer for our new call and its offer; None if it cannot be made."""
         await self._drop_media()
         await self._stop_tone()
-        peer = self._make_peer(call_id, media_direction(mode, Role.CALLER))
+        peer = self._make_peer(call_id, media_direction(mode, Role.CALLER), self.turn_servers)
         try:
             offer = await peer.create_offer(trickle=True)
         except (OSError, ValueError) as exc:
@@ -657,7 +680,7 @@ class CallRuntime:
         if offer is None or offer[0] != peer_id or live is None or live.call_id != call_id:
             logger.warning("device %s call %s: no offer to answer", self.device_id, call_id)
             return None
-        peer = self._make_peer(call_id, live.direction)
+        peer = self._make_peer(call_id, live.direction, self.turn_servers)
         try:
             answer = await peer.accept_offer(offer[1], trickle=True)
         except (OSError, ValueError) as exc:  # SdpError is a ValueError

@@ -227,6 +227,50 @@ class TurnServer:
         return f"TurnServer({self.host}:{self.port}/{self.transport})"
 
 
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOST = rf"(?P<host>{_LABEL}(?:\.{_LABEL})*|\[[0-9A-Fa-f:.]+\])"  # DNS name, IPv4, [IPv6]
+_TURN_URL = re.compile(
+    rf"(?P<scheme>turns?):{_HOST}(?::(?P<port>[0-9]{{1,5}}))?(?:\?transport=(?P<tr>udp|tcp))?"
+)
+
+
+def parse_turn_url(url: str) -> tuple[str, str, int, Literal["udp", "tcp"]]:
+    """``turn[s]:HOST[:PORT][?transport=udp|tcp]`` (RFC 7065) to (scheme, host, port,
+    transport); ``ValueError`` for anything else."""
+    match = _TURN_URL.fullmatch(url)
+    if match is None:
+        raise ValueError(f"TURN URL {url[:200]!r} is not turn:HOST[:PORT][?transport=udp|tcp]")
+    scheme = match.group("scheme")
+    port = int(match.group("port") or (5349 if scheme == "turns" else 3478))
+    _check_port(port, f"TURN URL {url!r}")
+    transport: Literal["udp", "tcp"] = "tcp" if match.group("tr") == "tcp" else "udp"
+    return scheme, match.group("host").strip("[]"), port, transport
+
+
+def turn_servers_from_json(raw: object) -> tuple[TurnServer, ...]:
+    """TURN servers from WebRTC ``RTCIceServer`` objects (``urls``, ``username``,
+    ``credential``), as the relay sends them; ``ValueError`` if malformed. ``turns:``
+    URLs are left out: aioice has no TLS to TURN servers."""
+    if not isinstance(raw, list) or len(raw) > 8:
+        raise ValueError("TURN servers must be a list of at most 8 RTCIceServer objects")
+    servers: list[TurnServer] = []
+    for entry in raw:
+        if not isinstance(entry, dict):
+            raise ValueError("an RTCIceServer must be an object")
+        urls, user, password = entry.get("urls"), entry.get("username"), entry.get("credential")
+        if isinstance(urls, str):
+            urls = [urls]
+        if not isinstance(urls, list) or not all(isinstance(u, str) for u in urls):
+            raise ValueError("RTCIceServer urls must be a string or a list of strings")
+        if not isinstance(user, str) or not isinstance(password, str):
+            raise ValueError("RTCIceServer needs a username and a credential")
+        for url in urls:
+            scheme, host, port, transport = parse_turn_url(url)
+            if scheme == "turn":
+                servers.append(TurnServer(host, port, transport, user, password))
+    return tuple(servers)
+
+
 @dataclass(frozen=True, slots=True)
 class IceTimers:
     """ICE timers, in seconds; tests shrink them."""
@@ -263,7 +307,8 @@ class IceConfig:
     turn_servers: tuple[TurnServer, ...] = ()
     """Only the first is used (aioice takes one)."""
     policy: Policy = "all"
-    """``relay``: gather and use relay candidates only (hides our addresses from the peer)."""
+    """``relay``: gather and use relay candidates only (hides our addresses from the peer);
+    needs a TURN server, configured here or sent by the relay with the call."""
     host_addresses: tuple[str, ...] | None = None
     """Local addresses for host candidates; None means every interface but loopback."""
     ipv6: bool = True
@@ -275,8 +320,6 @@ class IceConfig:
     def __post_init__(self) -> None:
         if self.policy not in ("all", "relay"):
             raise ValueError(f"ICE policy {self.policy!r} is not 'all' or 'relay'")
-        if self.policy == "relay" and not self.turn_servers:
-            raise ValueError("ICE policy 'relay' needs a TURN server")
         if self.queue_size < 1:
             raise ValueError("ICE queue_size must be >= 1")
         for address in self.host_addresses or ():
@@ -871,6 +914,9 @@ class IceTransport:
             raise RuntimeError("gather() already ran for this ICE generation")
         conn.gather_consumed = True
         self._check_open()
+        if self._config.policy == "relay" and not self._config.turn_servers:
+            # The relay sends TURN servers with calls; configured ones are optional.
+            raise IceError("ICE policy 'relay' and no TURN server (configured or from the relay)")
         task = conn.start_gathering()
         while (candidate := await conn.candidates.get()) is not None:
             yield candidate

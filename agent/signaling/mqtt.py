@@ -515,14 +515,16 @@ class MqttClient:
             if not out.future.done() or out.future.cancelled():
                 self._forget(out)
 
-    def publish_nowait(self, topic: str, payload: bytes, *, qos: int = 1) -> asyncio.Future[None]:
+    def publish_nowait(
+        self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False
+    ) -> asyncio.Future[None]:
         """``publish`` for a caller that does not wait: the future is done when ``publish``
         would return, or holds its ``PublishFailed``; cancelling it withdraws the message
         like cancelling ``publish``. Refusals that ``publish`` raises at once (closed,
         queue full) are raised here too. No task per message: what a relay that
         publishes thousands of messages a second needs.
         """
-        out = self._enqueue(topic, payload, qos=qos, retain=False, properties=None)
+        out = self._enqueue(topic, payload, qos=qos, retain=retain, properties=None)
         if out is None:  # QoS 0: handed to the socket
             done = self._loop_or_fail().create_future()
             done.set_result(None)

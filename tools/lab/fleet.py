@@ -127,10 +127,40 @@ class Fleet:
             await store.close()
         return token.text()
 
-    async def pair(self, device: str) -> None:
-        """Pair ``device`` with ``tools/pair-device`` (state under ``state_dir(device)``)."""
-        token = await self.token(device)
-        argv = [PAIR_DEVICE, token, "--state-dir", str(self.state_dir(device))]
+    def pair_new_argv(self, device: str) -> list[str]:
+        """``edge-intercom-relay pair new`` for ``device``, printing one JSON line."""
+        return [
+            *RELAY_CMD, "pair", "new", "--config", str(self.root / "relay.toml"),
+            "--data-dir", str(self.data_dir), "--id", device, "--json",
+        ]  # fmt: skip
+
+    async def token_cli(self, device: str) -> str:
+        """A token minted by the operator's command (``pair_new_argv``)."""
+        proc = await asyncio.create_subprocess_exec(
+            *self.pair_new_argv(device), cwd=REPO,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        try:
+            async with asyncio.timeout(WAIT):
+                out, err = await proc.communicate()
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise self.fail(f"pair new {device}: no exit within {WAIT:g} s") from None
+        if proc.returncode != 0:
+            raise self.fail(f"pair new {device} exited {proc.returncode}: {err.decode()}")
+        token: str = json.loads(out)["token"]
+        return token
+
+    def pair_device_argv(self, device: str, token: str) -> list[str]:
+        return [PAIR_DEVICE, token, "--state-dir", str(self.state_dir(device))]
+
+    async def pair(self, device: str, token: str | None = None) -> None:
+        """Pair ``device`` with ``tools/pair-device`` (state under ``state_dir(device)``),
+        with ``token`` or one minted here."""
+        if token is None:
+            token = await self.token(device)
+        argv = self.pair_device_argv(device, token)
         proc = await self.spawn(f"pair-{device}", argv)
         try:
             async with asyncio.timeout(WAIT):
@@ -171,6 +201,7 @@ class Fleet:
         extra: str = "",
         env: Mapping[str, str] | None = None,
         keepalive: int = 5,
+        ice: str = "",
     ) -> Path:
         """Pair ``device`` if it is not yet, and start ``edge-intercom-agent run`` on it;
         returns its config file.
@@ -178,7 +209,8 @@ class Fleet:
         ``settings`` is TOML for the top level (before any table); ``extra`` is TOML
         appended to the generated configuration, inside its ``[calls]`` table unless it
         opens tables of its own (e.g. audio devices). ``keepalive``: its MQTT keep-alive in
-        seconds (the broker declares it gone after 1.5x this)."""
+        seconds (the broker declares it gone after 1.5x this). ``ice``: TOML for its
+        ``[ice]`` table (e.g. ``policy = "relay"``)."""
         if self.relay_port is None:
             lab = f'device_id = "{device}"'
             plain = f"port = {self.port}"
@@ -195,6 +227,7 @@ state_dir = "{self.state_dir(device)}"
 {settings}
 [ice]
 host_addresses = ["127.0.0.1"]
+{ice}
 [mqtt]
 {plain}
 keepalive = {keepalive}
@@ -376,8 +409,11 @@ async def fleet(
     devices: Sequence[str],
     data_dir: Path | None = None,
     client_id: str = "fleet",
+    relay_extra: str = "",
 ) -> AsyncIterator[Fleet]:
-    """Start the relay and a command client for ``devices``; kill whatever still runs at exit."""
+    """Start the relay and a command client for ``devices``; kill whatever still runs at exit.
+
+    ``relay_extra``: TOML tables appended to the relay's configuration (e.g. ``[turn]``)."""
     port, relay_port, pairing_port = (_free_port("127.0.0.1") for _ in range(3))
     f = Fleet(root, port, data_dir or root / "relay-data", relay_port, pairing_port)
     config = root / "relay.toml"
@@ -401,7 +437,7 @@ connect_timeout = 3.0
 misc_interval = 0.2
 [presence]
 offline_grace_s = 2.0
-"""
+{relay_extra}"""
     )
     try:
         await f.start_relay()
