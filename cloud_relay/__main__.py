@@ -19,6 +19,7 @@ import logging
 import os
 import secrets
 import signal
+import ssl
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,7 +32,7 @@ from agent.signaling.mqtt import ConnectFailed, MqttClient, MqttConfig, PublishF
 from cloud_relay.broker import BrokerError, EmbeddedBroker
 from cloud_relay.commands import CommandError, reply_topic, send_command
 from cloud_relay.config import ConfigError, RelayConfig, load_config
-from cloud_relay.credentials import open_credentials
+from cloud_relay.credentials import RelayCredentials, open_credentials
 from cloud_relay.pairing import AttemptLimiter, Enrollment, Pairing, mint_token
 from cloud_relay.pki import PkiError, RelayPki
 from cloud_relay.service import Relay
@@ -121,12 +122,12 @@ async def serve(config: RelayConfig) -> int:
     broker: EmbeddedBroker | None = None
     relay: Relay | None = None
     web: WebServer | None = None
-    revocations = Revocations(creds.pki)
+    upkeep = Upkeep(config, creds)
     try:
         if config.broker.url is None:
             broker = EmbeddedBroker(config.broker, data_dir / "broker", tls=creds.broker_tls)
             await broker.start()
-            revocations.broker = broker
+            upkeep.broker = broker
         senders = None
         if (tls := creds.mqtt_tls) is not None and tls.key_file and tls.cert_file:
             senders = Senders.load(tls.key_file, tls.cert_file, creds.pki.ca_path)
@@ -158,13 +159,14 @@ async def serve(config: RelayConfig) -> int:
                 creds.pki,
                 Enrollment(config.device_broker_url(), turn),
                 limiter,
-                on_repaired=revocations.apply,
+                on_repaired=upkeep.repaired,
             )
             if config.broker.secure:  # paired boards need a broker that checks them
-                https = tls_context(creds.https.cert, creds.https.key)
-                web = WebServer(pairing, p.host, p.port, https)
+                upkeep.https = tls_context(creds.https.cert, creds.https.key)
+                web = WebServer(pairing, p.host, p.port, upkeep.https)
                 await web.start()
-            loop.add_signal_handler(signal.SIGHUP, revocations.schedule)
+            loop.add_signal_handler(signal.SIGHUP, upkeep.schedule)
+            upkeep.start()
             write_atomic(data_dir / PID_FILE, f"{os.getpid()}\n".encode(), 0o644)
             # What start-up made (modules, SQLAlchemy, paho, the loaded devices) lives as
             # long as the process: out of the collector's reach, a full collection walks
@@ -177,7 +179,7 @@ async def serve(config: RelayConfig) -> int:
     finally:
         loop.remove_signal_handler(signal.SIGHUP)
         (data_dir / PID_FILE).unlink(missing_ok=True)
-        await revocations.close()
+        await upkeep.close()
         if web is not None:
             await web.close()
         if relay is not None:
@@ -191,37 +193,81 @@ async def serve(config: RelayConfig) -> int:
     return 0
 
 
-class Revocations:
-    """Puts revocations into effect at the broker: on SIGHUP (``device revoke`` in another
-    process) and when a board is paired again (the old board's session is ended; the
-    new one reconnects). One at a time, in order; each device once."""
+UPKEEP_S = 3600.0
+"""How often ``serve`` renews what expires: the CRL (7 days; mosquitto refuses every
+client once it is past its next update) and the relay's certificates."""
 
-    def __init__(self, pki: RelayPki) -> None:
-        self._pki = pki
+
+class Upkeep:
+    """Keeps the broker and the HTTPS endpoint in step with the PKI, one job at a time:
+    revocations (SIGHUP from ``device revoke``; a board paired again, whose old session
+    is ended and which reconnects), and hourly renewal of the CRL and the relay's
+    certificates (the broker re-reads its files; the HTTPS endpoint takes a new
+    certificate for new connections)."""
+
+    def __init__(self, config: RelayConfig, creds: RelayCredentials) -> None:
+        self._config = config
+        self._pki = creds.pki
         self.broker: EmbeddedBroker | None = None
+        self.https: ssl.SSLContext | None = None
+        self._https_fingerprint = creds.https.fingerprint
         self._task: asyncio.Task[None] | None = None
+        self._timer: asyncio.Task[None] | None = None
         self._again = False
+        self._renew_due = False
         self._applied: set[str] = set()
         self._repaired: set[str] = set()
+
+    def start(self) -> None:
+        self._timer = asyncio.create_task(self._every_hour(), name="relay-upkeep")
 
     def schedule(self) -> None:
         if self._task is not None and not self._task.done():
             self._again = True
             return
-        self._task = asyncio.create_task(self._run(), name="revocations")
+        self._task = asyncio.create_task(self._run(), name="relay-revocations")
 
-    async def apply(self, device: str) -> None:
+    async def repaired(self, device: str) -> None:
         logger.warning("device %s paired again: its earlier certificates are revoked", device)
         self._repaired.add(device)
         self.schedule()
+
+    async def _every_hour(self) -> None:
+        while True:
+            await asyncio.sleep(UPKEEP_S)
+            self._renew_due = True
+            self.schedule()
+
+    def renew(self) -> bool:
+        """(In a thread.) Renew what is due; True if the broker must re-read its files."""
+        crl = self._pki.refresh_crl()
+        creds = open_credentials(self._config)
+        if self.https is not None and creds.https.fingerprint != self._https_fingerprint:
+            self.https.load_cert_chain(creds.https.cert, creds.https.key)
+            self._https_fingerprint = creds.https.fingerprint
+            logger.warning("HTTPS certificate renewed: tokens minted from now pin %s",
+                           creds.https.fingerprint)  # fmt: skip
+        if creds.renewed:
+            logger.warning("the relay's certificates were renewed; restart the relay for its "
+                           "own MQTT connection to use the new client certificate")  # fmt: skip
+        return crl or creds.renewed
 
     async def _run(self) -> None:
         self._again = True
         while self._again:
             self._again = False
+            reload = False
+            if self._renew_due:
+                self._renew_due = False
+                try:
+                    reload = await asyncio.to_thread(self.renew)
+                except (OSError, ValueError, PkiError) as exc:
+                    logger.error("renewing the relay's certificates or CRL failed: %s", exc)
             revoked = await asyncio.to_thread(self._pki.revoked_devices)
             targets = (revoked - self._applied) | self._repaired
             self._repaired.clear()
+            if not targets and not reload:
+                continue
             if self.broker is None:
                 logger.warning("CRL updated: make the external broker re-read it and end "
                                "the sessions of %s", sorted(targets))  # fmt: skip
@@ -232,13 +278,15 @@ class Revocations:
                 logger.error("applying revocations at the broker failed: %s", exc)
                 continue
             self._applied |= revoked
-            logger.warning("cut off the broker: %s", ", ".join(sorted(targets)) or "nobody")
+            if targets:
+                logger.warning("cut off the broker: %s", ", ".join(sorted(targets)))
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for task in (self._timer, self._task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
 
 class _suppress_timeout:  # used like contextlib.suppress

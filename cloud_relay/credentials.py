@@ -29,6 +29,8 @@ class RelayCredentials:
     """The embedded broker's secured listener; None without one."""
     https: CertFiles
     """The pairing endpoint's certificate (tokens pin its fingerprint)."""
+    renewed: bool = False
+    """The broker's or the relay's client certificate was issued anew by this call."""
 
 
 def open_credentials(config: RelayConfig) -> RelayCredentials:
@@ -40,10 +42,12 @@ def open_credentials(config: RelayConfig) -> RelayCredentials:
     client = pki.relay_client_certificate()
     mqtt_tls = MqttTls(ca_file=pki.ca_path, cert_file=client.cert, key_file=client.key)
     broker_tls = None
+    renewed = client.renewed
     if config.broker.url is None:
         server = pki.server_certificate(Role.BROKER, hosts)
+        renewed |= server.renewed
         acl = Path(config.data_dir) / ACL_FILE
         write_atomic(acl, acl_text().encode(), 0o644)
         relay = RelayListener(config.broker.relay_port, mqtt_tls)
         broker_tls = BrokerTls(pki.ca_path, server.cert, server.key, pki.crl_path, acl, relay)
-    return RelayCredentials(pki, mqtt_tls, broker_tls, https)
+    return RelayCredentials(pki, mqtt_tls, broker_tls, https, renewed)
