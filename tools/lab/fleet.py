@@ -202,6 +202,7 @@ class Fleet:
         env: Mapping[str, str] | None = None,
         keepalive: int = 5,
         ice: str = "",
+        pair: bool = True,
     ) -> Path:
         """Pair ``device`` if it is not yet, and start ``edge-intercom-agent run`` on it;
         returns its config file.
@@ -210,13 +211,15 @@ class Fleet:
         appended to the generated configuration, inside its ``[calls]`` table unless it
         opens tables of its own (e.g. audio devices). ``keepalive``: its MQTT keep-alive in
         seconds (the broker declares it gone after 1.5x this). ``ice``: TOML for its
-        ``[ice]`` table (e.g. ``policy = "relay"``)."""
+        ``[ice]`` table (e.g. ``policy = "relay"``). ``pair`` False: an unpaired board,
+        which waits for ``pair()``."""
         if self.relay_port is None:
             lab = f'device_id = "{device}"'
             plain = f"port = {self.port}"
         else:
             lab = plain = ""
-            if await asyncio.to_thread(load_identity, self.state_dir(device)) is None:
+            paired = await asyncio.to_thread(load_identity, self.state_dir(device))
+            if pair and paired is None:
                 await self.pair(device)
         config = self.root / f"{device}.toml"
         auto = ", ".join(json.dumps(d) for d in auto_answer)
