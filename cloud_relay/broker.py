@@ -319,14 +319,18 @@ class EmbeddedBroker(BrokerFiles):
     async def close(self) -> None:
         """Stop the supervisor and mosquitto; idempotent."""
         self._closing = True
-        supervisor, self._supervisor = self._supervisor, None
-        if supervisor is not None:
-            supervisor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await supervisor
-            if (current := asyncio.current_task()) is not None and current.cancelling():
-                raise asyncio.CancelledError
+        await self._stop_supervisor()
         await self._stop_process()
+
+    async def _stop_supervisor(self) -> None:
+        supervisor, self._supervisor = self._supervisor, None
+        if supervisor is None:
+            return
+        supervisor.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await supervisor
+        if (current := asyncio.current_task()) is not None and current.cancelling():
+            raise asyncio.CancelledError
 
     async def apply_revocations(
         self, revoked: Collection[str], *, within: float = REVOCATION_TIMEOUT
@@ -351,12 +355,7 @@ class EmbeddedBroker(BrokerFiles):
         """Stop mosquitto (it saves its persistence) and start it again with the config."""
         if self._supervisor is None:
             raise RuntimeError("embedded broker not started")
-        supervisor, self._supervisor = self._supervisor, None
-        supervisor.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await supervisor
-        if (current := asyncio.current_task()) is not None and current.cancelling():
-            raise asyncio.CancelledError
+        await self._stop_supervisor()
         await self._stop_process()
         self.config_path.write_text(self.config_text())
         try:

@@ -136,21 +136,26 @@ class Fleet:
 
     async def token_cli(self, device: str) -> str:
         """A token minted by the operator's command (``pair_new_argv``)."""
+        code, out, err = await self._run(self.pair_new_argv(device), f"pair new {device}")
+        if code != 0:
+            raise self.fail(f"pair new {device} exited {code}: {err.decode()}")
+        token: str = json.loads(out)["token"]
+        return token
+
+    async def _run(self, argv: Sequence[str], what: str) -> tuple[int, bytes, bytes]:
+        """Run a command to its end (bounded): exit code, stdout, stderr."""
         proc = await asyncio.create_subprocess_exec(
-            *self.pair_new_argv(device), cwd=REPO,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        )  # fmt: skip
+            *argv, cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        )
         try:
             async with asyncio.timeout(WAIT):
                 out, err = await proc.communicate()
         except TimeoutError:
             proc.kill()
             await proc.wait()
-            raise self.fail(f"pair new {device}: no exit within {WAIT:g} s") from None
-        if proc.returncode != 0:
-            raise self.fail(f"pair new {device} exited {proc.returncode}: {err.decode()}")
-        token: str = json.loads(out)["token"]
-        return token
+            raise self.fail(f"{what}: no exit within {WAIT:g} s") from None
+        assert proc.returncode is not None
+        return proc.returncode, out, err
 
     def pair_device_argv(self, device: str, token: str) -> list[str]:
         return [PAIR_DEVICE, token, "--state-dir", str(self.state_dir(device))]
@@ -263,22 +268,12 @@ ended_hold_s = 60.0
 
     async def cli(self, device: str, name: str, *args: str) -> tuple[int, dict[str, Any]]:
         """``edge-intercom-relay cmd`` as a process: its exit code and the printed reply."""
-        proc = await asyncio.create_subprocess_exec(
-            *self.cmd_argv(device, name, *args),
-            cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        )  # fmt: skip
-        try:
-            async with asyncio.timeout(WAIT):
-                out, err = await proc.communicate()
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
-            raise self.fail(f"cmd {device} {name}: no exit within {WAIT:g} s") from None
+        argv = self.cmd_argv(device, name, *args)
+        code, out, err = await self._run(argv, f"cmd {device} {name}")
         if not out:
             raise self.fail(f"cmd {device} {name}: no reply: {err.decode()}")
         reply: dict[str, Any] = json.loads(out)
-        assert proc.returncode is not None
-        return proc.returncode, reply
+        return code, reply
 
     async def until_status(
         self, device: str, check: Callable[[dict[str, Any]], bool], what: str
