@@ -423,6 +423,7 @@ async def _run_online(
         stack.push_async_callback(session.close)
         connected = asyncio.ensure_future(_connect(session, config, signals.stop))
         ending = asyncio.ensure_future(signals.wait())
+        stack.callback(ending.cancel)
         await asyncio.wait([connected, ending], return_when=asyncio.FIRST_COMPLETED)
         if not connected.done() or not connected.result():
             connected.cancel()

@@ -11,7 +11,6 @@ arrive.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
@@ -20,16 +19,11 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
-from mqtt_env import WAIT, fast_config, until
+from mqtt_env import fast_config, until
 
 from agent.signaling.mqtt import (
     OFFLINE_PRESENCE,
     ConnectFailed,
-    Message,
     MqttClient,
     MqttTls,
     PublishFailed,
@@ -37,30 +31,11 @@ from agent.signaling.mqtt import (
 from agent.signaling.topics import ROOT, Kind, device_topic
 from cloud_relay.broker import BrokerTls, RelayListener, acl_text
 from cloud_relay.pki import RelayPki, Role
+from tools.lab.attacks import device_files, until_marker
+from tools.lab.attacks import session as attack_session
 from tools.lab.broker import Mosquitto
 
 A, B = "door-a", "door-b"
-
-
-def device_files(pki: RelayPki, root: Path, device: str) -> MqttTls:
-    """A device's key (made here, as on the board), its certificate from a CSR, the CA."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    csr = (
-        x509.CertificateSigningRequestBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device)]))
-        .sign(key, hashes.SHA256())
-    )
-    cert = pki.issue_device(csr.public_bytes(serialization.Encoding.PEM), device)
-    key_path, cert_path = root / f"{device}-key.pem", root / f"{device}.pem"
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    cert_path.write_bytes(cert)
-    return MqttTls(ca_file=pki.ca_path, cert_file=cert_path, key_file=key_path)
 
 
 @pytest.fixture
@@ -113,21 +88,8 @@ async def session(
     port: int, client_id: str, tls: MqttTls | None, *subscriptions: str
 ) -> AsyncIterator[MqttClient]:
     config = replace(fast_config(client_id, port), tls=tls, connect_timeout=2.0)
-    client = MqttClient(config, subscriptions=subscriptions)
-    await client.start()
-    try:
+    async with attack_session(config, *subscriptions) as client:
         yield client
-    finally:
-        await client.close()
-
-
-async def until_marker(client: MqttClient, marker: bytes) -> list[Message]:
-    """Every message up to and including ``marker``."""
-    seen: list[Message] = []
-    async with asyncio.timeout(WAIT):
-        while not seen or seen[-1].payload != marker:
-            seen.append(await client.recv())
-    return seen
 
 
 async def test_only_certificates_of_the_relay_ca_get_in(

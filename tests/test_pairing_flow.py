@@ -14,22 +14,29 @@ import logging
 import socket
 import ssl
 import sys
-import urllib.request
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from cryptography import x509
 
-from agent.pairing.client import PID_FILE, AlreadyPaired, PairingFailed, new_key_and_csr, pair
+from agent.pairing.client import (
+    PID_FILE,
+    AlreadyPaired,
+    Paired,
+    PairingFailed,
+    new_key_and_csr,
+    pair,
+)
 from agent.pairing.token import PairingToken
 from agent.service.identity import load_identity
 from cloud_relay.pairing import AttemptLimiter, Enrollment, Outcome, Pairing, mint_token
 from cloud_relay.pki import RelayPki, Role
 from cloud_relay.store import Store
 from cloud_relay.web import PAIR_PATH, WebServer, tls_context
+from tools.lab.attacks import post_pair, repin
 
 BROKER = "mqtts://127.0.0.1:8883"
 
@@ -76,7 +83,7 @@ async def relay_running(root: Path, limiter: AttemptLimiter | None = None) -> As
         await store.close()
 
 
-async def board_pairs(token: str, state_dir: Path, **kwargs: object) -> object:
+async def board_pairs(token: str, state_dir: Path, **kwargs: object) -> Paired:
     return await asyncio.to_thread(pair, token, state_dir, timeout=5.0, **kwargs)  # type: ignore[arg-type]
 
 
@@ -137,8 +144,7 @@ async def test_a_wrong_fingerprint_sends_nothing(tmp_path: Path) -> None:
         token, _ = await relay.token()
         # The same secret and URL, pinned to another certificate: a man in the middle.
         other = RelayPki.open(tmp_path / "other").server_certificate(Role.HTTPS, ["127.0.0.1"])
-        parsed = PairingToken.parse(token)
-        mitm = replace(parsed, fingerprint=other.fingerprint).text()
+        mitm = repin(token, fingerprint=other.fingerprint)
         message = await refused(mitm, tmp_path / "board")
         assert "WRONG FINGERPRINT" in message and "Nothing was sent" in message
         assert relay.pairing.outcomes == {}  # the relay never saw the request
@@ -190,21 +196,7 @@ async def test_a_bad_csr_is_refused_without_spending_the_token(tmp_path: Path) -
 
 async def post(relay: Relay, body: object) -> tuple[int, dict[str, object]]:
     """A raw POST to the pairing endpoint (an attacker's client: no pin, no checks)."""
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-
-    def go() -> tuple[int, dict[str, object]]:
-        request = urllib.request.Request(
-            relay.url + PAIR_PATH, json.dumps(body).encode(), method="POST"
-        )
-        try:
-            with urllib.request.urlopen(request, context=ctx, timeout=5) as response:
-                return response.status, json.loads(response.read())
-        except urllib.error.HTTPError as exc:
-            return exc.code, json.loads(exc.read())
-
-    return await asyncio.to_thread(go)
+    return await post_pair(relay.url + PAIR_PATH, json.dumps(body).encode())
 
 
 async def test_guessed_tokens_are_refused_rate_limited_and_logged(

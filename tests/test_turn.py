@@ -17,13 +17,13 @@ import json
 import re
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Iterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import Iterator
+from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from aioice import stun, turn
+from aioice import stun
 
 from cloud_relay.turn import (
     DENIED_PEER_NETWORKS,
@@ -34,6 +34,7 @@ from cloud_relay.turn import (
     new_secret,
     read_secret,
 )
+from tools.lab.attacks import TurnClient, allocate_request, turn_client, turn_refusal
 from tools.lab.turn import Coturn, CoturnError
 
 SECRET = "s3cret-s3cret-s3cret"
@@ -231,71 +232,11 @@ def _settings(server: Coturn) -> TurnSettings:
     )
 
 
-def _request(method: stun.Method, **attributes: object) -> stun.Message:
-    message = stun.Message(message_method=method, message_class=stun.Class.REQUEST)
-    for name, value in attributes.items():
-        message.attributes[name.replace("_", "-")] = value
-    return message
-
-
-class _TurnClient:
-    """A TURN client over UDP with the long-term credential flow (aioice's): a request
-    that gets 401 with REALM and NONCE is sent again with MESSAGE-INTEGRITY."""
-
-    def __init__(self, protocol: turn.TurnClientUdpProtocol) -> None:
-        self.protocol = protocol
-
-    @property
-    def authenticated(self) -> bool:
-        """True once a request went out with MESSAGE-INTEGRITY (after a 401 challenge)."""
-        return self.protocol.integrity_key is not None
-
-    async def _send(self, request: stun.Message) -> stun.Message:
-        async with asyncio.timeout(WAIT):
-            response, _ = await self.protocol.request_with_retry(request)
-        return response
-
-    async def allocate(self) -> tuple[str, int]:
-        response = await self._send(
-            _request(stun.Method.ALLOCATE, LIFETIME=600, REQUESTED_TRANSPORT=turn.UDP_TRANSPORT)
-        )
-        relayed: tuple[str, int] = response.attributes["XOR-RELAYED-ADDRESS"]
-        return relayed
-
-    async def permit(self, peer: tuple[str, int]) -> None:
-        await self._send(_request(stun.Method.CREATE_PERMISSION, XOR_PEER_ADDRESS=peer))
-
-    async def send_data(self, data: bytes, peer: tuple[str, int]) -> None:
-        """Over a channel (ChannelBind also installs the permission)."""
-        async with asyncio.timeout(WAIT):
-            await self.protocol.send_data(data, peer)
-
-
-@asynccontextmanager
-async def _client(server: Coturn, creds: CallTurnCredentials) -> AsyncIterator[_TurnClient]:
-    loop = asyncio.get_running_loop()
-    address = (server.host, server.port)
-    transport, protocol = await loop.create_datagram_endpoint(
-        lambda: turn.TurnClientUdpProtocol(
-            address, creds.username, creds.credential, lifetime=600, channel_refresh_time=500
-        ),
-        remote_addr=address,
-    )
-    try:
-        yield _TurnClient(protocol)
-    finally:
-        transport.close()
-
-
-async def _refusal(request: Awaitable[object]) -> int | None:
-    """The TURN error code the request was refused with; None if it succeeded."""
-    try:
-        await request
-    except stun.TransactionFailed as exc:
-        code = exc.response.error_code
-        assert code is not None, exc.response
-        return code
-    return None
+def _client(
+    server: Coturn, creds: CallTurnCredentials
+) -> AbstractAsyncContextManager[TurnClient]:
+    """A TURN client of ``server`` with ``creds``."""
+    return turn_client((server.host, server.port), creds)
 
 
 async def test_expired_credentials_are_refused_by_coturn(coturn: Coturn) -> None:
@@ -305,14 +246,12 @@ async def test_expired_credentials_are_refused_by_coturn(coturn: Coturn) -> None
     async with _client(coturn, expired) as client:
         # The first Allocate has no credentials: 401 with the realm and a nonce.
         with pytest.raises(stun.TransactionFailed) as challenge:
-            await client.protocol.request(
-                _request(stun.Method.ALLOCATE, LIFETIME=600, REQUESTED_TRANSPORT=turn.UDP_TRANSPORT)
-            )
+            await client.protocol.request(allocate_request())
         assert challenge.value.response.error_code == 401
         assert challenge.value.response.attributes["REALM"] == coturn.realm
         assert challenge.value.response.attributes["NONCE"]
         # Then with MESSAGE-INTEGRITY from the expired username and its (correct) password.
-        assert await _refusal(client.allocate()) == 401
+        assert await turn_refusal(client.allocate()) == 401
         assert client.authenticated and client.protocol.realm == coturn.realm
 
     fresh = call_credentials(settings, coturn.secret)
@@ -325,7 +264,7 @@ async def test_wrong_password_is_refused_by_coturn(coturn: Coturn) -> None:
     creds = call_credentials(_settings(coturn), coturn.secret)
     forged = replace(creds, username=creds.username.replace(":", "0:", 1))  # later expiry
     async with _client(coturn, forged) as client:
-        assert await _refusal(client.allocate()) == 401
+        assert await turn_refusal(client.allocate()) == 401
         assert client.authenticated
 
 
@@ -359,7 +298,7 @@ async def test_hardened_coturn_refuses_denied_peers_and_relays_to_allowed_ones(
         await client.allocate()
         codes = {}
         for host in DENIED_SAMPLES:
-            codes[host] = await _refusal(client.permit((host, 9)))
+            codes[host] = await turn_refusal(client.permit((host, 9)))
         assert codes == dict.fromkeys(DENIED_SAMPLES, 403)
         # Public addresses are fine (a permission sends nothing).
         for host in ("8.8.8.8", "1.1.1.1", "172.32.0.1", "100.128.0.1", "11.0.0.1"):
@@ -374,7 +313,7 @@ async def test_hardened_coturn_refuses_denied_peers_and_relays_to_allowed_ones(
                 data = await asyncio.get_running_loop().sock_recv(peer, 2048)
             assert data == b"through the relay"
             # Only that address: 127.0.0.2, loopback too, stays denied.
-            assert await _refusal(client.send_data(b"x", ("127.0.0.2", 9))) == 403
+            assert await turn_refusal(client.send_data(b"x", ("127.0.0.2", 9))) == 403
 
 
 async def test_allowed_network_lifts_the_denial_for_that_network_only() -> None:
@@ -383,7 +322,7 @@ async def test_allowed_network_lifts_the_denial_for_that_network_only() -> None:
         async with _client(server, creds) as client:
             await client.allocate()
             await client.permit(("10.1.2.3", 9))
-            assert await _refusal(client.permit(("10.1.3.3", 9))) == 403
+            assert await turn_refusal(client.permit(("10.1.3.3", 9))) == 403
 
 
 async def test_ipv6_denied_peers_are_refused() -> None:
@@ -406,7 +345,7 @@ async def test_ipv6_denied_peers_are_refused() -> None:
             )
             codes = {}
             for peer in samples:
-                codes[peer] = await _refusal(client.permit((peer, 9)))
+                codes[peer] = await turn_refusal(client.permit((peer, 9)))
             assert codes == dict.fromkeys(samples, 403)
             await client.permit(("2001:4860:4860::8888", 9))
             await client.permit(("::1", 9))  # the lab lets its loopback test network through
@@ -420,7 +359,7 @@ async def test_allocations_beyond_the_user_quota_are_refused(coturn: Coturn) -> 
             client = await stack.enter_async_context(_client(coturn, one_call))
             await client.allocate()
         extra = await stack.enter_async_context(_client(coturn, one_call))
-        assert await _refusal(extra.allocate()) == 486
+        assert await turn_refusal(extra.allocate()) == 486
         # The quota is per call party: another call's credentials still get one.
         other = await stack.enter_async_context(
             _client(coturn, call_credentials(settings, coturn.secret))
