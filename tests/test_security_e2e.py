@@ -3,74 +3,42 @@
 Signaling: envelopes published on a paired device's ``out`` that are forged (another
 ``from``), tampered with, badly signed, unsigned, replayed or stale never reach the
 callee, and the relay drops each with its reason; an honest envelope published after
-them does reach it, carrying the sender's certificate. Revocation: ``device revoke``
-cuts a connected board off and keeps it off, while the others stay.
+them does reach it, carrying the sender's certificate. The callee checks signatures
+itself too. Revocation: ``device revoke`` cuts a connected board off and keeps it off,
+while the others stay. TURN: no board holds the secret; the relay mints credentials for
+each call and a relay-only call connects through coturn with them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import dataclasses
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from mqtt_env import SDP, now_ms
+from mqtt_env import SDP
 
 from agent.pairing.client import new_key_and_csr
-from agent.signaling.envelope import (
-    Envelope,
-    InviteBody,
-    from_json,
-    make,
-    new_id,
-    to_json,
-)
-from agent.signaling.mqtt import Message, MqttClient
+from agent.signaling.envelope import Envelope, InviteBody, new_id
 from agent.signaling.signing import Verifier, certificate_field
 from agent.signaling.topics import Kind, device_topic
 from cloud_relay.pki import RelayPki
+from cloud_relay.store import Store
+from tools.lab.attacks import (
+    invite,
+    next_in,
+    now_ms,
+    publish_out,
+    relay_dropped,
+    session,
+    wire,
+)
 from tools.lab.fleet import RELAY_CMD, REPO, WAIT, Fleet, fleet
 from tools.lab.turn import Coturn
 
 A, B = "door-a", "door-b"
-
-
-@contextlib.asynccontextmanager
-async def relay_client(f: Fleet, *subscriptions: str) -> AsyncIterator[MqttClient]:
-    client = MqttClient(f.mqtt_config(f"attack-{new_id()[:8]}", session_expiry=0),
-                        subscriptions=subscriptions)  # fmt: skip
-    await client.start()
-    try:
-        yield client
-    finally:
-        await client.close()
-
-
-async def publish_as(client: MqttClient, device: str, payload: bytes) -> None:
-    await client.publish(device_topic(device, Kind.OUT), payload, qos=1)
-
-
-def invite(call: str, *, sender: str = A, to: str = B, ts: int | None = None) -> Envelope:
-    return make(InviteBody(sdp=SDP), call=call, from_=sender, to=to,
-                ts=now_ms() if ts is None else ts)  # fmt: skip
-
-
-def wire(env: Envelope) -> bytes:
-    return to_json(env).encode()
-
-
-async def relay_dropped(f: Fleet, call: str) -> str:
-    """The reason the relay logged for dropping ``call``'s message."""
-    async with asyncio.timeout(WAIT):
-        while True:
-            for line in f.log("relay").splitlines():
-                if f"(call {call}): " in line and "dropped" in line:
-                    return line.rsplit(": ", 1)[1]
-            await asyncio.sleep(0.05)
 
 
 async def test_forged_tampered_unsigned_replayed_and_stale_signaling_is_dropped(
@@ -80,7 +48,9 @@ async def test_forged_tampered_unsigned_replayed_and_stale_signaling_is_dropped(
         for device in (A, B):
             await f.pair(device)
         a = f.signing(A)
-        async with relay_client(f, device_topic(B, Kind.IN)) as raw:
+        async with session(
+            f.mqtt_config("attacks", session_expiry=0), device_topic(B, Kind.IN)
+        ) as raw:
             for device in (A, B):  # online as far as the relay knows: invites are routed
                 await raw.publish(
                     device_topic(device, Kind.PRESENCE), b'{"state":"online"}', qos=1, retain=True
@@ -90,40 +60,46 @@ async def test_forged_tampered_unsigned_replayed_and_stale_signaling_is_dropped(
             attacks: list[tuple[str, str, bytes]] = []  # (expected reason, call, payload)
 
             call = new_id()  # signed by A, claiming to come from another device
-            attacks.append(("forged-from", call, wire(a.sign(invite(call, sender="door-c")))))
+            attacks.append(("forged-from", call, wire(a.sign(invite(call, sender="door-c", to=B)))))
 
             call = new_id()  # signed, then the SDP changed on the way
-            tampered = json.loads(wire(a.sign(invite(call))))
+            tampered = json.loads(wire(a.sign(invite(call, sender=A, to=B))))
             tampered["body"]["sdp"] += "a=fingerprint:sha-256 " + ":".join(["AB"] * 32) + "\r\n"
             attacks.append(("bad-signature", call, json.dumps(tampered).encode()))
 
             call = new_id()  # a signature of the right shape by nobody
             junk = base64.urlsafe_b64encode(bytes(64)).rstrip(b"=").decode()
             attacks.append(
-                ("bad-signature", call, wire(dataclasses.replace(invite(call), sig=junk)))
+                (
+                    "bad-signature",
+                    call,
+                    wire(dataclasses.replace(invite(call, sender=A, to=B), sig=junk)),
+                )
             )
 
             call = new_id()
-            attacks.append(("unsigned", call, wire(invite(call))))
+            attacks.append(("unsigned", call, wire(invite(call, sender=A, to=B))))
 
             call = new_id()
-            attacks.append(("stale", call, wire(a.sign(invite(call, ts=now_ms() - 120_000)))))
+            attacks.append(
+                ("stale", call, wire(a.sign(invite(call, sender=A, to=B, ts=now_ms() - 120_000))))
+            )
 
             honest_call = new_id()
-            honest = wire(a.sign(invite(honest_call)))
-            await publish_as(raw, A, honest)
-            first = await next_in(raw, honest_call)
+            honest = wire(a.sign(invite(honest_call, sender=A, to=B)))
+            await publish_out(raw, A, honest)
+            first = await next_in(raw)
             attacks.append(("duplicate", honest_call, honest))  # the same message again
 
             for _, _, payload in attacks:
-                await publish_as(raw, A, payload)
+                await publish_out(raw, A, payload)
             for reason, call, _ in attacks:
                 if call != honest_call:
-                    assert await relay_dropped(f, call) == reason, reason
+                    assert await relay_dropped(f.root / "relay.log", call) == [reason], reason
 
             marker_call = new_id()
-            await publish_as(raw, A, wire(a.sign(invite(marker_call))))
-            marker = await next_in(raw, marker_call)
+            await publish_out(raw, A, wire(a.sign(invite(marker_call, sender=A, to=B))))
+            marker = await next_in(raw)
             # Nothing of the attacks reached B: the next message after the honest one is
             # the marker.
             assert first.call == honest_call and marker.call == marker_call
@@ -135,15 +111,6 @@ async def test_forged_tampered_unsigned_replayed_and_stale_signaling_is_dropped(
         summary = f.log("relay").rsplit("relay stopped: ", 1)[1]
         for reason in ("forged-from", "bad-signature", "unsigned", "stale"):
             assert f"dropped[{reason}]=" in summary, (reason, summary)
-
-
-async def next_in(client: MqttClient, call: str) -> Envelope:
-    """The next message on the subscribed ``in`` topic, which must be of ``call``."""
-    async with asyncio.timeout(WAIT):
-        msg: Message = await client.recv()
-    env = from_json(msg.payload)
-    assert env.call == call, f"expected call {call}, got {env.type} of {env.call}"
-    return env
 
 
 async def test_a_revoked_board_is_cut_off_and_stays_off(tmp_path: Path) -> None:
@@ -175,8 +142,6 @@ async def test_a_revoked_board_is_cut_off_and_stays_off(tmp_path: Path) -> None:
 
 
 async def until_presence(f: Fleet, device: str, state: str) -> None:
-    from cloud_relay.store import Store  # noqa: PLC0415
-
     store = await Store.open(f"sqlite:///{f.db_path}")
     try:
         async with asyncio.timeout(WAIT):
@@ -203,23 +168,27 @@ async def test_the_callee_checks_the_callers_signature_itself(tmp_path: Path) ->
         stranger = other.issue_device(new_key_and_csr()[1], A)  # "door-a" by another CA
         bad: list[tuple[str, Envelope]] = []
         call = new_id()
-        bad.append(("unsigned", invite(call)))
+        bad.append(("unsigned", invite(call, sender=A, to=B)))
         call = new_id()
-        bad.append(("no-certificate", a.sign(invite(call))))
+        bad.append(("no-certificate", a.sign(invite(call, sender=A, to=B))))
         call = new_id()
-        bad.append(("wrong-signer", dataclasses.replace(a.sign(invite(call)), cert=b_cert)))
+        bad.append(
+            ("wrong-signer", dataclasses.replace(a.sign(invite(call, sender=A, to=B)), cert=b_cert))
+        )
         call = new_id()
-        foreign = dataclasses.replace(a.sign(invite(call)), cert=certificate_field(stranger))
+        foreign = dataclasses.replace(
+            a.sign(invite(call, sender=A, to=B)), cert=certificate_field(stranger)
+        )
         bad.append(("bad-certificate", foreign))
         call = new_id()
-        signed = dataclasses.replace(a.sign(invite(call)), cert=a_cert)
+        signed = dataclasses.replace(a.sign(invite(call, sender=A, to=B)), cert=a_cert)
         tampered = dataclasses.replace(signed, body=InviteBody(sdp=SDP + "a=x\r\n"))
         bad.append(("bad-signature", tampered))
-        async with relay_client(f) as raw:
+        async with session(f.mqtt_config("callee-checks", session_expiry=0)) as raw:
             for _, env in bad:
                 await raw.publish(device_topic(B, Kind.IN), wire(env), qos=1)
             honest = new_id()
-            env = dataclasses.replace(a.sign(invite(honest)), cert=a_cert)
+            env = dataclasses.replace(a.sign(invite(honest, sender=A, to=B)), cert=a_cert)
             await raw.publish(device_topic(B, Kind.IN), wire(env), qos=1)
             # B rings for the honest invite only, having refused the others first.
             status = await f.until_status(

@@ -232,9 +232,7 @@ def _settings(server: Coturn) -> TurnSettings:
     )
 
 
-def _client(
-    server: Coturn, creds: CallTurnCredentials
-) -> AbstractAsyncContextManager[TurnClient]:
+def _client(server: Coturn, creds: CallTurnCredentials) -> AbstractAsyncContextManager[TurnClient]:
     """A TURN client of ``server`` with ``creds``."""
     return turn_client((server.host, server.port), creds)
 
