@@ -44,7 +44,7 @@ from cloud_relay.service import Relay
 from cloud_relay.store import CallRecord, PresenceEvent, Store
 from tools.lab.broker import Mosquitto
 from tools.lab.fleet import RELAY_CMD, RELAY_READY, WAIT, Fleet, fleet
-from tools.lab.procs import terminate
+from tools.lab.procs import alive, terminate
 
 T = TypeVar("T")
 A, B, X = "door-a", "door-b", "door-x"
@@ -185,15 +185,6 @@ async def relay_dropped(f: Fleet, device: str, kind: str, call: str, reason: str
         await until(lambda: line in relay_log(f), f"relay log: {line!r}", wait=WAIT)
     except AssertionError as exc:
         raise f.fail(str(exc)) from None
-
-
-def alive(pid: int) -> bool:
-    """``pid`` runs (a zombie waiting for its parent counts as gone)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
 
 
 async def until_new_broker(f: Fleet, *old: int) -> int:

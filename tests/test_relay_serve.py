@@ -34,22 +34,13 @@ from agent.signaling.mqtt import Incoming, MqttSession
 from agent.signaling.topics import Kind
 from cloud_relay.store import Store
 from tools.lab.broker import Mosquitto, _free_port
+from tools.lab.procs import alive
 
 WAIT = 15.0
 
 
 async def until(predicate: Callable[[], bool], what: str) -> None:
     await mqtt_env.until(predicate, what, wait=WAIT, interval=0.02)
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie still answers kill(0); it is gone for our purposes.
-    stat = Path(f"/proc/{pid}/stat")
-    return stat.exists() and stat.read_text().split(")")[-1].split()[0] != "Z"
 
 
 def broker_pid(data_dir: Path) -> int | None:

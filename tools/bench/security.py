@@ -56,7 +56,6 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -79,8 +78,7 @@ from agent.signaling.topics import (
     device_topic,
     device_tree,
 )
-from cloud_relay.pairing import mint_token
-from cloud_relay.pki import RelayPki, Role, fingerprint_sha256
+from cloud_relay.pki import RelayPki, Role
 from cloud_relay.store import Store
 from cloud_relay.sync import RELAY_SYNC_TOPIC
 from cloud_relay.turn import TurnSettings, call_credentials
@@ -105,6 +103,7 @@ from tools.lab.attacks import (
     with_signature,
 )
 from tools.lab.fleet import AGENT_CMD, PAIR_DEVICE, RELAY_CMD, REPO, WAIT, Fleet, FleetError, fleet
+from tools.lab.procs import alive
 from tools.lab.turn import Coturn
 
 logger = logging.getLogger(__name__)
@@ -196,23 +195,7 @@ class Bench:
         return text.count(needle)
 
     async def mint(self, device: str | None = None, *, ago_s: float = 0.0) -> tuple[str, str]:
-        """A token (and its device id) as the operator mints one, created ``ago_s`` ago
-        with a minute to live."""
-        f = self.f
-        store = await Store.open(f"sqlite:///{f.db_path}")
-        try:
-            https = await asyncio.to_thread((f.pki_dir / "https.pem").read_bytes)
-            token, device_id = await mint_token(
-                store,
-                f"https://127.0.0.1:{f.pairing_port}",
-                fingerprint_sha256(https),
-                device=device,
-                ttl_s=60,
-                now=datetime.now(UTC) - timedelta(seconds=ago_s),
-            )
-        finally:
-            await store.close()
-        return token.text(), device_id
+        return await self.f.mint(device, ago_s=ago_s)
 
     async def post_secret(self, token: str, csr: str | None = None) -> tuple[int, dict[str, Any]]:
         body = {"secret": PairingToken.parse(token).secret, "csr": csr or self.csr}
@@ -905,7 +888,7 @@ async def attack_fleet(root: Path, args: argparse.Namespace) -> Bench:
         for name, proc in f.procs.items():
             if name not in bench.stopped and proc.returncode is not None:
                 bench.crashed.append(f"agent {name} (exit {proc.returncode})")
-        if f.broker_pid() != broker or not _alive(f.broker_pid()):
+        if f.broker_pid() != broker or not alive(f.broker_pid()):
             bench.crashed.append("broker")
         assert f.relay is not None
         if f.relay.returncode is not None:
@@ -919,18 +902,6 @@ async def attack_fleet(root: Path, args: argparse.Namespace) -> Bench:
             except FleetError:
                 bench.crashed.append("relay (exit on SIGTERM)")
     return bench
-
-
-def _alive(pid: int | None) -> bool:
-    if pid is None:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def relay_drops(relay_log: Path) -> dict[str, int]:

@@ -21,6 +21,7 @@ import os
 import socket
 import sys
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -111,21 +112,27 @@ class Fleet:
         assert identity is not None, f"{device} is not paired"
         return Signing.load(identity.key_path, identity.ca_path)
 
-    async def token(self, device: str) -> str:
-        """A pairing token for ``device``, as ``edge-intercom-relay pair new --id`` mints."""
+    async def mint(self, device: str | None = None, *, ago_s: float = 0.0) -> tuple[str, str]:
+        """A token and its device id (a fresh one for None), as ``edge-intercom-relay pair
+        new`` mints them, created ``ago_s`` ago with a minute to live."""
         store = await Store.open(f"sqlite:///{self.db_path}")
         try:
             https = await asyncio.to_thread((self.pki_dir / "https.pem").read_bytes)
-            token, _ = await mint_token(
+            token, device_id = await mint_token(
                 store,
                 f"https://127.0.0.1:{self.pairing_port}",
                 fingerprint_sha256(https),
                 device=device,
                 ttl_s=60,
+                now=datetime.now(UTC) - timedelta(seconds=ago_s),
             )
         finally:
             await store.close()
-        return token.text()
+        return token.text(), device_id
+
+    async def token(self, device: str) -> str:
+        """A pairing token for ``device``."""
+        return (await self.mint(device))[0]
 
     def pair_new_argv(self, device: str) -> list[str]:
         """``edge-intercom-relay pair new`` for ``device``, printing one JSON line."""

@@ -59,6 +59,8 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
+from tools.lab.procs import alive
+
 logger = logging.getLogger(__name__)
 
 PUBLIC_NETWORK = "203.0.113.0/24"
@@ -238,16 +240,6 @@ def _stop_processes(netns: Sequence[str], grace: float, timeout: float) -> list[
     return left
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def reap_stale(prefix: str = "elab", timeout: float = 10.0) -> list[str]:
     """Delete namespaces left by labs whose process is gone (a crash, a SIGKILL).
 
@@ -258,7 +250,7 @@ def reap_stale(prefix: str = "elab", timeout: float = 10.0) -> list[str]:
     stale = []
     for name in list_netns(timeout):
         m = stale_name.match(name)
-        if m and not _pid_alive(int(m[1])):
+        if m and not alive(int(m[1])):
             stale.append(name)
     if stale:
         logger.info("netns: deleting stale namespaces %s", stale)
