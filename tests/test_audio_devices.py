@@ -8,7 +8,10 @@ whole infile.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
+import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,6 +37,7 @@ from agent.audio.device import (
     AlsaPlayback,
     DeviceConfig,
     DeviceNotFound,
+    _Waker,
     find_device,
 )
 from agent.audio.format import FRAME_SAMPLES, SAMPLE_RATE
@@ -136,6 +140,38 @@ async def test_name_matching_opens_the_right_pcm(alsa_home: Path) -> None:
         await capture.close()
         found = {k for k, v in infiles.items() if v[: FRAME_SAMPLES * 5].tobytes() in x.tobytes()}
         assert found == {expected}, pattern
+
+
+# -- handing callbacks to the loop -------------------------------------------------------------
+
+
+async def test_callbacks_from_other_threads_run_on_the_loop_in_order_woken_once() -> None:
+    loop = asyncio.get_running_loop()
+    waker = _Waker.acquire(loop)
+    assert _Waker.acquire(loop) is waker  # one per loop, shared by capture and playback
+    waker.release()
+    ran: list[tuple[int, bool]] = []
+
+    def record(n: int) -> None:
+        ran.append((n, threading.current_thread() is threading.main_thread()))
+
+    def device_thread() -> None:
+        for n in range(100):
+            waker.call(record, n)
+
+    try:
+        thread = threading.Thread(target=device_thread)
+        thread.start()
+        thread.join()
+        # The loop has not run yet: all 100 calls share the one wake-up the first made.
+        assert os.read(waker._read_fd, 4096) == b"\0"
+        os.write(waker._write_fd, b"\0")
+        await _until(lambda: len(ran) == 100, 5.0, "calls did not run")
+        assert ran == [(n, True) for n in range(100)]
+    finally:
+        waker.release()
+    with pytest.raises(RuntimeError):
+        waker.call(record, 100)  # released: like call_soon_threadsafe on a closed loop
 
 
 # -- unpaced file PCMs ---------------------------------------------------------------------------
@@ -296,6 +332,52 @@ async def test_capture_falls_back_to_the_default_rate_when_refused(
         player.kill()
         player.wait()
     assert dominant_frequency(x[FRAME_SAMPLES:]) == pytest.approx(1000.0, abs=2.0)
+
+
+def _foreign_thread_states() -> int:
+    """Python thread states held for threads Python did not start (C API through ctypes)."""
+    api = ctypes.pythonapi
+    interp = api["PyInterpreterState_Get"]
+    interp.restype = ctypes.c_void_p
+    head = api["PyInterpreterState_ThreadHead"]
+    head.argtypes = (ctypes.c_void_p,)
+    head.restype = ctypes.c_void_p
+    after = api["PyThreadState_Next"]
+    after.argtypes = (ctypes.c_void_p,)
+    after.restype = ctypes.c_void_p
+    count, state = 0, head(interp())
+    while state:
+        count, state = count + 1, after(state)
+    return count - threading.active_count()
+
+
+async def test_callback_threads_keep_their_python_state_until_the_stream_closes(
+    alsa_home: Path, pulse_server: PulseServer, tone_wav: Path
+) -> None:
+    write_asoundrc(
+        alsa_home,
+        {"vmic": pulse_server.capture_pcm("mic"), "vspk": pulse_server.playback_pcm("spk")},
+    )
+    player = pulse_server.play(tone_wav, "mic")
+    source = ToneSource(1000.0)
+    capture = AlsaCapture(DeviceConfig(name="^vmic$"))
+    playback = AlsaPlayback(DeviceConfig(name="^vspk$"))
+    try:
+        await capture.start()
+        await playback.start()
+        await _read_loud(capture, 5, limit_s=10.0)
+        for _ in range(5):
+            await playback.write(await source.read())
+        # Between callbacks (both threads wait for their device now) each stream's callback
+        # thread keeps its state: it is not made and freed again for every callback.
+        during = _foreign_thread_states()
+    finally:
+        await capture.close()
+        await playback.close()
+        player.kill()
+        player.wait()
+    assert during == 2
+    assert _foreign_thread_states() == 0  # given back on their own threads before they ended
 
 
 # -- hot-plug -------------------------------------------------------------------------------------

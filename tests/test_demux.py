@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from net_env import Receiver
 
 from agent.net.demux import _DTLS, _KIND, _MEDIA, _STUN, _UNKNOWN, Demux, DemuxStats
 from agent.net.transport import TransportClosed, UdpTransport
@@ -163,6 +164,21 @@ async def test_a_cancelled_recv_loses_nothing() -> None:
             await asyncio.wait_for(demux.media.recv(), 0.01)
         await peer.send(b"\x80 after")
         assert await asyncio.wait_for(demux.media.recv(), 5) == b"\x80 after"
+
+
+async def test_a_receiver_on_a_channel_gets_its_datagrams_straight_from_the_socket() -> None:
+    async with _demuxed() as (peer, demux):
+        await peer.send(b"\x80 early")
+        await _until(lambda: demux.stats.media == 1)
+        receiver = Receiver()
+        demux.media.attach(receiver)  # what was queued comes first
+        await peer.send(b"\x16 dtls")
+        await peer.send(b"\x80 late")
+        await _until(lambda: len(receiver.datagrams) == 2)
+        assert receiver.datagrams == [b"\x80 early", b"\x80 late"]
+        assert await demux.dtls.recv() == b"\x16 dtls"
+        await demux.close()
+        assert receiver.closed == ["demux media channel closed"]
 
 
 async def test_queue_size_must_be_positive() -> None:

@@ -45,7 +45,7 @@ from agent.media.rtp import RtpPacket
 from agent.media.sdp import Fingerprint
 from agent.media.srtp import KeyPair, SrtpContext, SrtpProfile
 from agent.net.demux import Demux
-from agent.net.transport import DatagramTransport, UdpTransport
+from agent.net.transport import DatagramReceiver, DatagramTransport, PushTransport, UdpTransport
 
 GCM = SrtpProfile.AEAD_AES_128_GCM
 CM = SrtpProfile.AES_CM_128_HMAC_SHA1_80
@@ -115,7 +115,7 @@ def drop_randomly(seed: int, loss: float) -> Callable[[bytes], bool]:
 class Injecting:
     """Wraps a transport and slips extra datagrams in before each one it receives."""
 
-    def __init__(self, inner: DatagramTransport, extra: Callable[[bytes], list[bytes]]) -> None:
+    def __init__(self, inner: PushTransport, extra: Callable[[bytes], list[bytes]]) -> None:
         self._inner = inner
         self._extra = extra
         self._pending: list[bytes] = []
@@ -129,8 +129,29 @@ class Injecting:
             self._pending = [*self._extra(data), data]
         return self._pending.pop(0)
 
+    def attach(self, receiver: DatagramReceiver) -> None:
+        self._inner.attach(_Slipping(receiver, self._extra))
+
+    def detach(self) -> None:
+        self._inner.detach()
+
     async def close(self) -> None:
         await self._inner.close()
+
+
+class _Slipping:
+    """The receiver side of ``Injecting``."""
+
+    def __init__(self, receiver: DatagramReceiver, extra: Callable[[bytes], list[bytes]]) -> None:
+        self._receiver = receiver
+        self._extra = extra
+
+    def datagram_received(self, data: bytes) -> None:
+        for datagram in [*self._extra(data), data]:
+            self._receiver.datagram_received(datagram)
+
+    def transport_closed(self, reason: str) -> None:
+        self._receiver.transport_closed(reason)
 
 
 # -- two ends ------------------------------------------------------------------------------
@@ -153,7 +174,7 @@ class Setup:
     expect: Sequence[Fingerprint] | None = None
     timers: DtlsTimers = FAST
     wrap_channel: Callable[[DatagramTransport], DatagramTransport] = lambda c: c
-    wrap_transport: Callable[[UdpTransport], DatagramTransport] = lambda t: t
+    wrap_transport: Callable[[UdpTransport], PushTransport] = lambda t: t
 
 
 @asynccontextmanager

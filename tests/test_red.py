@@ -4,7 +4,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.media.red import MAX_DISTANCE, RedBlock, RedEncoder, RedError, decode_red, encode_red
+from agent.media.red import (
+    MAX_DISTANCE,
+    RedBlock,
+    RedEncoder,
+    RedError,
+    decode_red,
+    encode_red,
+    split_red,
+)
 
 
 def test_no_redundancy_is_a_one_byte_header() -> None:
@@ -189,7 +197,10 @@ def test_arbitrary_bytes_decode_or_raise_red_error(data: bytes) -> None:
     try:
         blocks = decode_red(data)
     except RedError:
+        with pytest.raises(RedError):
+            split_red(data)
         return
+    assert [RedBlock(*block) for block in split_red(data)] == blocks
     assert sum(len(b.payload) for b in blocks) + 4 * (len(blocks) - 1) + 1 == len(data)
     assert blocks[-1].timestamp_offset == 0
 

@@ -6,7 +6,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.media.rtp import RtpError, RtpPacket, Unwrapper, is_rtcp, seq_diff, seq_gt
+from agent.media.rtp import (
+    RtpError,
+    RtpPacket,
+    Unwrapper,
+    is_rtcp,
+    pack_media,
+    parse_media,
+    seq_diff,
+    seq_gt,
+)
 
 u16 = st.integers(0, 0xFFFF)
 u32 = st.integers(0, 0xFFFFFFFF)
@@ -293,3 +302,33 @@ def test_arbitrary_bodies_with_valid_version(data: bytes) -> None:
         return
     assert packet.payload in data
     assert struct.unpack_from("!H", data, 2)[0] == packet.sequence
+
+
+@given(st.binary(max_size=120), st.booleans())
+def test_parse_media_reads_what_parse_reads(data: bytes, version_two: bool) -> None:
+    if version_two and data:
+        data = bytes([0x80 | (data[0] & 0x3F)]) + data[1:]
+    try:
+        packet = RtpPacket.parse(data)
+    except RtpError:
+        with pytest.raises(RtpError):
+            parse_media(data)
+        return
+    expected = (packet.payload_type, packet.sequence, packet.timestamp, packet.ssrc)
+    assert parse_media(data) == (*expected, packet.payload)
+
+
+@given(st.integers(0, 127), u16, u32, u32, st.binary(max_size=200))
+def test_pack_media_is_to_bytes_of_a_plain_packet(
+    pt: int, seq: int, ts: int, ssrc: int, payload: bytes
+) -> None:
+    assert (
+        pack_media(pt, seq, ts, ssrc, payload) == RtpPacket(pt, seq, ts, ssrc, payload).to_bytes()
+    )
+
+
+def test_pack_media_rejects_unrepresentable_fields() -> None:
+    with pytest.raises(RtpError, match="payload type"):
+        pack_media(128, 0, 0, 0, b"")
+    with pytest.raises(RtpError, match="out of range"):
+        pack_media(111, 1 << 16, 0, 0, b"")

@@ -22,7 +22,7 @@ from agent.media.rtp import RtpPacket
 from agent.media.session import EndReason, MediaConfig, MediaSession
 from agent.media.srtp import PresharedKeying, SrtpContext, SrtpProfile
 from agent.net.impair import Impairment, ImpairmentProxy
-from agent.net.transport import TransportClosed, UdpTransport
+from agent.net.transport import DatagramQueue, DatagramReceiver, UdpTransport
 from tools.lab.virtual_audio import write_wav
 
 KEYS = PresharedKeying.from_secret(b"k" * 32, offerer=True, profile=SrtpProfile.AEAD_AES_128_GCM)
@@ -184,13 +184,19 @@ class QueueTransport:
     """In-memory transport for fuzzing the receive path without sockets."""
 
     def __init__(self) -> None:
-        self.inbox: asyncio.Queue[bytes] = asyncio.Queue()
+        self.inbox = DatagramQueue(1024)
 
     async def send(self, data: bytes) -> None:
         return None
 
     async def recv(self) -> bytes:
         return await self.inbox.get()
+
+    def attach(self, receiver: DatagramReceiver) -> None:
+        self.inbox.attach(receiver)
+
+    def detach(self) -> None:
+        self.inbox.detach()
 
     async def close(self) -> None:
         return None
@@ -226,25 +232,31 @@ def test_any_datagram_sequence_is_survived(datagrams: list[tuple[str, bytes]]) -
         sealer = SrtpContext(KEYS.reversed().pair)
         for seq, (kind, data) in enumerate(datagrams):
             if kind == "rtp":
-                transport.inbox.put_nowait(
-                    sealer.protect(data[:2] + struct.pack("!H", seq) + data[4:])
-                )
+                transport.inbox.put(sealer.protect(data[:2] + struct.pack("!H", seq) + data[4:]))
             elif kind == "rtcp":
-                transport.inbox.put_nowait(sealer.protect_rtcp(data))
+                transport.inbox.put(sealer.protect_rtcp(data))
             else:
-                transport.inbox.put_nowait(data)
-        async with asyncio.timeout(2):
-            while not transport.inbox.empty():
-                await asyncio.sleep(0.005)
+                transport.inbox.put(data)
+            await asyncio.sleep(0)  # the session's tasks run in between, as with a socket
         assert session.running
+
+        # Still receiving (a failure in the receive path would have detached it): one more
+        # datagram is checked and counted.
+        def refused() -> int:
+            return session.stats.srtp_auth_failed + session.stats.srtp_replayed
+
+        before = refused()
+        transport.inbox.put(b"\x80\x6f" + bytes(40))
+        assert refused() == before + 1
         assert await session.close() is EndReason.LOCAL_HANGUP
 
     asyncio.run(run())
 
 
 class ClosedTransport(QueueTransport):
-    async def recv(self) -> bytes:
-        raise TransportClosed("gone")
+    def __init__(self) -> None:
+        super().__init__()
+        self.inbox.close("gone")
 
 
 async def test_close_is_idempotent_and_safe_before_start() -> None:

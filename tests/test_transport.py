@@ -3,9 +3,10 @@
 import asyncio
 
 import pytest
+from net_env import Receiver
 
 from agent.net.impair import Impairment, ImpairmentProxy, LossModel
-from agent.net.transport import TransportClosed, UdpTransport
+from agent.net.transport import DatagramQueue, TransportClosed, UdpTransport
 
 
 async def _pair() -> tuple[UdpTransport, UdpTransport]:
@@ -56,6 +57,67 @@ async def test_slow_reader_loses_oldest_not_newest() -> None:
     assert b.stats.dropped_overflow == 6
     await a.close()
     await b.close()
+
+
+def test_an_attached_receiver_gets_the_queue_first_then_each_datagram_at_once() -> None:
+    queue = DatagramQueue(2)
+    for i in range(3):
+        queue.put(bytes([i]))
+    receiver = Receiver()
+    queue.attach(receiver)
+    assert receiver.datagrams == [b"\x01", b"\x02"]  # the oldest was dropped while queued
+    queue.put(b"\x03")  # no task, no loop iteration: handed over inside put()
+    assert receiver.datagrams[-1] == b"\x03"
+    assert (queue.queued, queue.dropped) == (4, 1)
+    queue.detach()
+    queue.put(b"\x04")
+    assert receiver.datagrams[-1] == b"\x03"  # queued for get() again
+    queue.attach(receiver)
+    queue.close("gone")
+    queue.close("again")
+    assert receiver.datagrams[-1] == b"\x04"
+    assert receiver.closed == ["gone"]  # said once, with the first reason
+    assert not queue.put(b"late")
+
+
+def test_attaching_to_a_closed_queue_delivers_what_is_left_then_the_end() -> None:
+    queue = DatagramQueue(4)
+    queue.put(b"last")
+    queue.close("done")
+    receiver = Receiver()
+    queue.attach(receiver)
+    assert receiver.datagrams == [b"last"]
+    assert receiver.closed == ["done"]
+
+
+async def test_one_reader_either_get_or_a_receiver() -> None:
+    queue = DatagramQueue(4)
+    queue.attach(Receiver())
+    with pytest.raises(RuntimeError):
+        queue.attach(Receiver())
+    with pytest.raises(RuntimeError):
+        await queue.get()
+    queue.detach()
+    waiting = asyncio.create_task(queue.get())
+    await asyncio.sleep(0)
+    with pytest.raises(RuntimeError):
+        queue.attach(Receiver())
+    queue.put(b"x")
+    assert await waiting == b"x"
+
+
+async def test_udp_transport_pushes_to_an_attached_receiver() -> None:
+    a, b = await _pair()
+    receiver = Receiver()
+    b.attach(receiver)
+    await a.send(b"ping")
+    async with asyncio.timeout(2):
+        while not receiver.datagrams:
+            await asyncio.sleep(0.005)
+    assert receiver.datagrams == [b"ping"]
+    await b.close()
+    assert receiver.closed == ["udp transport closed"]
+    await a.close()
 
 
 @pytest.mark.parametrize(("loss", "burst"), [(0.1, 1.0), (0.1, 3.0), (0.3, 2.0)])

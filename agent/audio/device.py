@@ -1,8 +1,9 @@
 """ALSA capture and playback through PortAudio callbacks, found by name, surviving unplugs.
 
 PortAudio calls us on its own thread; the callbacks only move bytes and hand
-the event to the loop with ``call_soon_threadsafe``. Everything else (queues,
-resampling, counters, recovery) happens on the loop.
+the event to the loop (``_Waker``, a ``call_soon_threadsafe`` that wakes the
+loop once for the capture and playback callbacks it has not run yet).
+Everything else (queues, resampling, counters, recovery) happens on the loop.
 
 When a stream dies (stopped by PortAudio, a run of error callbacks, no
 callback for ``stall_timeout_s``), the device is "lost": one warning is
@@ -25,10 +26,12 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
 import re
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 from agent.audio.format import CHANNELS, FRAME_BYTES, FRAME_SAMPLES, SAMPLE_RATE, SILENCE
 from agent.audio.pacing import FramePacer
@@ -37,8 +40,6 @@ from agent.audio.resample import FrameResampler
 
 logger = logging.getLogger(__name__)
 
-# How often a healthy stream is checked; Pa_IsStreamActive is cheap.
-_WATCH_INTERVAL_S = 0.1
 # Consecutive callbacks flagged with lost samples (1 s of 20 ms buffers) that mean a dead device.
 _MAX_ERROR_CALLBACKS = 50
 
@@ -67,6 +68,10 @@ class DeviceConfig:
     stall_timeout_s: float = 5.0
     """A stream that makes no callback for this long is dead. PulseAudio-backed PCMs make
     their first callback up to ~2 s after opening."""
+    watch_interval_s: float = 0.5
+    """How often an open stream is checked (stopped, losing samples, stalled): a dead device
+    is noticed within this. Each check wakes the event loop, which on a board costs more than
+    the check itself; 10 a second per device was a tenth of the loop's wake-ups in a call."""
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -75,8 +80,10 @@ class DeviceConfig:
             raise ValueError("rate and frames_per_buffer must be positive")
         if self.queue_frames < 1 or self.prefill_frames < 1:
             raise ValueError("queue_frames and prefill_frames must be at least 1")
-        if self.reopen_interval_s <= 0 or self.stall_timeout_s <= 0:
-            raise ValueError("reopen_interval_s and stall_timeout_s must be positive")
+        if min(self.reopen_interval_s, self.stall_timeout_s, self.watch_interval_s) <= 0:
+            raise ValueError(
+                "reopen_interval_s, stall_timeout_s and watch_interval_s must be positive"
+            )
 
 
 class DeviceNotFound(Exception):
@@ -151,6 +158,75 @@ class _Opened:
     rate: int
 
 
+class _Waker:
+    """Hands calls from PortAudio threads to the event loop: ``call_soon_threadsafe`` for the
+    device callbacks, shared by every stream on one loop.
+
+    ``call_soon_threadsafe`` makes a handle and writes a byte to the loop's self-pipe for
+    every call, and the loop then reads that pipe until it is empty. Two devices call back
+    every 20 ms; here a call that finds the loop already woken and not yet run adds itself to
+    that wake-up (capture and playback periods that end close together cost one), and the
+    loop reads the pipe once per wake-up.
+    """
+
+    _by_loop: ClassVar[dict[asyncio.AbstractEventLoop, _Waker]] = {}
+    """Each loop's waker, while a stream uses it (``release`` removes it)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._calls: deque[tuple[Callable[..., None], tuple[Any, ...]]] = deque()
+        self._woken = False
+        self._users = 0
+        self._read_fd, self._write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        loop.add_reader(self._read_fd, self._run)
+
+    @classmethod
+    def acquire(cls, loop: asyncio.AbstractEventLoop) -> _Waker:
+        """The loop's waker (made on first use); ``release()`` it when done."""
+        waker = cls._by_loop.get(loop)
+        if waker is None:
+            waker = cls._by_loop[loop] = cls(loop)
+        waker._users += 1
+        return waker
+
+    def release(self) -> None:
+        """A stream is done with the waker: the last user closes its pipe, so none of them may
+        call back any more."""
+        self._users -= 1
+        if self._users == 0:
+            del self._by_loop[self._loop]
+            if not self._loop.is_closed():
+                self._loop.remove_reader(self._read_fd)
+            os.close(self._read_fd)
+            os.close(self._write_fd)
+
+    def call(self, fn: Callable[..., None], *args: Any) -> None:
+        """Any thread: run ``fn(*args)`` on the loop soon; RuntimeError once it is closed."""
+        if self._users == 0 or self._loop.is_closed():
+            raise RuntimeError("event loop is closed")
+        self._calls.append((fn, args))
+        # The loop clears the flag before it runs what is queued: a call that still finds it
+        # set is run by that pass.
+        if not self._woken:
+            self._woken = True
+            with contextlib.suppress(BlockingIOError):  # a full pipe wakes the loop anyway
+                os.write(self._write_fd, b"\0")
+
+    def _run(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.read(self._read_fd, 4096)
+        self._woken = False
+        calls = self._calls
+        # Only those queued now: later ones woke the loop again, and a device that calls back
+        # without pause (a file PCM) must not keep the loop here.
+        for _ in range(len(calls)):
+            fn, args = calls.popleft()
+            try:
+                fn(*args)
+            except Exception:
+                logger.exception("device callback handler failed")
+
+
 async def _cancel_and_wait(task: asyncio.Task[None]) -> None:
     task.cancel()
     # asyncio.wait does not raise the task's CancelledError, yet still propagates our own.
@@ -174,6 +250,7 @@ class _DeviceStream(abc.ABC):
         self._last_callback = 0.0
         self._error_callbacks = 0
         self._supervisor: asyncio.Task[None] | None = None
+        self._waker: _Waker | None = None
         # A PortAudio call running in a worker thread; close() waits for it and cleans up.
         self._in_flight: asyncio.Future[_Opened | None] | None = None
         self._pacer = FramePacer()
@@ -190,6 +267,7 @@ class _DeviceStream(abc.ABC):
         if self._loop is not None:
             raise RuntimeError(f"{self._kind} already started")
         self._loop = asyncio.get_running_loop()
+        self._waker = _Waker.acquire(self._loop)
         try:
             opened = await self._open_in_thread()
         except asyncio.CancelledError:
@@ -197,6 +275,7 @@ class _DeviceStream(abc.ABC):
             raise
         except BaseException:
             self._loop = None
+            self._release_waker()
             raise
         assert opened is not None
         self._install(opened, healthy=True)
@@ -222,6 +301,15 @@ class _DeviceStream(abc.ABC):
         opened, self._opened = self._opened, None
         if opened is not None:
             await self._run_blocking(functools.partial(self._release, opened))
+        # Only now that no stream of ours can call back: the waker's pipe is closed with its
+        # last user. A close() cancelled before this leaves it open (two descriptors) rather
+        # than close a pipe a PortAudio thread may still write to.
+        self._release_waker()
+
+    def _release_waker(self) -> None:
+        waker, self._waker = self._waker, None
+        if waker is not None:
+            waker.release()
 
     # -- subclass hooks ------------------------------------------------------------------
 
@@ -318,7 +406,7 @@ class _DeviceStream(abc.ABC):
                 await asyncio.sleep(self.config.reopen_interval_s)
                 await self._reopen()
                 continue
-            await asyncio.sleep(_WATCH_INTERVAL_S)
+            await asyncio.sleep(self.config.watch_interval_s)
             reason = self._failure()
             if reason is not None:
                 await self._lose(reason)
@@ -409,13 +497,14 @@ class AlsaCapture(_DeviceStream):
             await self._ready.wait()
 
     def _open_stream(self, pa: PortAudio, device: DeviceInfo, rate: int, gen: int) -> Stream:
-        loop = self._loop
-        assert loop is not None
+        waker = self._waker
+        assert waker is not None
+        deliver = self._deliver
 
         def on_input(data: bytes, status: int) -> bool:
             # PortAudio thread: hand over and return.
             try:
-                loop.call_soon_threadsafe(self._deliver, gen, rate, data, status)
+                waker.call(deliver, gen, rate, data, status)
             except RuntimeError:  # the loop is closed: nobody is listening any more
                 return False
             return True
@@ -500,8 +589,9 @@ class AlsaPlayback(_DeviceStream):
         await super().close()
 
     def _open_stream(self, pa: PortAudio, device: DeviceInfo, rate: int, gen: int) -> Stream:
-        loop = self._loop
-        assert loop is not None
+        waker = self._waker
+        assert waker is not None
+        freed = self._freed
         frames = self._device_frames(rate)
         silence = bytes(frames * 2)
 
@@ -514,7 +604,7 @@ class AlsaPlayback(_DeviceStream):
                 if self._primed:
                     self._underruns += 1
             with contextlib.suppress(RuntimeError):  # loop closed: the stream is being closed
-                loop.call_soon_threadsafe(self._freed, gen, status)
+                waker.call(freed, gen, status)
             if len(data) != frame_count * 2:
                 data = data[: frame_count * 2].ljust(frame_count * 2, b"\0")
             return data

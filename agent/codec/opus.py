@@ -9,16 +9,25 @@ from __future__ import annotations
 
 import ctypes
 from dataclasses import dataclass
+from typing import cast
 
 import opuslib
 import opuslib.api.ctl as _ctl
 import opuslib.api.decoder as _dec
 import opuslib.api.encoder as _enc
 
-from agent.audio.format import CHANNELS, FRAME_SAMPLES, SAMPLE_RATE
+from agent.audio.format import CHANNELS, FRAME_BYTES, FRAME_SAMPLES, SAMPLE_RATE
 
 _MAX_PACKET = 1275  # largest Opus frame (RFC 6716 3.2.1)
 _INT16_P = ctypes.POINTER(ctypes.c_int16)
+
+# opus_encode with the PCM as a plain buffer: bytes pass straight through, where opuslib's
+# prototype (an int16 pointer) needs a ctypes.cast per frame. ``libopus[name]`` makes a new
+# function object, so opuslib's own prototype is left as it is.
+_opus_encode = opuslib.api.libopus["opus_encode"]
+_opus_encode.argtypes = (_enc.EncoderPointer, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                         ctypes.c_int32)  # fmt: skip
+_opus_encode.restype = ctypes.c_int32
 
 
 class CodecError(Exception):
@@ -88,14 +97,11 @@ class OpusEncoder:
 
     def encode(self, pcm: bytes) -> bytes:
         """One frame (``FRAME_BYTES`` bytes) in, one packet out (1-2 bytes in DTX silence)."""
-        n = _enc.libopus_encode(
-            self._state,
-            ctypes.cast(pcm, _INT16_P),  # type: ignore[arg-type]
-            FRAME_SAMPLES,
-            self._out,
-            _MAX_PACKET,
-        )
-        return self._out.raw[: _check(n)]
+        if len(pcm) != FRAME_BYTES:
+            raise CodecError(f"expected a {FRAME_BYTES}-byte frame, got {len(pcm)} bytes")
+        n = _opus_encode(self._state, pcm, FRAME_SAMPLES, self._out, _MAX_PACKET)
+        # A slice of a c_char array is bytes (typeshed says list): one copy of n bytes.
+        return cast(bytes, self._out[: _check(n)])
 
     def __del__(self) -> None:
         state = getattr(self, "_state", None)

@@ -1,9 +1,11 @@
 """One full-duplex audio call over a datagram transport.
 
-Four owned tasks: send (capture -> Opus -> RED -> RTP -> SRTP), receive
-(SRTP -> RTP/RTCP -> RED -> jitter buffer), playout (jitter buffer -> Opus ->
-speaker, clocked by the speaker) and RTCP (reports, RTT, loss feedback to the
-encoder). Bad datagrams are counted and dropped; they never end the call.
+Three owned tasks: send (capture -> Opus -> RED -> RTP -> SRTP), playout
+(jitter buffer -> Opus -> speaker, clocked by the speaker) and RTCP (reports,
+RTT, loss feedback to the encoder). Receiving (SRTP -> RTP/RTCP -> RED ->
+jitter buffer) needs no task: the session is attached to its transport, which
+hands it each datagram from the socket's read callback. Bad datagrams are
+counted and dropped; they never end the call.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import os
 import random
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from agent.audio.base import AudioSink, AudioSource, EndOfStream
@@ -22,11 +25,11 @@ from agent.audio.format import FRAME_SAMPLES, SAMPLE_RATE, SILENCE
 from agent.codec.opus import CodecError, OpusConfig, OpusDecoder, OpusEncoder
 from agent.media import rtcp
 from agent.media.jitterbuffer import JitterBuffer, JitterConfig, PlayoutKind, PushResult
-from agent.media.red import MAX_DISTANCE, RedEncoder, RedError, decode_red
-from agent.media.rtp import RtpError, RtpPacket, is_rtcp
+from agent.media.red import MAX_DISTANCE, RedEncoder, RedError, split_red
+from agent.media.rtp import HEADER_SIZE, RtpError, is_rtcp, pack_media, parse_media
 from agent.media.srtp import Keying, SrtpContext, SrtpError
 from agent.media.stats import ReceiverStats
-from agent.net.transport import DatagramTransport, TransportClosed
+from agent.net.transport import PushTransport, TransportClosed
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +110,7 @@ class MediaSession:
 
     def __init__(
         self,
-        transport: DatagramTransport,
+        transport: PushTransport,
         keying: Keying,
         source: AudioSource,
         sink: AudioSink,
@@ -124,6 +127,8 @@ class MediaSession:
         self._config = config
         self._send_red = remote_red and config.red_distance > 0
         self._send = send
+        self._opus_pt = config.opus_payload_type
+        self._red_pt = config.red_payload_type
         self._log = logging.LoggerAdapter(logger, {"call": call_id})
         self._call_id = call_id
         self._srtp: SrtpContext | None = None
@@ -147,6 +152,9 @@ class MediaSession:
         self._ended: asyncio.Future[EndReason] | None = None
         self._first_audio: asyncio.Future[float] | None = None
         self._closed = False
+        self._attached = False
+        # The loop's clock (asyncio's default), bound in start(): one call per datagram.
+        self._clock: Callable[[], float] = time.monotonic
         self._last_rx = 0.0
         self._last_sr_ntp32 = 0
         self._last_sr_arrival = 0.0
@@ -170,10 +178,10 @@ class MediaSession:
         self._ended = loop.create_future()
         self._first_audio = loop.create_future()
         self._srtp = SrtpContext(await self._keying.keys())
+        self._clock = loop.time
         self._last_rx = loop.time()
         loops = {
             "send": self._send_loop,
-            "recv": self._recv_loop,
             "playout": self._playout_loop,
             "rtcp": self._rtcp_loop,
         }
@@ -182,6 +190,8 @@ class MediaSession:
         for name, run in loops.items():
             self._tasks.append(loop.create_task(run(), name=f"media-{name}-{self._call_id}"))
         self._log.info("media started ssrc=%08x red=%s", self.ssrc, self._send_red)
+        self._attached = True
+        self._transport.attach(self)  # what arrived meanwhile is handed over now
 
     @property
     def running(self) -> bool:
@@ -214,6 +224,7 @@ class MediaSession:
             return self._ended.result()
         self._closed = True
         self._end(reason)
+        self._detach()
         current = asyncio.current_task()
         tasks = [t for t in self._tasks if t is not current]
         for task in tasks:
@@ -228,33 +239,33 @@ class MediaSession:
     # -- sending ---------------------------------------------------------------
 
     async def _send_loop(self) -> None:
-        opus_pt = self._config.opus_payload_type
-        red_pt = self._config.red_payload_type
+        opus_pt = self._opus_pt
+        red_pt = self._red_pt
+        ssrc = self.ssrc
+        read = self._source.read
         encode = self._encoder.encode
         red = self._red
         send = self._transport.send
         assert self._srtp is not None
         protect = self._srtp.protect
-        clock = asyncio.get_running_loop().time
+        clock = self._clock
         stale = self._source.discard_pending()
         if stale:
             self._log.debug("dropped %d frames captured before the call", stale)
         try:
             while True:
-                pcm = await self._source.read()
-                payload = encode(pcm)
+                payload = encode(await read())
+                ts = self._ts
                 if red is not None:
-                    packet = RtpPacket(
-                        red_pt, self._seq, self._ts, self.ssrc, red.encode(self._ts, payload)
-                    )
+                    packet = pack_media(red_pt, self._seq, ts, ssrc, red.encode(ts, payload))
                 else:
-                    packet = RtpPacket(opus_pt, self._seq, self._ts, self.ssrc, payload)
-                await send(protect(packet.to_bytes()))
+                    packet = pack_media(opus_pt, self._seq, ts, ssrc, payload)
+                await send(protect(packet))
                 self._last_tx_time = clock()
                 self._packets_sent += 1
-                self._octets_sent += len(packet.payload)
+                self._octets_sent += len(packet) - HEADER_SIZE
                 self._seq = (self._seq + 1) & 0xFFFF
-                self._ts = (self._ts + FRAME_SAMPLES) & _TS_MASK
+                self._ts = (ts + FRAME_SAMPLES) & _TS_MASK
         except EndOfStream:
             self._end(EndReason.SOURCE_ENDED)
         except TransportClosed:
@@ -262,19 +273,30 @@ class MediaSession:
 
     # -- receiving -------------------------------------------------------------
 
-    async def _recv_loop(self) -> None:
-        recv = self._transport.recv
-        clock = asyncio.get_running_loop().time
+    def datagram_received(self, data: bytes) -> None:
+        """One datagram from the peer: called by the transport the session is attached to."""
+        now = self._clock()
         try:
-            while True:
-                data = await recv()
-                now = clock()
-                if is_rtcp(data):
-                    self._on_rtcp(data, now)
-                else:
-                    self._on_rtp(data, now)
-        except TransportClosed:
-            self._end(EndReason.TRANSPORT_CLOSED)
+            if is_rtcp(data):
+                self._on_rtcp(data, now)
+            else:
+                self._on_rtp(data, now)
+        except Exception:
+            # A bug, not bad input (that is counted and dropped above): stop receiving, as
+            # a failed receive task would; no media then ends the call.
+            self._log.exception("receiving failed; no longer receiving")
+            self._detach()
+
+    def transport_closed(self, reason: str) -> None:
+        """The transport ended: called by the transport the session is attached to."""
+        self._attached = False
+        self._log.debug("transport closed: %s", reason)
+        self._end(EndReason.TRANSPORT_CLOSED)
+
+    def _detach(self) -> None:
+        if self._attached:
+            self._attached = False
+            self._transport.detach()
 
     def _unprotect(self, data: bytes, rtcp_packet: bool) -> bytes | None:
         assert self._srtp is not None
@@ -296,39 +318,42 @@ class MediaSession:
         if plain is None:
             return
         try:
-            packet = RtpPacket.parse(plain)
+            pt, sequence, timestamp, ssrc, payload = parse_media(plain)
         except RtpError as exc:
             self._drop_malformed(exc)
             return
         if self._remote_ssrc is None:
-            self._remote_ssrc = packet.ssrc
-        elif packet.ssrc != self._remote_ssrc:
+            self._remote_ssrc = ssrc
+        elif ssrc != self._remote_ssrc:
             self._wrong_ssrc += 1
             return
-        pt = packet.payload_type
-        if pt == self._config.red_payload_type:
+        jitter = self._jitter
+        if pt == self._red_pt:
             try:
-                blocks = decode_red(packet.payload)
+                blocks = split_red(payload)
             except RedError as exc:
                 self._drop_malformed(exc)
                 return
-            if any(b.payload_type != self._config.opus_payload_type for b in blocks):
-                self._unknown_pt += 1
-                return
-            if len(blocks) - 1 != self._peer_red_distance:
-                self._peer_red_distance = len(blocks) - 1
-                self._jitter.set_recovery_frames(max(1, self._peer_red_distance))
-            for block in blocks[:-1]:
-                ts = (packet.timestamp - block.timestamp_offset) & _TS_MASK
-                if self._jitter.push(ts, block.payload, now, redundant=True) is PushResult.ACCEPTED:
+            opus_pt = self._opus_pt
+            for block_pt, _, _ in blocks:
+                if block_pt != opus_pt:
+                    self._unknown_pt += 1
+                    return
+            primary = blocks.pop()
+            if len(blocks) != self._peer_red_distance:
+                self._peer_red_distance = len(blocks)
+                jitter.set_recovery_frames(max(1, self._peer_red_distance))
+            for _, offset, block in blocks:
+                ts = (timestamp - offset) & _TS_MASK
+                if jitter.push(ts, block, now, redundant=True) is PushResult.ACCEPTED:
                     self._red_recovered += 1
-            self._jitter.push(packet.timestamp, blocks[-1].payload, now)
-        elif pt == self._config.opus_payload_type:
-            self._jitter.push(packet.timestamp, packet.payload, now)
+            jitter.push(timestamp, primary[2], now)
+        elif pt == self._opus_pt:
+            jitter.push(timestamp, payload, now)
         else:
             self._unknown_pt += 1
             return
-        self._rx_stats.update(packet.sequence, packet.timestamp, now)
+        self._rx_stats.update(sequence, timestamp, now)
         self._last_rx = now
 
     def _drop_malformed(self, exc: Exception) -> None:

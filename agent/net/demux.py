@@ -8,18 +8,20 @@ of each datagram tells them apart:
     128..191  RTP/RTCP (SRTP/SRTCP once keyed)
 
 Anything else (ZRTP, TURN channel data, noise) is dropped and counted. Each
-channel is itself a ``DatagramTransport``: ``send`` goes straight to the
+channel is itself a ``PushTransport``: ``send`` goes straight to the
 underlying transport, ``recv`` reads that channel's bounded queue, which drops
-its oldest datagram when the reader falls behind.
+its oldest datagram when the reader falls behind, and a receiver attached to
+the channel gets each of its datagrams at once. The demux is itself attached
+to the underlying transport: a datagram goes from the socket's read callback to
+its channel's reader without a task or a loop iteration in between.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from dataclasses import dataclass
 
-from agent.net.transport import DatagramQueue, DatagramTransport, TransportClosed
+from agent.net.transport import DatagramQueue, DatagramReceiver, PushTransport, TransportClosed
 
 logger = logging.getLogger(__name__)
 
@@ -58,13 +60,13 @@ class DemuxStats:
 
 
 class DemuxChannel:
-    """One side of a ``Demux``: a ``DatagramTransport`` for one protocol.
+    """One side of a ``Demux``: a ``PushTransport`` for one protocol.
 
     ``close()`` closes only this channel (its datagrams are then dropped and
     counted as overflow); the demux and the underlying transport go on.
     """
 
-    def __init__(self, name: str, underlying: DatagramTransport, queue_size: int) -> None:
+    def __init__(self, name: str, underlying: PushTransport, queue_size: int) -> None:
         if queue_size < 1:
             raise ValueError("queue_size must be at least 1")
         self.name = name
@@ -81,7 +83,7 @@ class DemuxChannel:
         return self._inbox.dropped + self._late
 
     def _push(self, data: bytes) -> None:
-        """Called by the demux task for each datagram of this channel."""
+        """Called by the demux for each datagram of this channel."""
         if not self._inbox.put(data):
             self._late += 1
 
@@ -101,14 +103,20 @@ class DemuxChannel:
     async def recv(self) -> bytes:
         return await self._inbox.get()
 
+    def attach(self, receiver: DatagramReceiver) -> None:
+        self._inbox.attach(receiver)
+
+    def detach(self) -> None:
+        self._inbox.detach()
+
     async def close(self) -> None:
         self._end(discard=True)
 
 
 class Demux:
-    """Owns the one reader of ``transport`` and hands each datagram to its channel.
+    """The one reader of ``transport``: hands each datagram to its channel as it arrives.
 
-    The demux does not own ``transport``: ``close()`` stops the reader and closes
+    The demux does not own ``transport``: ``close()`` detaches from it and closes
     both channels, and whoever made the transport closes it. When the transport
     closes by itself, both channels deliver what they hold and then raise
     ``TransportClosed``.
@@ -116,18 +124,23 @@ class Demux:
 
     def __init__(
         self,
-        transport: DatagramTransport,
+        transport: PushTransport,
         *,
         dtls_queue_size: int = 32,
         media_queue_size: int = 256,
         name: str = "-",
     ) -> None:
         self._transport = transport
+        self._name = name
         self.dtls = DemuxChannel("dtls", transport, dtls_queue_size)
         self.media = DemuxChannel("media", transport, media_queue_size)
         self._stun = 0
         self._unknown = 0
-        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"demux-{name}")
+        self._running = True
+        # Bound once: the per-datagram path is a table lookup and one call.
+        self._media_push = self.media._push
+        self._dtls_push = self.dtls._push
+        transport.attach(self)
 
     @property
     def stats(self) -> DemuxStats:
@@ -142,53 +155,39 @@ class Demux:
 
     @property
     def running(self) -> bool:
-        """The reader still runs (the demux is not closed and the transport is open)."""
-        return not self._task.done()
+        """Still reading (the demux is not closed and the transport is open)."""
+        return self._running
 
-    async def _run(self) -> None:
-        recv = self._transport.recv
-        kinds = _KIND
-        dtls = self.dtls._push
-        media = self.media._push
-        debug = logger.isEnabledFor(logging.DEBUG)
-        try:
-            while True:
-                data = await recv()
-                kind = kinds[data[0]] if data else _UNKNOWN
-                if kind == _MEDIA:
-                    media(data)
-                elif kind == _DTLS:
-                    dtls(data)
-                elif kind == _STUN:
-                    self._stun += 1
-                    if debug:
-                        logger.debug("demux: unexpected STUN datagram (%d bytes)", len(data))
-                else:
-                    self._unknown += 1
-                    if debug:
-                        logger.debug(
-                            "demux: dropped datagram, first byte %s",
-                            data[0] if data else "(empty)",
-                        )
-        except TransportClosed:
-            logger.debug("demux: underlying transport closed")
-            self.dtls._end(discard=False)
-            self.media._end(discard=False)
-        finally:
-            # Cancelled (close()) or failed: nothing more will come either way.
-            if not self.dtls.closed or not self.media.closed:
-                self.dtls._end(discard=True)
-                self.media._end(discard=True)
+    # DatagramReceiver: called by the transport.
+
+    def datagram_received(self, data: bytes) -> None:
+        kind = _KIND[data[0]] if data else _UNKNOWN
+        if kind == _MEDIA:
+            self._media_push(data)
+        elif kind == _DTLS:
+            self._dtls_push(data)
+        elif kind == _STUN:
+            self._stun += 1
+            if logger.isEnabledFor(logging.DEBUG):
+                logger.debug("demux %s: unexpected STUN datagram (%d bytes)", self._name, len(data))
+        else:
+            self._unknown += 1
+            if logger.isEnabledFor(logging.DEBUG):
+                logger.debug(
+                    "demux %s: dropped datagram, first byte %s",
+                    self._name, data[0] if data else "(empty)",
+                )  # fmt: skip
+
+    def transport_closed(self, reason: str) -> None:
+        logger.debug("demux %s: underlying transport closed: %s", self._name, reason)
+        self._running = False
+        self.dtls._end(discard=False)
+        self.media._end(discard=False)
 
     async def close(self) -> None:
-        """Stop the reader; both channels raise ``TransportClosed`` from now on."""
-        self._task.cancel()
-        try:
-            await self._task
-        except asyncio.CancelledError:
-            # Our own cancellation of the reader, unless the caller is being cancelled too.
-            current = asyncio.current_task()
-            if current is not None and current.cancelling():
-                raise
+        """Stop reading; both channels raise ``TransportClosed`` from now on."""
+        if self._running:
+            self._running = False
+            self._transport.detach()
         self.dtls._end(discard=True)
         self.media._end(discard=True)

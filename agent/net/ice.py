@@ -1,6 +1,6 @@
 """ICE (RFC 8445) on aioice: the media path to a peer, direct or through a TURN relay.
 
-``IceTransport`` implements ``DatagramTransport`` once ``connect()`` has selected a
+``IceTransport`` implements ``PushTransport`` once ``connect()`` has selected a
 candidate pair. Every aioice type stays in this module: the rest of the code sees
 ``Candidate`` (``agent.net.candidate``), ``IceConfig`` and friends. One component only
 (RTP and RTCP are muxed, RFC 5761).
@@ -77,7 +77,7 @@ import aioice.stun
 from aioice.candidate import candidate_foundation, candidate_priority
 
 from agent.net.candidate import MAX_PRIORITY, Candidate, CandidateType
-from agent.net.transport import Address, DatagramQueue, TransportClosed
+from agent.net.transport import Address, DatagramQueue, DatagramReceiver, TransportClosed
 
 logger = logging.getLogger(__name__)
 
@@ -1086,6 +1086,13 @@ class IceTransport:
     async def recv(self) -> bytes:
         """Next datagram from the peer; TransportClosed (with the reason) once closed."""
         return await self._inbox.get()
+
+    def attach(self, receiver: DatagramReceiver) -> None:
+        """Hand each datagram to ``receiver`` as it arrives (see ``PushTransport``)."""
+        self._inbox.attach(receiver)
+
+    def detach(self) -> None:
+        self._inbox.detach()
 
     async def close(self) -> None:
         """Stop consent checks, close every generation and delete TURN allocations."""

@@ -1,7 +1,11 @@
 """The datagram transport a media session runs over, and its plain-UDP implementation.
 
-ICE (next issue) implements the same ``DatagramTransport`` protocol, so the
-media session does not change when the path to the peer does.
+ICE implements the same protocols, so the media session does not change when
+the path to the peer does. A reader either awaits ``recv()`` (a bounded queue,
+as DTLS does) or, on a ``PushTransport``, attaches a ``DatagramReceiver`` that
+is handed each datagram as it arrives: the media path does that, because a
+queue and a reader task between each layer cost a loop iteration, a future and
+a task switch per packet at every hop (50 packets a second each way).
 """
 
 from __future__ import annotations
@@ -35,16 +39,40 @@ class DatagramTransport(Protocol):
     async def close(self) -> None: ...
 
 
+class DatagramReceiver(Protocol):
+    """Takes the datagrams of a ``PushTransport`` as they arrive, on the event loop."""
+
+    def datagram_received(self, data: bytes) -> None:
+        """One datagram from the peer. Runs inside the transport's own read callback: handle
+        it and return, do not block."""
+
+    def transport_closed(self, reason: str) -> None:
+        """No more datagrams will come (said once; the receiver is detached by then)."""
+
+
+class PushTransport(DatagramTransport, Protocol):
+    """A ``DatagramTransport`` that can also hand its datagrams to a receiver."""
+
+    def attach(self, receiver: DatagramReceiver) -> None:
+        """From now on give every datagram to ``receiver`` instead of queueing it for
+        ``recv`` (those already queued first). One reader: ``recv`` or a receiver."""
+
+    def detach(self) -> None:
+        """Queue datagrams for ``recv`` again."""
+
+
 class DatagramQueue:
-    """Received datagrams waiting for one async reader: bounded, and when full the oldest is
-    dropped (stale audio is worth less than fresh) and counted. After ``close`` the reader
-    gets what is still queued (unless discarded), then ``TransportClosed``."""
+    """Received datagrams for one reader. An async reader (``get``) has a bounded queue: when
+    it is full the oldest datagram is dropped (stale audio is worth less than fresh) and
+    counted, and after ``close`` the reader gets what is still queued (unless discarded),
+    then ``TransportClosed``. An attached ``DatagramReceiver`` gets each datagram at once."""
 
     def __init__(self, size: int) -> None:
         if size < 1:
             raise ValueError("queue size must be at least 1")
         self._queue: collections.deque[bytes] = collections.deque(maxlen=size)
         self._waiter: asyncio.Future[None] | None = None
+        self._receiver: DatagramReceiver | None = None
         self.closed_reason: str | None = None
         self.queued = 0
         """Datagrams accepted so far."""
@@ -52,18 +80,38 @@ class DatagramQueue:
         """Datagrams dropped because the reader fell behind."""
 
     def put(self, data: bytes) -> bool:
-        """Queue one datagram; False (and nothing queued) once closed."""
+        """Queue (or hand over) one datagram; False (and nothing done) once closed."""
         if self.closed_reason is not None:
             return False
+        self.queued += 1
+        receiver = self._receiver
+        if receiver is not None:
+            receiver.datagram_received(data)
+            return True
         queue = self._queue
         if len(queue) == queue.maxlen:
             self.dropped += 1  # the deque drops the oldest on append
         queue.append(data)
-        self.queued += 1
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
         return True
+
+    def attach(self, receiver: DatagramReceiver) -> None:
+        """Hand datagrams to ``receiver`` from now on, starting with those queued."""
+        if self._receiver is not None or self._waiter is not None:
+            raise RuntimeError("this datagram queue already has a reader")
+        self._receiver = receiver
+        queue = self._queue
+        while queue and self._receiver is receiver:
+            receiver.datagram_received(queue.popleft())
+        if self.closed_reason is not None and self._receiver is receiver:
+            self._receiver = None
+            receiver.transport_closed(self.closed_reason)
+
+    def detach(self) -> None:
+        """Queue datagrams for ``get`` again."""
+        self._receiver = None
 
     def close(self, reason: str, *, discard: bool = False) -> None:
         """No more datagrams; the first reason given is the one the reader sees."""
@@ -71,11 +119,16 @@ class DatagramQueue:
             self.closed_reason = reason
         if discard:
             self._queue.clear()
+        receiver, self._receiver = self._receiver, None
+        if receiver is not None:
+            receiver.transport_closed(self.closed_reason)
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
     async def get(self) -> bytes:
+        if self._receiver is not None:
+            raise RuntimeError("datagrams go to an attached receiver, not to get()")
         while not self._queue:
             if self.closed_reason is not None:
                 raise TransportClosed(self.closed_reason)
@@ -102,7 +155,8 @@ class UdpTransport:
     """A UDP socket bound first (port 0 is fine) and pointed at the peer later.
 
     Incoming datagrams go into a bounded queue; when the reader falls behind the
-    oldest is dropped, since stale audio is worth less than fresh audio.
+    oldest is dropped, since stale audio is worth less than fresh audio. Or they go
+    straight to an attached receiver (``PushTransport``).
     """
 
     def __init__(self, sock: socket.socket, queue_size: int = 256) -> None:
@@ -178,6 +232,12 @@ class UdpTransport:
 
     async def recv(self) -> bytes:
         return await self._inbox.get()
+
+    def attach(self, receiver: DatagramReceiver) -> None:
+        self._inbox.attach(receiver)
+
+    def detach(self) -> None:
+        self._inbox.detach()
 
     async def close(self) -> None:
         if self._inbox.closed_reason is None:

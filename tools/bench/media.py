@@ -7,7 +7,10 @@ PulseAudio, real-time pacing), with SRTP on. Figures:
 - floor_cpu_per_audio_s: the bare codec + crypto work of the same call (per 20 ms:
   two Opus encodes, two decodes, SRTP protect/unprotect both ways) as a plain
   Python loop of opuslib + pylibsrtp calls, measured in this run; ratio = pipeline/floor;
-- rss_mb: resident memory of one agent process in the call;
+- floor_paced_cpu_per_audio_s: the same loop run once every 20 ms, as a call runs it: what
+  that work costs with the caches (and, on a VM, the CPU) gone cold between frames;
+- rss_mb: resident memory of one agent process in the call (rss_anon_mb: its heap and other
+  private memory; rss_file_mb: mapped library pages);
 - added_latency_ms: microphone-to-speaker delay (clicks and cross-correlation) of the call,
   minus that of a bare full-duplex copy between the same two devices measured in this run;
 - pesq_wb_clean / _loss10 / _burst: PESQ wideband of espeak-ng speech through the
@@ -65,6 +68,7 @@ from pesq import pesq
 from agent.audio.format import FRAME_BYTES, FRAME_SAMPLES, SAMPLE_RATE
 from agent.codec.opus import OpusConfig
 from agent.net.impair import Impairment
+from tools.bench.args import positive_float, positive_int
 from tools.lab.agents import AgentCall
 from tools.lab.aiortc_call import AiortcCall
 from tools.lab.virtual_audio import VirtualAudio, read_wav, speech_wav, write_wav
@@ -76,8 +80,11 @@ TEXT = (
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def floor_cpu(speech: np.ndarray, opus: OpusConfig, seconds: float) -> float:
-    """CPU seconds per audio second of the bare codec and crypto work of one call."""
+def floor_cpu(
+    speech: np.ndarray, opus: OpusConfig, seconds: float, *, paced: bool = False
+) -> float:
+    """CPU seconds per audio second of the bare codec and crypto work of one call; ``paced``
+    does each 20 ms of it at its own time, as a call does, instead of back to back."""
     encoders = [opuslib.Encoder(SAMPLE_RATE, 1, opuslib.APPLICATION_VOIP) for _ in range(2)]
     for enc in encoders:
         enc.bitrate = opus.bitrate
@@ -97,7 +104,11 @@ def floor_cpu(speech: np.ndarray, opus: OpusConfig, seconds: float) -> float:
     frames = [pcm[i : i + FRAME_BYTES] for i in range(0, len(pcm) - FRAME_BYTES, FRAME_BYTES)]
     count = int(seconds * 50)
     start = time.process_time()
+    due = time.monotonic()
     for n in range(count):
+        if paced:
+            due += FRAME_SAMPLES / SAMPLE_RATE
+            time.sleep(max(0.0, due - time.monotonic()))
         frame = frames[n % len(frames)]
         header = bytes([0x80, 111]) + (n & 0xFFFF).to_bytes(2, "big") + (n * 960).to_bytes(4, "big")
         for side in range(2):
@@ -118,11 +129,12 @@ def _proc_cpu(pid: int) -> tuple[float, float]:
     return _cpu(Path(f"/proc/{pid}/stat")), _cpu(Path(f"/proc/{pid}/task/{pid}/stat"))
 
 
-def _proc_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS")
+def _proc_rss_mb(pid: int) -> dict[str, float]:
+    """VmRSS, RssAnon and RssFile of a process, in MB."""
+    fields = dict(
+        line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+    )
+    return {key: int(fields[key].split()[0]) / 1024 for key in ("VmRSS", "RssAnon", "RssFile")}
 
 
 def _to16k(x: np.ndarray) -> np.ndarray:
@@ -205,7 +217,7 @@ async def measure_device_latency(audio: VirtualAudio, work: Path) -> float:
 
 async def measure_cpu(
     audio: VirtualAudio, work: Path, speech: Path, opus: OpusConfig, window: float
-) -> tuple[float, float, float, list[dict[str, Any]]]:
+) -> tuple[float, float, dict[str, float], list[dict[str, Any]]]:
     """Both agents' CPU per audio second (all threads, and the event-loop threads alone) while
     speech flows both ways, and one agent's RSS."""
     samples, _ = read_wav(speech)
@@ -259,6 +271,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
         speech = speech_wav(work / "speech.wav", TEXT)
         samples, _ = read_wav(speech)
         floor = floor_cpu(samples, opus, args.floor_seconds)
+        floor_paced = floor_cpu(samples, opus, args.floor_paced_seconds, paced=True)
         with VirtualAudio.start(("a", "b")) as audio:
             pipeline, loop_cpu, rss, call_stats = await measure_cpu(
                 audio, work, speech, opus, args.cpu_seconds
@@ -300,8 +313,13 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
         # rest is PortAudio's callback threads and the ALSA pulse plugin's client threads.
         "pipeline_loop_thread_cpu_per_audio_s": round(loop_cpu, 4),
         "floor_cpu_per_audio_s": round(floor, 4),
+        # The same work done once per 20 ms, as in a call: not the target's floor, but how much
+        # of a call's CPU the codec and crypto take when they run in real time.
+        "floor_paced_cpu_per_audio_s": round(floor_paced, 4),
         "ratio": round(pipeline / floor, 2),
-        "rss_mb": round(rss, 1),
+        "rss_mb": round(rss["VmRSS"], 1),
+        "rss_anon_mb": round(rss["RssAnon"], 1),
+        "rss_file_mb": round(rss["RssFile"], 1),
         # Mic-to-speaker delay of a call, minus that of a bare full-duplex copy between the same
         # two virtual devices (PulseAudio's own buffering, which a board's ALSA driver lacks).
         "added_latency_ms": round(latency - device_latency, 1),
@@ -322,10 +340,14 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--complexity", type=int, default=OpusConfig().complexity)
-    parser.add_argument("--cpu-seconds", type=float, default=20.0)
-    parser.add_argument("--floor-seconds", type=float, default=30.0)
+    parser.add_argument("--cpu-seconds", type=positive_float, default=20.0)
+    parser.add_argument("--floor-seconds", type=positive_float, default=30.0)
+    parser.add_argument("--floor-paced-seconds", type=positive_float, default=10.0)
     parser.add_argument(
-        "--runs", type=int, default=5, help="latency and PESQ figures are medians of this many"
+        "--runs",
+        type=positive_int,
+        default=5,
+        help="latency and PESQ figures are medians of this many",
     )
     args = parser.parse_args()
     print(json.dumps(asyncio.run(main_async(args))))
