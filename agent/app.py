@@ -32,6 +32,8 @@ from agent.audio.gain import AudioControls, GainSink, MutableSource
 from agent.audio.pyaudio_backend import list_devices
 from agent.calls.machine import CallConfig, CallMachine
 from agent.calls.runtime import CallRuntime
+from agent.edge.outbox import OUTBOX_FILE, Outbox
+from agent.edge.uplink import AlertUplink
 from agent.media import sdp
 from agent.media.dtls import DtlsCertificate
 from agent.media.peer import CallSetupError, MediaPeer, PeerConfig
@@ -441,8 +443,15 @@ async def _run_online(
             led=None if config.status_led is None else StatusLed(Path(config.status_led)),
             signing=signing,
         )
+        # Alerts wait in the outbox until the relay has stored them (acked).
+        outbox = await Outbox.open(Path(config.state_dir) / OUTBOX_FILE)
+        stack.push_async_callback(outbox.close)
+        uplink = AlertUplink(session, outbox)
+        runtime.on_alert_ack = uplink.on_ack
         await runtime.start()
         stack.push_async_callback(runtime.close)
+        uplink.start()
+        stack.push_async_callback(uplink.close)
         logger.info(
             "device %s: online at %s:%d%s",
             config.device_id,

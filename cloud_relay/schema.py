@@ -10,6 +10,7 @@ from sqlalchemy import (
     JSON,
     Column,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -87,4 +88,24 @@ pairing_tokens = Table(
     Column("expires", DateTime(timezone=True), nullable=False),
     Column("used", DateTime(timezone=True), nullable=True),
     Column("used_by", String(64), nullable=True),
+)
+
+alerts = Table(
+    "alerts",
+    metadata,
+    # Chosen on the board (128 random bits, hex) and kept on resends: the dedup key.
+    Column("id", String(32), primary_key=True),
+    Column("device", String(63), nullable=False),
+    Column("detector", String(40), nullable=False),
+    Column("kind", String(40), nullable=False),
+    Column("severity", String(16), nullable=False),
+    Column("start", DateTime(timezone=True), nullable=False),
+    Column("end", DateTime(timezone=True), nullable=False),
+    Column("confidence", Float, nullable=False),
+    Column("level", Float, nullable=False),
+    Column("received", DateTime(timezone=True), nullable=False),
+    # The alert as the device sent it (``agent.edge.alerts``), detail included.
+    Column("body", JSON, nullable=False),
+    Index("ix_alerts_received", "received"),
+    Index("ix_alerts_device_received", "device", "received"),
 )

@@ -31,6 +31,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+from agent.edge.alerts import AlertError, decode_alert, encode_ack
 from agent.signaling import topics
 from agent.signaling.envelope import EnvelopeError, InviteBody, from_json, to_json
 from agent.signaling.mqtt import Message, MqttClient, MqttConfig, MqttTls, PublishFailed
@@ -82,6 +83,11 @@ class RelayStats:
     """TURN credentials sent to devices (on their ``config``)."""
     store_retried: int = 0
     """Answers and ends written again because another worker's call was not stored yet."""
+    alerts_received: int = 0
+    """Well-formed alerts taken from the ``alert`` topics (resends included)."""
+    alerts_stored: int = 0
+    alerts_duplicate: int = 0
+    """Alerts whose id was stored already (a resend, or another worker's copy): acked again."""
     dropped: Counter[str] = field(default_factory=Counter)
     """Dropped messages by reason (``malformed-<field>``, ``stale``, ``unknown-call``, ...)."""
 
@@ -127,6 +133,8 @@ SUBSCRIPTIONS = (
     topics.shared(topics.all_devices(Kind.CMD)),
     topics.all_devices(Kind.REPLY),
     RELAY_SYNC_TOPIC,
+    # Alerts: one worker takes each; the store drops the copies of resends by alert id.
+    topics.shared(topics.all_devices(Kind.ALERT)),
 )
 
 
@@ -268,6 +276,8 @@ class Relay:
             self._on_command(device, msg)
         elif kind is Kind.REPLY:
             self._on_reply(device, msg)
+        elif kind is Kind.ALERT:
+            self._on_alert(device, msg.payload)
         else:
             self.stats.dropped["bad-topic"] += 1
 
@@ -306,6 +316,29 @@ class Relay:
         if (expiry := self._expiries.pop(cmd_id, None)) is not None:
             expiry.cancel()
         self._write_to_record(0, self.store.command_finished, cmd_id, status, reply)
+
+    def _on_alert(self, device: str, payload: bytes) -> None:
+        """Store the alert, then (once committed) acknowledge it to the device, duplicates
+        too: a device whose ack was lost sends the alert until one gets through."""
+        try:
+            alert = decode_alert(payload)
+        except AlertError as exc:
+            self.stats.dropped[f"alert-{exc.label}"] += 1
+            logger.warning("%s: dropped an alert: %s", device, exc)
+            return
+        self.stats.alerts_received += 1
+        fut = self._write(self.store.record_alert, device, alert, utc_from_ms(self._clock_ms()))
+        fut.add_done_callback(functools.partial(self._alert_stored, device, alert.id))
+
+    def _alert_stored(self, device: str, alert_id: str, fut: asyncio.Future[bool]) -> None:
+        if fut.cancelled() or fut.exception() is not None:
+            return  # counted and logged by ``_write_done``; the device sends it again
+        if fut.result():
+            self.stats.alerts_stored += 1
+            logger.info("%s: alert %s stored", device, alert_id)
+        else:
+            self.stats.alerts_duplicate += 1
+        self._publish(topics.device_topic(device, Kind.ALERT_ACK), encode_ack([alert_id]))
 
     def _on_presence(self, device: str, payload: bytes) -> None:
         if not payload:

@@ -45,10 +45,12 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, RowMapping
 from sqlalchemy.exc import IntegrityError
 
-from cloud_relay.schema import calls, commands, devices, pairing_tokens, presence_events
+from agent.edge.alerts import Alert
+from cloud_relay.schema import alerts, calls, commands, devices, pairing_tokens, presence_events
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +119,23 @@ class PairingGrant:
     device: str
     name: str | None
     site: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class AlertRecord:
+    """An alert as the relay stored it (``body``: what the device sent)."""
+
+    id: str
+    device: str
+    detector: str
+    kind: str
+    severity: str
+    start: datetime
+    end: datetime
+    confidence: float
+    level: float
+    received: datetime
+    body: dict[str, Any]
 
 
 class TokenRefused(Exception):
@@ -565,6 +584,75 @@ class Store:
         with self._engine.connect() as conn:
             value: str | None = conn.execute(query).scalar()
         return value
+
+    def record_alert(self, device: str, alert: Alert, received: datetime) -> bool:
+        """Store the alert ``device`` sent; True if it is new, False if its id is stored already.
+
+        One conditional insert (``ON CONFLICT DO NOTHING``), so resends of an alert and
+        relay workers that take copies of it at the same time store it once between
+        them. A duplicate is not compared with the stored row: the id is the alert.
+        """
+        values = {
+            "id": alert.id,
+            "device": device,
+            "detector": alert.detector,
+            "kind": alert.kind,
+            "severity": alert.severity.value,
+            "start": utc_from_ms(alert.start),
+            "end": utc_from_ms(alert.end),
+            "confidence": alert.confidence,
+            "level": alert.level,
+            "received": received,
+            "body": alert.to_dict(),
+        }
+        with self._transaction() as conn:
+            dialect = conn.dialect.name
+            if dialect in ("sqlite", "postgresql"):
+                module = sqlite if dialect == "sqlite" else postgresql
+                stmt = module.insert(alerts).values(values).on_conflict_do_nothing()
+                # RETURNING, not rowcount: psycopg reports -1 for this statement.
+                return conn.execute(stmt.returning(alerts.c.id)).first() is not None
+            # Any other database: a savepoint keeps a lost race from spoiling a batch.
+            try:
+                with conn.begin_nested():
+                    conn.execute(insert(alerts).values(values))
+            except IntegrityError:
+                return False
+            return True
+
+    def alerts(
+        self,
+        *,
+        device: str | None = None,
+        since: datetime | None = None,
+        limit: int = 100,
+    ) -> list[AlertRecord]:
+        """Stored alerts, newest (by ``received``) first: of one device, received at or
+        after ``since``, at most ``limit``."""
+        query = select(alerts).order_by(alerts.c.received.desc(), alerts.c.id).limit(limit)
+        if device is not None:
+            query = query.where(alerts.c.device == device)
+        if since is not None:
+            query = query.where(alerts.c.received >= since)
+        with self._engine.connect() as conn:
+            rows = conn.execute(query).mappings().all()
+        return [_alert(r) for r in rows]
+
+
+def _alert(r: RowMapping) -> AlertRecord:
+    return AlertRecord(
+        id=r["id"],
+        device=r["device"],
+        detector=r["detector"],
+        kind=r["kind"],
+        severity=r["severity"],
+        start=_utc(r["start"]) or r["start"],
+        end=_utc(r["end"]) or r["end"],
+        confidence=r["confidence"],
+        level=r["level"],
+        received=_utc(r["received"]) or r["received"],
+        body=r["body"],
+    )
 
 
 def _has_call(conn: Connection, params: Mapping[str, Any]) -> bool:

@@ -364,6 +364,8 @@ class CallRuntime:
         self._wall_ms = wall_ms
         self._guard = ReplayGuard()
         self._signing = signing
+        self.on_alert_ack: Callable[[bytes], None] | None = None
+        """Where the relay's acks of our alerts go (``agent.edge.uplink``)."""
         self.turn_servers: tuple[TurnServer, ...] = ()
         """TURN servers with credentials for the next call, from the relay (``config``)."""
         self._queue: asyncio.Queue[Incoming | Event] = asyncio.Queue()
@@ -467,6 +469,8 @@ class CallRuntime:
             await self._on_command(msg)
         elif msg.kind is Kind.CONFIG:
             self._on_config(msg.payload)
+        elif msg.kind is Kind.ALERT_ACK and self.on_alert_ack is not None:
+            self.on_alert_ack(msg.payload)
         else:
             logger.debug("device %s: ignored a message on %s", self.device_id, msg.kind)
 

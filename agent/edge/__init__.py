@@ -1,0 +1,1 @@
+"""Edge audio analysis: detectors that run on the capture stream and report alerts, never audio."""
