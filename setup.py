@@ -22,6 +22,7 @@ setup(
         "pylibsrtp>=0.10",
         "pyOpenSSL>=24",
         "soxr>=0.3",
+        "webrtcvad-wheels>=2.0.14",  # voice activity on the board: tiny C, no model file
     ],
     extras_require={
         # The relay runs on a server; a board never installs its store.

@@ -1,0 +1,626 @@
+"""Smoke (temporal-three) and CO (temporal-four) alarm detection on the capture stream.
+
+How: each 20 ms frame gets one Hann-windowed FFT (50 Hz bins). In every bin of the
+alarm range a tone is "on" while its peak stands ``prominence_db`` above the
+neighbouring bins (a pure tone, whatever the broadband level) and within
+``release_db`` of its loudest frame (so a room's reverberant tail ends it). Each bin
+runs that on/off state machine, vectorised over bins, and turns runs into tones
+(start, end). Only when a tone ends does Python look at the bin's recent tones and
+match the ISO 8201 rhythms with +-``tolerance`` on every tone, gap and pause:
+
+- ``smoke_alarm``: a T3 group (3 tones, 2 gaps), its pause, and the next cycle's first
+  two tones: ~5.5 s at nominal timing, 7.2 s at +30 %. One group alone is not enough:
+  a microwave's three beeps look exactly like it.
+- ``co_alarm``: two T4 groups (4 tones, 3 gaps each) with the pause between them.
+- ``alarm_sound``: in the piezo (2-4 kHz) or 520 Hz bands, a tone that goes on for
+  ``unclassified_min_s``, or beeps regularly that long, without being T3/T4: older and
+  EN 14604 alarms. Lower severity; the detail says it is unclassified. Short beepers
+  (timers, microwaves, trucks, alarm clocks) stop long before.
+
+Per-bin tracking means a 520 Hz square wave is tracked at its fundamental and each odd
+harmonic separately; whichever is clearest over the background matches. An episode
+(one kind) reports once, then stays quiet while its bins keep sounding and until they
+have been silent for ``cooldown_s``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from agent.audio.format import FRAME_SAMPLES, SAMPLE_RATE
+from agent.edge.base import Detection
+
+logger = logging.getLogger(__name__)
+
+_BIN_HZ = SAMPLE_RATE / FRAME_SAMPLES  # 50 Hz
+_FRAME_S = FRAME_SAMPLES / SAMPLE_RATE  # 0.02 s
+_NEAR = (3, 8)  # neighbour bins (distance from the peak) that give a tone's local floor
+_KEEP_S = 45.0  # tones older than this are forgotten
+_FULL_SCALE = 32768.0
+_WEAKER_DB = 10.0  # one alarm's tones are within this level of each other
+_LENGTH_SLACK_S = 0.04  # ... and their lengths within this plus _LENGTH_SPREAD of the median
+_LENGTH_SPREAD = 0.15
+_PERIODIC_MAX_PERIOD_S = 2.5  # an unclassified alarm beeps at least this often on average
+_PERIODIC_MIN_BEEP_S = 0.08  # ... with beeps this long at least (speech's blips are shorter)
+
+
+@dataclass(frozen=True, slots=True)
+class AlarmSettings:
+    """Tuning of ``AlarmDetector``; the defaults follow ISO 8201 and field-drifted alarms."""
+
+    min_freq_hz: float = 450.0
+    """Lowest tone tracked (520 Hz square-wave alarms, with margin)."""
+    max_freq_hz: float = 4400.0
+    """Highest tone tracked (piezo alarms are 2-4 kHz, with margin)."""
+    alarm_bands_hz: tuple[float, ...] = (470.0, 580.0, 1800.0, 4400.0)
+    """Pairs (low, high) where a sustained non-T3/T4 tone raises ``alarm_sound``."""
+    prominence_db: float = 10.0
+    """How far a tone's peak bin must stand above the neighbouring bins' mean."""
+    hold_prominence_db: float = 6.0
+    """Prominence that keeps a started tone on (hysteresis: speech can mask it briefly)."""
+    min_level_dbfs: float = -75.0
+    """Quietest tone considered at all (dBFS of the tone, full-scale sine = 0)."""
+    release_db: float = 6.0
+    """A tone ends when it falls this far below its recent loudest frame (reverb tails)."""
+    release_decay_db: float = 0.5
+    """How fast (dB per 20 ms) that reference forgets: a tone that settles lower after its
+    onset (the room's reflections interfering with the direct sound) must not be cut,
+    while a reverberant tail (>= 1.2 dB per frame for RT60 <= 1 s) still ends quickly."""
+    onset_db: float = 6.0
+    """A new tone in a bin must rise this far above the lowest level since the last one."""
+    hang_frames: int = 2
+    """Off frames needed to end a tone; shorter dropouts (noise) are bridged."""
+    min_tone_frames: int = 2
+    """Runs shorter than this many 20 ms frames are ignored (clicks, noise)."""
+    tolerance: float = 0.3
+    """Accepted relative deviation of each tone, gap and pause from nominal."""
+    slack_s: float = 0.04
+    """Added to every timing window: what 20 ms frames (at both ends of a tone) blur."""
+    t3_on_s: float = 0.5
+    t3_gap_s: float = 0.5
+    t3_pause_s: float = 1.5
+    t4_on_s: float = 0.1
+    t4_gap_s: float = 0.1
+    t4_pause_s: float = 5.0
+    cooldown_s: float = 20.0
+    """Silence in an episode's bins after which the same kind may be reported again."""
+    unclassified: bool = True
+    """Report ``alarm_sound`` for sustained tones that are neither T3 nor T4."""
+    unclassified_min_s: float = 20.0
+    """How long a tone must keep sounding (continuously or beeping) for ``alarm_sound``."""
+    unclassified_max_gap_s: float = 4.0
+    """Longest silence inside a beeping that still counts as one sound."""
+    unclassified_regularity: float = 0.05
+    """Largest relative deviation (std/mean, beyond 30 ms) of the beeping's period: alarms
+    beep like clockwork, music and speech do not."""
+    unclassified_prominence_db: float = 15.0
+    """Mean prominence the tones of an ``alarm_sound`` need ("loud" over the background)."""
+
+    def __post_init__(self) -> None:
+        nyquist = SAMPLE_RATE / 2 - _BIN_HZ * (_NEAR[1] + 2)
+        if not 0 < self.min_freq_hz < self.max_freq_hz <= nyquist:
+            raise ValueError(f"need 0 < min_freq_hz < max_freq_hz <= {nyquist:g}")
+        if self.min_freq_hz < _BIN_HZ * (_NEAR[1] + 1):
+            raise ValueError("min_freq_hz is too low for the tone floor estimate")
+        bands = self.alarm_bands_hz
+        if len(bands) % 2 or any(lo >= hi for lo, hi in zip(bands[::2], bands[1::2], strict=True)):
+            raise ValueError("alarm_bands_hz must be (low, high) pairs with low < high")
+        for name in (
+            "prominence_db",
+            "hold_prominence_db",
+            "release_db",
+            "release_decay_db",
+            "onset_db",
+            "unclassified_prominence_db",
+        ):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0")
+        if self.hold_prominence_db > self.prominence_db:
+            raise ValueError("hold_prominence_db must be <= prominence_db")
+        if self.min_level_dbfs >= 0:
+            raise ValueError("min_level_dbfs must be < 0")
+        if self.hang_frames < 1 or self.min_tone_frames < 1:
+            raise ValueError("hang_frames and min_tone_frames must be >= 1")
+        if not 0 <= self.tolerance < 1 or self.slack_s < 0:
+            raise ValueError("tolerance must be in [0, 1) and slack_s >= 0")
+        for name in ("t3_on_s", "t3_gap_s", "t3_pause_s", "t4_on_s", "t4_gap_s", "t4_pause_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0")
+        if self.t3_on_s * (1 - self.tolerance) <= self.t4_on_s * (1 + self.tolerance):
+            raise ValueError("T3 and T4 tone lengths overlap at this tolerance")
+        if self.cooldown_s <= 0 or self.unclassified_min_s <= 0:
+            raise ValueError("cooldown_s and unclassified_min_s must be > 0")
+        if self.unclassified_max_gap_s <= 0 or self.unclassified_regularity <= 0:
+            raise ValueError("unclassified_max_gap_s and unclassified_regularity must be > 0")
+        if self.unclassified_min_s + self.unclassified_max_gap_s > _KEEP_S:
+            raise ValueError(f"unclassified_min_s + unclassified_max_gap_s must be <= {_KEEP_S}")
+
+
+@dataclass(frozen=True, slots=True)
+class _Tone:
+    start_s: float
+    end_s: float
+    power: float  # peak bin power (FFT units)
+    prominence_db: float
+    length_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class _Match:
+    """Evidence for one report: the tones and how far their timing is off."""
+
+    error: float  # worst relative timing deviation found
+    scale: float  # the deviation that scores zero
+    tones: list[_Tone]
+    how: str = "periodic"
+
+
+@dataclass(slots=True)
+class _Episode:
+    last_s: float
+    bins: set[int] = field(default_factory=set)
+
+
+class _Window:
+    """An accepted range around a nominal time; ``error`` is the relative deviation."""
+
+    __slots__ = ("high", "low", "nominal")
+
+    def __init__(self, nominal: float, tolerance: float, slack: float) -> None:
+        self.nominal = nominal
+        self.low = nominal * (1 - tolerance) - slack
+        self.high = nominal * (1 + tolerance) + slack
+
+    def __contains__(self, value: float) -> bool:
+        return self.low <= value <= self.high
+
+    def error(self, value: float) -> float:
+        return abs(value - self.nominal) / self.nominal
+
+
+@dataclass(frozen=True, slots=True)
+class _Pattern:
+    """Timing windows of one temporal pattern."""
+
+    count: int
+    on: _Window
+    gap: _Window
+    pause: _Window
+
+    @property
+    def horizon_s(self) -> float:
+        """How far back a match can reach: two groups and a pause, at their longest."""
+        return 2 * self.count * (self.on.high + self.gap.high) + self.pause.high
+
+
+def _db(ratio: float) -> float:
+    return 10 * math.log10(max(ratio, 1e-30))
+
+
+class AlarmDetector:
+    """Detects smoke (T3), CO (T4) and unclassified alarm sounds; see the module docstring."""
+
+    name = "alarm"
+
+    def __init__(self, settings: AlarmSettings | None = None) -> None:
+        s = self.settings = settings or AlarmSettings()
+        self._lo = math.floor(s.min_freq_hz / _BIN_HZ)
+        self._hi = math.ceil(s.max_freq_hz / _BIN_HZ) + 1  # band bins: [lo, hi)
+        self._off = _NEAR[1] + 1  # first band bin's index in the extended spectrum slice
+        self._window = np.hanning(FRAME_SAMPLES + 2)[1:-1]
+        # Power of a full-scale sine in its own bin (Hann: |X| = A N / 4), for dBFS.
+        self._full_power = (_FULL_SCALE * FRAME_SAMPLES / 4) ** 2
+        self._min_power = self._full_power * 10 ** (s.min_level_dbfs / 10)
+        self._prominence = 10 ** (s.prominence_db / 10)
+        self._hold = 10 ** (s.hold_prominence_db / 10)
+        self._release = 10 ** (-s.release_db / 10)
+        self._ref_decay = 10 ** (-s.release_decay_db / 10)
+        self._onset = 10 ** (s.onset_db / 10)
+        freqs = np.arange(self._lo, self._hi) * _BIN_HZ
+        in_band = np.zeros(len(freqs), dtype=bool)
+        for lo, hi in zip(s.alarm_bands_hz[::2], s.alarm_bands_hz[1::2], strict=True):
+            in_band |= (freqs >= lo) & (freqs <= hi)
+        self._in_alarm_band = in_band
+        tol, slack = s.tolerance, s.slack_s
+        self._t3 = _Pattern(
+            3,
+            _Window(s.t3_on_s, tol, slack),
+            _Window(s.t3_gap_s, tol, slack),
+            _Window(s.t3_pause_s, tol, slack),
+        )
+        self._t4 = _Pattern(
+            4,
+            _Window(s.t4_on_s, tol, slack),
+            _Window(s.t4_gap_s, tol, slack),
+            _Window(s.t4_pause_s, tol, slack),
+        )
+        self._weaker = 10 ** (-_WEAKER_DB / 10)
+        self._csum = np.zeros(self._hi - self._lo + 2 * self._off + 1)
+        self._continuous_frames = round(s.unclassified_min_s / _FRAME_S)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget all tones and episodes; the clock restarts at 0."""
+        n = self._hi - self._lo
+        self._frame = 0
+        self._pending = np.zeros(0, dtype=np.int16)
+        self._active = np.zeros(n, dtype=bool)
+        self._start = np.zeros(n, dtype=np.int64)
+        self._last_on = np.zeros(n, dtype=np.int64)
+        self._off_count = np.zeros(n, dtype=np.int64)
+        self._peak = np.zeros(n)
+        self._ref = np.zeros(n)
+        self._peak_ratio = np.zeros(n)
+        self._valley = np.zeros(n)
+        self._tones: dict[int, deque[_Tone]] = {}
+        self._episodes: dict[str, _Episode] = {}
+
+    # --- per frame --------------------------------------------------------------------
+
+    def feed(self, frame: np.ndarray) -> list[Detection]:
+        """Analyse 20 ms of 48 kHz mono int16; other lengths are re-blocked internally."""
+        if len(frame) == FRAME_SAMPLES and not len(self._pending):
+            return self._analyse(frame)
+        data = np.concatenate([self._pending, np.asarray(frame, dtype=np.int16)])
+        out: list[Detection] = []
+        whole = len(data) // FRAME_SAMPLES * FRAME_SAMPLES
+        for i in range(0, whole, FRAME_SAMPLES):
+            out += self._analyse(data[i : i + FRAME_SAMPLES])
+        self._pending = data[whole:]
+        return out
+
+    def _analyse(self, frame: np.ndarray) -> list[Detection]:
+        f = self._frame
+        self._frame = f + 1
+        near_lo, near_hi = _NEAR
+        spec = np.fft.rfft(frame * self._window)[self._lo - self._off : self._hi + self._off]
+        power = spec.real * spec.real
+        power += spec.imag * spec.imag
+        o, n = self._off, self._hi - self._lo
+        # A tone may straddle two bins: the band bin sees the max of itself and neighbours.
+        peak = np.maximum(power[o - 1 : o + n - 1], power[o : o + n])
+        np.maximum(peak, power[o + 1 : o + n + 1], out=peak)
+        csum = self._csum
+        np.cumsum(power, out=csum[1:])
+        # The quieter side: a speech or music harmonic on one side does not mask the tone.
+        a, b = o - near_hi, o - near_lo + 1
+        c, d = o + near_lo, o + near_hi + 1
+        floor = np.minimum(csum[b : b + n] - csum[a : a + n], csum[d : d + n] - csum[c : c + n])
+        floor *= 1 / (near_hi - near_lo + 1)
+        floor += 1.0
+        ratio = peak / floor
+        kept = ratio > self._hold
+        kept &= peak > self._min_power
+        tonal = ratio > self._prominence
+        tonal &= kept
+
+        active = self._active
+        if not tonal.any() and not active.any():  # the usual case: nothing is sounding
+            np.minimum(self._valley, peak, out=self._valley)
+            if self._episodes:
+                self._refresh_episodes(f)
+            return []
+        ref = self._ref
+        ref *= self._ref_decay
+        falling = peak < ref * self._release
+        # A much louder tone starting in a bin that already holds a weak one (a note of
+        # the music under the alarm) starts a tone of its own.
+        jump = active & tonal & (peak >= ref * self._onset)
+        holding = active & kept & ~falling & ~jump
+        lapsed = active & ~holding
+        self._off_count = np.where(holding, 0, self._off_count + lapsed)
+        ended = lapsed & (self._off_count >= self.settings.hang_frames) & ~jump
+        onset = ~active & tonal & (peak >= self._valley * self._onset)
+
+        out: list[Detection] = []
+        if ended.any():
+            for j in np.flatnonzero(ended):
+                out += self._tone_ended(int(j), f)
+            active &= ~ended
+            # After a fall (a tail) a new tone must rise; after masking it may just resume.
+            self._valley[ended] = np.where(falling[ended], peak[ended], 0.0)
+        np.maximum(ref, peak, out=ref, where=holding)
+        if jump.any():
+            for j in np.flatnonzero(jump):
+                out += self._tone_ended(int(j), f)
+            onset |= jump
+        grow = holding & (peak > self._peak)
+        if grow.any():
+            self._peak[grow] = peak[grow]
+            self._peak_ratio[grow] = ratio[grow]
+        self._last_on[holding] = f
+        if onset.any():
+            active |= onset
+            self._start[onset] = f
+            self._last_on[onset] = f
+            self._off_count[onset] = 0
+            self._peak[onset] = peak[onset]
+            ref[onset] = peak[onset]
+            self._peak_ratio[onset] = ratio[onset]
+        idle = ~active
+        np.minimum(self._valley, peak, out=self._valley, where=idle)
+
+        if self.settings.unclassified and active.any():
+            out += self._check_continuous(f)
+        if self._episodes:
+            self._refresh_episodes(f)
+        return out
+
+    # --- tones and patterns -----------------------------------------------------------
+
+    def _tone_ended(self, j: int, f: int) -> list[Detection]:
+        start, last = int(self._start[j]), int(self._last_on[j])
+        if last + 1 - start < self.settings.min_tone_frames:
+            return []
+        tone = _Tone(
+            start * _FRAME_S,
+            (last + 1) * _FRAME_S,
+            float(self._peak[j]),
+            _db(float(self._peak_ratio[j])),
+            (last + 1 - start) * _FRAME_S,
+        )
+        tones = self._tones.get(j)
+        if tones is None:
+            tones = self._tones[j] = deque(maxlen=256)
+        tones.append(tone)
+        while tones[0].end_s < tone.end_s - _KEEP_S:
+            tones.popleft()
+        for episode in self._episodes.values():
+            if j in episode.bins:
+                episode.last_s = tone.end_s
+        now = f * _FRAME_S
+        out: list[Detection] = []
+        # Cheap tests first: most tones (music, speech) are not of any pattern's length.
+        found: _Match | None = None
+        if tone.length_s in self._t3.on:
+            found = self._match_t3(j, tones)
+            if found is not None:
+                out += self._report("smoke_alarm", j, now, found)
+        elif tone.length_s in self._t4.on:
+            found = self._match_t4(j, tones)
+            if found is not None:
+                out += self._report("co_alarm", j, now, found)
+        if (
+            self.settings.unclassified
+            and self._in_alarm_band[j]
+            and tone.length_s >= _PERIODIC_MIN_BEEP_S
+        ):
+            found = self._match_periodic(tones)
+            if found is not None:
+                out += self._report("alarm_sound", j, now, found)
+        return out
+
+    def _match_group(self, tones: list[_Tone], first: int, count: int, t: _Pattern) -> float | None:
+        """Largest timing error of ``count`` tones from index ``first`` as one group, or None."""
+        if first < 0:
+            return None
+        worst = 0.0
+        for i in range(first, first + count):
+            length = tones[i].length_s
+            if length not in t.on:
+                return None
+            worst = max(worst, t.on.error(length))
+            if i > first:
+                g = tones[i].start_s - tones[i - 1].end_s
+                if g not in t.gap:
+                    return None
+                worst = max(worst, t.gap.error(g))
+        if first > 0:  # the tone before must not belong to the group (1 Hz beepers)
+            before = tones[first - 1]
+            if before.length_s in t.on and tones[first].start_s - before.end_s in t.gap:
+                return None
+        return worst
+
+    def _after_pause(self, tones: list[_Tone], start_s: float, t: _Pattern) -> list[int]:
+        """Indices of tones ending a pause before ``start_s`` (latest first).
+
+        Whatever sounded inside the pause (speech, a clink) is skipped, not held against
+        the alarm.
+        """
+        found = []
+        for i in range(len(tones) - 1, -1, -1):
+            p = start_s - tones[i].end_s
+            if p > t.pause.high:
+                break
+            if p >= t.pause.low:
+                found.append(i)
+        return found
+
+    def _strong(self, tones: deque[_Tone], horizon_s: float) -> list[_Tone]:
+        """The recent tones at most ``_WEAKER_DB`` below the one that just ended."""
+        last = tones[-1]
+        floor = last.power * self._weaker
+        since = last.end_s - horizon_s
+        out = []
+        for t in reversed(tones):  # in order of their ends
+            if t.end_s < since:
+                break
+            if t.power >= floor:
+                out.append(t)
+        out.reverse()
+        return out
+
+    def _even(self, j: int, tones: list[_Tone], pause: tuple[float, float], t: _Pattern) -> bool:
+        """One alarm's tones are alike, and nothing like them sounds around its groups.
+
+        Alike: within ``_WEAKER_DB`` in level and about equally long (an alarm is
+        precise, chance tones from speech and music are not). Around: the pause may hold
+        other sounds (speech in the same bin) but no tone as loud and long as the
+        alarm's, and no such tone may precede the first group at the group's own pace
+        (a steady beeper that lost one beep in this bin). Neighbouring bins count too,
+        for a tone near a bin edge is sometimes seen in one bin only.
+        """
+        powers = [x.power for x in tones]
+        low = min(powers)
+        if low < max(powers) * self._weaker:
+            return False
+        lengths = sorted(x.length_s for x in tones)
+        median = lengths[len(lengths) // 2]
+        spread = _LENGTH_SLACK_S + _LENGTH_SPREAD * median
+        if lengths[-1] - median > spread or median - lengths[0] > spread:
+            return False
+        first = tones[0].start_s
+        before = (first - t.on.high - t.gap.high, first - t.on.low - t.gap.low)
+        margin = 3 * _FRAME_S
+        for b in range(max(0, j - 2), min(len(self._active), j + 3)):
+            for x in self._tones.get(b, ()):
+                if x.power < low * 0.5 or x.length_s not in t.on:
+                    continue
+                if pause[0] + margin < x.start_s < pause[1] - margin:
+                    return False
+                if before[0] <= x.start_s <= before[1]:
+                    return False
+        return True
+
+    def _match_t3(self, j: int, tones: deque[_Tone]) -> _Match | None:
+        """T3 group, pause, first two tones of the next group (the second just ended).
+
+        Two, not one: three beeps and, by chance, one tone of the music a pause later
+        happen; two in the T3 rhythm rarely do.
+        """
+        t = self._t3
+        c = self._strong(tones, t.horizon_s)
+        first = len(c) - 2
+        b = self._match_group(c, first, 2, t) if first >= 3 else None
+        if b is None:
+            return None
+        b1 = c[first]
+        for i in self._after_pause(c[:first], b1.start_s, t):
+            group = self._match_group(c, i - 2, 3, t)
+            matched = [*c[i - 2 : i + 1], *c[first:]]
+            if group is not None and self._even(j, matched, (c[i].end_s, b1.start_s), t):
+                error = max(group, b, t.pause.error(b1.start_s - c[i].end_s))
+                return _Match(error, self.settings.tolerance, matched)
+        return None
+
+    def _match_t4(self, j: int, tones: deque[_Tone]) -> _Match | None:
+        """Two T4 groups with the pause between them (the second just ended)."""
+        t = self._t4
+        c = self._strong(tones, t.horizon_s)
+        first = len(c) - 4
+        b = self._match_group(c, first, 4, t) if first >= 4 else None
+        if b is None:
+            return None
+        for i in self._after_pause(c[:first], c[first].start_s, t):
+            a = self._match_group(c, i - 3, 4, t)
+            matched = [*c[i - 3 : i + 1], *c[first:]]
+            if a is not None and self._even(j, matched, (c[i].end_s, c[first].start_s), t):
+                error = max(a, b, t.pause.error(c[first].start_s - c[i].end_s))
+                return _Match(error, self.settings.tolerance, matched)
+        return None
+
+    def _match_periodic(self, tones: deque[_Tone]) -> _Match | None:
+        """A regular beeping lasting ``unclassified_min_s`` (the last tone just ended).
+
+        Only tones like the last one (level, length) count, so stray tones from speech
+        or music in the same bin neither make nor break the rhythm; and it must beep at
+        least every ``_PERIODIC_MAX_PERIOD_S`` on average, in a cycle of 1-3 beeps.
+        """
+        s = self.settings
+        last = tones[-1]
+        spread = _LENGTH_SLACK_S + 0.25 * last.length_s
+        chain = [
+            t
+            for t in self._strong(tones, s.unclassified_min_s + s.unclassified_max_gap_s)
+            if abs(t.length_s - last.length_s) <= spread and t.power >= last.power * 0.25
+        ]
+        i = len(chain) - 1
+        while i > 0 and chain[i].start_s - chain[i - 1].end_s <= s.unclassified_max_gap_s:
+            i -= 1
+        chain = chain[i:]
+        span = chain[-1].end_s - chain[0].start_s
+        if span < s.unclassified_min_s or len(chain) < max(4, span / _PERIODIC_MAX_PERIOD_S):
+            return None
+        if sorted(t.length_s for t in chain)[len(chain) // 2] < _PERIODIC_MIN_BEEP_S:
+            return None
+        if np.mean([t.prominence_db for t in chain]) < s.unclassified_prominence_db:
+            return None
+        starts = np.array([t.start_s for t in chain])
+        best = math.inf
+        for lag in range(1, 4):
+            if len(starts) < 3 * lag + 1:
+                break
+            period = starts[lag:] - starts[:-lag]
+            jitter = float(np.std(period)) - _FRAME_S * 1.5  # what 20 ms frames blur
+            best = min(best, jitter / float(np.mean(period)))
+        if best > s.unclassified_regularity:
+            return None
+        return _Match(best, s.unclassified_regularity, chain)
+
+    def _check_continuous(self, f: int) -> list[Detection]:
+        """``alarm_sound`` for a tone that has not stopped for ``unclassified_min_s``."""
+        long = self._active & self._in_alarm_band & (f - self._start >= self._continuous_frames)
+        if not long.any():
+            return []
+        j = int(np.flatnonzero(long)[np.argmax(self._peak[long])])
+        if _db(float(self._peak_ratio[j])) < self.settings.unclassified_prominence_db:
+            return []
+        tone = _Tone(
+            self._start[j] * _FRAME_S,
+            (f + 1) * _FRAME_S,
+            float(self._peak[j]),
+            _db(float(self._peak_ratio[j])),
+            (f + 1 - int(self._start[j])) * _FRAME_S,
+        )
+        now = (f + 1) * _FRAME_S
+        return self._report("alarm_sound", j, now, _Match(0.0, 1.0, [tone], "continuous"))
+
+    # --- episodes ---------------------------------------------------------------------
+
+    def _refresh_episodes(self, f: int) -> None:
+        now = f * _FRAME_S
+        for kind, episode in list(self._episodes.items()):
+            if self._active[list(episode.bins)].any():
+                episode.last_s = now
+            elif now - episode.last_s > self.settings.cooldown_s:
+                logger.debug("%s episode over at %.2f s", kind, now)
+                del self._episodes[kind]
+
+    def _report(
+        self,
+        kind: str,
+        j: int,
+        now: float,
+        match: _Match,
+    ) -> list[Detection]:
+        episode = self._episodes.get(kind)
+        near = set(range(max(0, j - 2), min(len(self._active), j + 3)))
+        if episode is not None:
+            episode.bins |= near
+            episode.last_s = now
+            return []
+        if kind == "alarm_sound" and (
+            "smoke_alarm" in self._episodes or "co_alarm" in self._episodes
+        ):
+            return []
+        self._episodes[kind] = _Episode(now, near)
+        s = self.settings
+        freq = (self._lo + j) * _BIN_HZ
+        tones, error = match.tones, match.error
+        prominence = float(np.mean([t.prominence_db for t in tones]))
+        timing = max(0.0, 1.0 - error / max(match.scale, 1e-9))
+        strength = min(1.0, max(0.0, (prominence - s.prominence_db) / 20.0))
+        if kind == "alarm_sound":
+            confidence = 0.4 + 0.2 * timing + 0.15 * strength  # at most 0.75: unclassified
+            detail = f"unclassified {match.how} tone at ~{freq:.0f} Hz, neither T3 nor T4"
+        else:
+            confidence = 0.55 + 0.25 * timing + 0.2 * strength
+            pattern = "T3" if kind == "smoke_alarm" else "T4"
+            detail = f"{pattern} at ~{freq:.0f} Hz, timing off nominal by {error:.0%} at most"
+        level = _db(max(t.power for t in tones) / self._full_power)
+        detection = Detection(
+            detector=self.name,
+            kind=kind,
+            start_s=round(tones[0].start_s, 3),
+            end_s=round(now, 3),
+            confidence=round(confidence, 3),
+            level_dbfs=round(level, 1),
+            detail=detail + "; level: tone peak, dBFS re full-scale sine",
+        )
+        logger.info("%s at %.2f s: %s", kind, now, detail)
+        return [detection]

@@ -1,0 +1,299 @@
+"""Glass-break detector: a low-frequency impact, then broadband impulsive shatter.
+
+Breaking glass has a two-phase signature: the pane flexes under the blow (a thud below
+1 kHz with a fast attack) and, within ~0.2 s, breaks into shards whose hundreds of clicks and
+short rings fill 4-16 kHz evenly (a flat spectrum) with sharp peaks (a high crest factor) for
+a few hundred ms. Each phase alone is common in a home (a door slam, a dropped pan, a clank,
+a hiss); the sequence, with the shatter's shape checked, is not. Look-alikes and why they
+fail: a mail slot or dropped keys (thud then *tonal* metal ring: low spectral flatness), a
+door slam or a clap (the broadband crack lasts one frame), a snare or a fricative (noise, but
+Gaussian: low crest), a cymbal (too long).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from enum import Enum
+
+import numpy as np
+
+from agent.audio.format import FRAME_SAMPLES, SAMPLE_RATE
+from agent.edge.base import Detection
+from agent.edge.level import FLOOR_DBFS, FULL_SCALE, check_settings
+
+log = logging.getLogger(__name__)
+
+_BIN_HZ = SAMPLE_RATE / FRAME_SAMPLES  # 50 Hz
+
+
+@dataclass(frozen=True, slots=True)
+class GlassBreakSettings:
+    """Thresholds of the two phases; levels are band levels in dBFS (RMS re full scale)."""
+
+    low_band_hz: tuple[float, float] = (40.0, 1000.0)
+    """Band of the impact."""
+    high_band_hz: tuple[float, float] = (4000.0, 16000.0)
+    """Band of the shatter."""
+    impact_min_dbfs: float = -50.0
+    """Quietest impact (low-band level) considered."""
+    impact_rise_db: float = 15.0
+    """The impact's low-band level must be this far above the low band's background ..."""
+    attack_db: float = 10.0
+    """... and this far above the previous two frames (a fast attack, not a swell)."""
+    impact_low_over_mid_db: float = 0.0
+    """In the impact frame, the low band must exceed the 1-4 kHz band by this (claps do not)."""
+    shatter_window_s: float = 0.2
+    """The shatter must begin within this time of the impact."""
+    shatter_min_dbfs: float = -60.0
+    """Quietest shatter (high-band level) considered."""
+    shatter_rise_db: float = 15.0
+    """The shatter begins when the high band rises this far above its background."""
+    sustain_db: float = 6.0
+    """The shatter lasts while the high band stays this far above its background ..."""
+    decay_range_db: float = 30.0
+    """... and within this range of its own peak."""
+    gap_s: float = 0.06
+    """Dips in the high band shorter than this do not end the shatter."""
+    min_shatter_s: float = 0.1
+    """Shorter high-band bursts (a crack, a clap, a click) are not shatter."""
+    max_shatter_s: float = 1.5
+    """Longer ones (a cymbal, a hiss, a running tap) are not either."""
+    min_flatness: float = 0.08
+    """Median spectral flatness of 4-16 kHz over the shatter (tonal metal is ~0.01)."""
+    min_crest: float = 3.75
+    """Median crest factor (peak/RMS) of the high-passed shatter frames (Gaussian noise ~3.5)."""
+    cooldown_s: float = 5.0
+    """After a detection, no other for this long (one break, however long its debris falls)."""
+    floor_up_s: float = 5.0
+    """Time constant with which the background level estimates rise ..."""
+    floor_down_s: float = 0.2
+    """... and fall."""
+
+    def __post_init__(self) -> None:
+        check_settings(
+            self,
+            {
+                "impact_min_dbfs": (-120.0, 0.0),
+                "impact_rise_db": (0.0, 80.0),
+                "attack_db": (0.0, 80.0),
+                "impact_low_over_mid_db": (-40.0, 40.0),
+                "shatter_window_s": (0.0, 2.0),
+                "shatter_min_dbfs": (-120.0, 0.0),
+                "shatter_rise_db": (0.0, 80.0),
+                "sustain_db": (0.0, 80.0),
+                "decay_range_db": (1.0, 120.0),
+                "gap_s": (0.0, 1.0),
+                "min_shatter_s": (0.0, 10.0),
+                "max_shatter_s": (0.02, 10.0),
+                "min_flatness": (0.0, 1.0),
+                "min_crest": (0.0, 100.0),
+                "cooldown_s": (0.0, 3600.0),
+                "floor_up_s": (0.02, 600.0),
+                "floor_down_s": (0.02, 600.0),
+            },
+        )
+        for name in ("low_band_hz", "high_band_hz"):
+            band = getattr(self, name)
+            if (
+                not isinstance(band, tuple | list)
+                or len(band) != 2
+                or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in band)
+                or not 0 <= band[0] < band[1] <= SAMPLE_RATE / 2
+            ):
+                raise ValueError(
+                    f"GlassBreakSettings.{name} must be (low, high) Hz with "
+                    f"0 <= low < high <= {SAMPLE_RATE // 2}, got {band!r}"
+                )
+            object.__setattr__(self, name, (float(band[0]), float(band[1])))
+        if self.max_shatter_s <= self.min_shatter_s:
+            raise ValueError(
+                "GlassBreakSettings.max_shatter_s must exceed min_shatter_s, got "
+                f"{self.max_shatter_s!r} <= {self.min_shatter_s!r}"
+            )
+
+
+class _State(Enum):
+    IDLE = 1
+    IMPACT = 2
+    SHATTER = 3
+    WAIT_QUIET = 4
+
+
+def _bins(band: tuple[float, float]) -> tuple[int, int]:
+    lo = max(1, math.ceil(band[0] / _BIN_HZ))
+    hi = min(FRAME_SAMPLES // 2, math.floor(band[1] / _BIN_HZ))
+    return lo, max(lo + 1, hi + 1)
+
+
+class GlassBreakDetector:
+    """Impact then shatter (see the module docstring); one detection per break.
+
+    The decision comes when the shatter ends (typically 0.3-0.8 s after the impact).
+    ``start_s`` is the impact, ``end_s`` the shatter's end; ``level_dbfs`` is the loudest
+    frame's full-band level. Confidence is 0.5 when the shatter's flatness and crest just
+    pass their thresholds and reaches 1.0 at twice each.
+    """
+
+    name = "glass_break"
+
+    def __init__(self, settings: GlassBreakSettings | None = None) -> None:
+        self.settings = s = settings or GlassBreakSettings()
+        self._window = np.hanning(FRAME_SAMPLES + 2)[1:-1]
+        # Band mean squares from the one-sided power spectrum: 2 |X|^2 / (N sum w^2).
+        self._scale = 2.0 / (FRAME_SAMPLES * float(np.sum(self._window**2)))
+        self._low = _bins(s.low_band_hz)
+        self._mid = (self._low[1], _bins((1000.0, 4000.0))[1])
+        self._high = _bins(s.high_band_hz)
+        frame_s = FRAME_SAMPLES / SAMPLE_RATE
+        self._up = 1.0 - math.exp(-frame_s / s.floor_up_s)
+        self._down = 1.0 - math.exp(-frame_s / s.floor_down_s)
+        self.reset()
+
+    def reset(self) -> None:
+        self._samples = 0
+        self._state = _State.IDLE
+        self._floor_low: float | None = None
+        self._floor_high: float | None = None
+        self._history = [FLOOR_DBFS, FLOOR_DBFS]
+        self._quiet_until = 0.0
+        self._impact_s = 0.0
+        self._shatter_s = 0.0
+        self._last_active_s = 0.0
+        self._peak_high = FLOOR_DBFS
+        self._peak_level = FLOOR_DBFS
+        self._flatness: list[float] = []
+        self._crest: list[float] = []
+
+    def _db(self, energy: float) -> float:
+        ms = energy * self._scale
+        return (
+            max(FLOOR_DBFS, 10.0 * math.log10(ms / (FULL_SCALE * FULL_SCALE)))
+            if ms > 0
+            else (FLOOR_DBFS)
+        )
+
+    def feed(self, frame: np.ndarray) -> list[Detection]:
+        if frame.shape != (FRAME_SAMPLES,) or frame.dtype != np.int16:
+            raise ValueError(
+                f"expected {FRAME_SAMPLES} int16 samples, got {frame.dtype} {frame.shape}"
+            )
+        s = self.settings
+        start = self._samples / SAMPLE_RATE
+        self._samples += FRAME_SAMPLES
+        now = self._samples / SAMPLE_RATE
+        x = frame.astype(np.float64)
+        spectrum = np.fft.rfft(x * self._window)
+        power = spectrum.real * spectrum.real + spectrum.imag * spectrum.imag
+        low = self._db(float(power[self._low[0] : self._low[1]].sum()))
+        high_power = power[self._high[0] : self._high[1]]
+        high = self._db(float(high_power.sum()))
+        floor_low = low if self._floor_low is None else self._floor_low
+        floor_high = high if self._floor_high is None else self._floor_high
+
+        out: list[Detection] = []
+        if self._state is _State.IDLE or self._state is _State.IMPACT:
+            if self._is_impact(x, power, low, floor_low) and now > self._quiet_until:
+                self._state = _State.IMPACT
+                self._impact_s = start
+                self._peak_level = FLOOR_DBFS
+            elif self._state is _State.IMPACT and start - self._impact_s > s.shatter_window_s:
+                self._state = _State.IDLE
+            if self._state is _State.IMPACT:
+                self._peak_level = max(self._peak_level, self._db(float(power.sum())))
+                if high >= s.shatter_min_dbfs and high - floor_high >= s.shatter_rise_db:
+                    self._state = _State.SHATTER
+                    self._shatter_s = start
+                    self._peak_high = high
+                    self._flatness = []
+                    self._crest = []
+        if self._state is _State.SHATTER:
+            self._peak_level = max(self._peak_level, self._db(float(power.sum())))
+            self._peak_high = max(self._peak_high, high)
+            active = (
+                high - floor_high >= s.sustain_db and high >= self._peak_high - s.decay_range_db
+            )
+            if active:
+                self._last_active_s = now
+                self._flatness.append(_flatness(high_power))
+                d = np.diff(x, 2)
+                rms = math.sqrt(float(np.dot(d, d)) / len(d))
+                self._crest.append(float(np.max(np.abs(d))) / rms if rms > 0 else 0.0)
+                if now - self._shatter_s > s.max_shatter_s:
+                    self._state = _State.WAIT_QUIET
+            elif now - self._last_active_s >= s.gap_s:
+                out += self._decide()
+        elif self._state is _State.WAIT_QUIET and high - floor_high < s.sustain_db:
+            self._state = _State.IDLE
+
+        # Background levels follow quickly down and slowly up; not during a candidate event.
+        if self._state in (_State.IDLE, _State.WAIT_QUIET) or self._floor_low is None:
+            self._floor_low = _follow(floor_low, low, self._up, self._down)
+            self._floor_high = _follow(floor_high, high, self._up, self._down)
+        self._history = [self._history[1], low]
+        return out
+
+    def _is_impact(self, x: np.ndarray, power: np.ndarray, low: float, floor_low: float) -> bool:
+        s = self.settings
+        if low < s.impact_min_dbfs or low - floor_low < s.impact_rise_db:
+            return False
+        # A fast attack: up from the last two frames (an onset may straddle a frame boundary);
+        # once an impact is pending, a new one must rise from the frame just before.
+        before = min(self._history) if self._state is _State.IDLE else self._history[1]
+        if low - before < s.attack_db:
+            return False
+        mid = self._db(float(power[self._mid[0] : self._mid[1]].sum()))
+        return low - mid >= s.impact_low_over_mid_db
+
+    def _decide(self) -> list[Detection]:
+        s = self.settings
+        self._state = _State.IDLE
+        duration = self._last_active_s - self._shatter_s
+        flatness = float(np.median(self._flatness)) if self._flatness else 0.0
+        crest = float(np.median(self._crest)) if self._crest else 0.0
+        verdict = (
+            s.min_shatter_s <= duration <= s.max_shatter_s
+            and flatness >= s.min_flatness
+            and crest >= s.min_crest
+        )
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "glass candidate at %.2f s: shatter %.2f s, flatness %.3f, crest %.2f: %s",
+                self._impact_s,
+                duration,
+                flatness,
+                crest,
+                "yes" if verdict else "no",
+            )
+        if not verdict:
+            return []
+        self._quiet_until = self._last_active_s + s.cooldown_s
+        margins = [
+            min(1.0, flatness / s.min_flatness - 1.0) if s.min_flatness > 0 else 1.0,
+            min(1.0, crest / s.min_crest - 1.0) if s.min_crest > 0 else 1.0,
+        ]
+        confidence = 0.5 + 0.25 * sum(margins)
+        return [
+            Detection(
+                self.name,
+                "glass_break",
+                self._impact_s,
+                self._last_active_s,
+                round(confidence, 3),
+                round(self._peak_level, 1),
+                f"shatter {duration:.2f} s after {self._shatter_s - self._impact_s:.2f} s, "
+                f"flatness {flatness:.2f}, crest {crest:.1f}; level: loudest 20 ms, dBFS",
+            )
+        ]
+
+
+def _flatness(power: np.ndarray) -> float:
+    """Spectral flatness (geometric over arithmetic mean): ~0.56 for noise, ~0 for tones."""
+    p = power + 1e-3
+    mean = float(np.mean(p))
+    return math.exp(float(np.mean(np.log(p)))) / mean if mean > 0 else 0.0
+
+
+def _follow(floor: float, level: float, up: float, down: float) -> float:
+    return floor + (level - floor) * (up if level > floor else down)

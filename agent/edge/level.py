@@ -1,0 +1,461 @@
+"""Loud-noise and microphone-fault detectors: level statistics of the capture stream.
+
+``LoudNoiseDetector`` reports an A-weighted level above a threshold for a while (a party,
+a smashed shelf, a dog barking for minutes); ``MicFaultDetector`` reports a microphone that
+delivers nothing useful (digital silence, a stuck value, persistent clipping), since a dead
+microphone silently disables every other detector.
+
+Levels are RMS re full scale (dBFS): a full-scale square wave reads 0 dBFS and a
+full-scale sine -3.01 dBFS.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, fields
+
+import numpy as np
+
+from agent.audio.format import SAMPLE_RATE
+from agent.edge.base import Detection
+
+FULL_SCALE = 32768.0
+FLOOR_DBFS = -140.0
+"""Level reported for exact digital silence (instead of minus infinity)."""
+
+# IEC 61672-1 A-weighting: the analog filter's pole frequencies (Hz).
+_A_POLES_HZ = ((20.598997, 2), (107.65265, 1), (737.86223, 1), (12194.217, 2))
+
+
+def check_settings(settings: object, limits: dict[str, tuple[float, float]]) -> None:
+    """Refuse settings of the wrong type or outside ``limits`` (inclusive) with a clear error.
+
+    TOML gives an int for ``3`` where a float is meant: that is accepted and made a float,
+    so a config file need not write ``3.0``. Shared by the edge detectors' settings.
+    """
+    owner = type(settings).__name__
+    for f in fields(settings):  # type: ignore[arg-type]
+        value = getattr(settings, f.name)
+        want = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        if want == "bool":
+            ok = isinstance(value, bool)
+        elif want == "int":
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif want == "float":
+            ok = isinstance(value, int | float) and not isinstance(value, bool)
+            if ok and not math.isfinite(value):
+                raise ValueError(f"{owner}.{f.name} must be a finite number, got {value!r}")
+            if ok and isinstance(value, int):
+                object.__setattr__(settings, f.name, float(value))
+        elif want == "str":
+            ok = isinstance(value, str)
+        else:
+            ok = True
+        if not ok:
+            raise ValueError(f"{owner}.{f.name} must be {want}, got {value!r}")
+        if f.name in limits:
+            lo, hi = limits[f.name]
+            if not lo <= value <= hi:
+                raise ValueError(f"{owner}.{f.name} must be in [{lo}, {hi}], got {value!r}")
+
+
+def dbfs(mean_square: float) -> float:
+    """Mean square of int16 samples as dBFS (``FLOOR_DBFS`` for silence)."""
+    if mean_square <= 0.0:
+        return FLOOR_DBFS
+    return max(FLOOR_DBFS, 10.0 * math.log10(mean_square / (FULL_SCALE * FULL_SCALE)))
+
+
+def a_weighting(rate: int = SAMPLE_RATE) -> tuple[np.ndarray, np.ndarray]:
+    """IIR A-weighting filter ``(b, a)`` for ``rate``, 0 dB at 1 kHz (IEC 61672-1).
+
+    Designed by the bilinear transform of the standard's analog poles and zeros, each pole
+    frequency pre-warped so that it lands where the standard puts it; at 48 kHz the result
+    is within the standard's class 1 tolerances up to 16 kHz.
+    """
+    poles: list[float] = []
+    for hz, count in _A_POLES_HZ:
+        w = 2.0 * rate * math.tan(math.pi * hz / rate)
+        poles += [(2.0 * rate - w) / (2.0 * rate + w)] * count
+    # Four zeros at s = 0 map to z = 1; the two left at infinity map to z = -1.
+    b = np.poly([1.0] * 4 + [-1.0] * 2)
+    a = np.poly(poles)
+    b = b / abs(frequency_response(b, a, np.array([1000.0]), rate)[0])
+    return b, a
+
+
+def frequency_response(b: np.ndarray, a: np.ndarray, hz: np.ndarray, rate: int) -> np.ndarray:
+    """Complex response of the digital filter ``(b, a)`` at frequencies ``hz``."""
+    z = np.exp(2j * np.pi * np.asarray(hz, np.float64) / rate)
+    return np.asarray(np.polyval(b, z) / np.polyval(a, z))
+
+
+class AWeightedMeter:
+    """A-weighted mean square of successive frames, from one FFT per frame.
+
+    Running the 6th-order IIR sample by sample in Python would cost far more than the
+    detector's CPU budget (and scipy is not a dependency), so the filter's power response
+    is evaluated once per FFT bin and each frame's spectrum is weighted with it (Parseval).
+    The window spans the previous and the current frame (Hann, 50 % overlap), which keeps
+    a loud hum's spectral leakage out of the weighted bands.
+    """
+
+    def __init__(self, frame_samples: int, rate: int = SAMPLE_RATE) -> None:
+        self.frame_samples = frame_samples
+        n = 2 * frame_samples
+        b, a = a_weighting(rate)
+        power = np.abs(frequency_response(b, a, np.fft.rfftfreq(n, 1.0 / rate), rate)) ** 2
+        power[1:-1] *= 2.0  # one-sided spectrum: every bin but DC and Nyquist counts twice
+        window = np.hanning(n + 2)[1:-1]
+        self._window = window
+        self._weights = power / (n * float(np.sum(window * window)))
+        self._previous = np.zeros(frame_samples)
+
+    def mean_square(self, frame: np.ndarray) -> float:
+        """A-weighted mean square (int16 units squared) of the last two frames."""
+        current = frame.astype(np.float64)
+        block = np.concatenate((self._previous, current))
+        self._previous = current
+        spectrum = np.fft.rfft(block * self._window)
+        magnitude = spectrum.real * spectrum.real + spectrum.imag * spectrum.imag
+        return float(np.dot(magnitude, self._weights))
+
+    def reset(self) -> None:
+        self._previous = np.zeros(self.frame_samples)
+
+
+def _as_frame(frame: np.ndarray) -> np.ndarray:
+    if frame.ndim != 1 or frame.dtype != np.int16 or len(frame) == 0:
+        raise ValueError(f"expected a 1-D int16 frame, got {frame.dtype} {frame.shape}")
+    return frame
+
+
+@dataclass(frozen=True, slots=True)
+class LoudNoiseSettings:
+    """When a sustained loud sound is worth an alert."""
+
+    threshold_dbfs: float = -20.0
+    """A-weighted level (dBFS(A), fast time weighting) at or above which a sound is loud."""
+    min_duration_s: float = 1.0
+    """How long the level must stay at or above the threshold before it is reported."""
+    hysteresis_db: float = 6.0
+    """The episode ends only when the level falls below ``threshold_dbfs - hysteresis_db``."""
+    release_s: float = 1.0
+    """... and stays there this long (so short pauses in a loud episode do not split it)."""
+    cooldown_s: float = 30.0
+    """After a reported episode ends, no new one is reported for this long."""
+    time_constant_s: float = 0.125
+    """Exponential averaging of the level: 0.125 s is a sound level meter's "fast"."""
+
+    def __post_init__(self) -> None:
+        check_settings(
+            self,
+            {
+                "threshold_dbfs": (-100.0, 0.0),
+                "min_duration_s": (0.0, 3600.0),
+                "hysteresis_db": (0.0, 60.0),
+                "release_s": (0.0, 3600.0),
+                "cooldown_s": (0.0, 86400.0),
+                "time_constant_s": (0.0, 10.0),
+            },
+        )
+
+
+class LoudNoiseDetector:
+    """A-weighted level above a threshold for a minimum time; one detection per episode.
+
+    The detection is made as soon as the level has held for ``min_duration_s``: ``start_s``
+    is when it first crossed the threshold, ``end_s`` the moment of the decision. Its
+    confidence grows from 0.5 at the threshold to 1.0 at 10 dB above it (the loudest
+    smoothed level so far); ``level_dbfs`` is that loudest level, dBFS(A).
+    """
+
+    name = "loud_noise"
+
+    def __init__(self, settings: LoudNoiseSettings | None = None) -> None:
+        self.settings = settings or LoudNoiseSettings()
+        self._meters: dict[int, AWeightedMeter] = {}
+        self.reset()
+
+    def reset(self) -> None:
+        self._samples = 0
+        self._smoothed = 0.0
+        self._above_since: float | None = None
+        self._peak_db = FLOOR_DBFS
+        self._active = False
+        self._reported = False
+        self._below_since: float | None = None
+        self._quiet_until = 0.0
+        for meter in self._meters.values():
+            meter.reset()
+
+    @property
+    def level_dbfs(self) -> float:
+        """The current smoothed A-weighted level, dBFS(A)."""
+        return dbfs(self._smoothed)
+
+    def feed(self, frame: np.ndarray) -> list[Detection]:
+        frame = _as_frame(frame)
+        meter = self._meters.get(len(frame))
+        if meter is None:
+            meter = self._meters[len(frame)] = AWeightedMeter(len(frame))
+        s = self.settings
+        start = self._samples / SAMPLE_RATE
+        self._samples += len(frame)
+        now = self._samples / SAMPLE_RATE
+        step = len(frame) / SAMPLE_RATE
+        alpha = 1.0 if s.time_constant_s <= 0 else 1.0 - math.exp(-step / s.time_constant_s)
+        self._smoothed += alpha * (meter.mean_square(frame) - self._smoothed)
+        level = dbfs(self._smoothed)
+
+        if self._active:
+            if level < s.threshold_dbfs - s.hysteresis_db:
+                if self._below_since is None:
+                    self._below_since = start
+                if now - self._below_since >= s.release_s:
+                    self._active = False
+                    self._above_since = None
+                    if self._reported:  # cool down from the last episode that was reported
+                        self._quiet_until = now + s.cooldown_s
+            else:
+                self._below_since = None
+            return []
+        if level < s.threshold_dbfs:
+            self._above_since = None
+            return []
+        if self._above_since is None:
+            self._above_since = start
+            self._peak_db = level
+        self._peak_db = max(self._peak_db, level)
+        if now - self._above_since < s.min_duration_s - 1e-9:
+            return []
+        # Held long enough: an episode, reported unless still cooling down from the last.
+        self._active = True
+        self._below_since = None
+        self._reported = now >= self._quiet_until
+        if not self._reported:
+            return []
+        confidence = min(1.0, 0.5 + (self._peak_db - s.threshold_dbfs) / 20.0)
+        return [
+            Detection(
+                self.name,
+                "loud_noise",
+                self._above_since,
+                now,
+                round(confidence, 3),
+                round(self._peak_db, 1),
+                f"A-weighted, threshold {s.threshold_dbfs:g} dBFS(A)",
+            )
+        ]
+
+
+@dataclass(frozen=True, slots=True)
+class MicFaultSettings:
+    """What counts as a broken microphone, and for how long before it is reported."""
+
+    silent_peak: int = 2
+    """A frame whose every sample is within +-this many LSB is silent (0: exact zeros only)."""
+    silent_s: float = 10.0
+    """Silence this long (every frame silent) is a ``mic_silent`` fault."""
+    stuck_std: float = 2.0
+    """A frame whose standard deviation (LSB) is at most this, away from zero, is stuck."""
+    stuck_offset: float = 0.25
+    """... as is a frame whose mean is this fraction of full scale or more (a huge DC offset)."""
+    stuck_s: float = 10.0
+    """A stuck signal this long is a ``mic_stuck`` fault."""
+    clip_level: int = 32700
+    """Samples whose magnitude reaches this are clipped."""
+    clip_fraction: float = 0.01
+    """Clipping over ``clip_window_s`` is a fault at this fraction of clipped samples ..."""
+    clip_window_s: float = 10.0
+    """... measured over this sliding window (also the fault's minimum duration)."""
+    clip_clear_ratio: float = 0.5
+    """... and clears below ``clip_fraction * clip_clear_ratio`` (hysteresis)."""
+    clear_s: float = 2.0
+    """A silent or stuck fault clears after this long of normal signal."""
+    repeat_s: float = 0.0
+    """0: one detection when a fault begins and none until it clears; > 0: repeat this often
+    while it lasts."""
+
+    def __post_init__(self) -> None:
+        check_settings(
+            self,
+            {
+                "silent_peak": (0, 32767),
+                "silent_s": (0.02, 86400.0),
+                "stuck_std": (0.0, 1000.0),
+                "stuck_offset": (0.0, 1.0),
+                "stuck_s": (0.02, 86400.0),
+                "clip_level": (1, 32767),
+                "clip_fraction": (1e-6, 1.0),
+                "clip_window_s": (0.02, 3600.0),
+                "clip_clear_ratio": (0.0, 1.0),
+                "clear_s": (0.0, 3600.0),
+                "repeat_s": (0.0, 86400.0),
+            },
+        )
+
+
+@dataclass
+class _Fault:
+    kind: str
+    since: float | None = None
+    active: bool = False
+    reported_at: float = 0.0
+    normal_since: float | None = None
+
+
+class MicFaultDetector:
+    """Digital silence, a stuck/DC signal or persistent clipping; one detection per fault.
+
+    Silence is checked before stuck (all zeros is silence, not a stuck zero). ``start_s`` is
+    when the fault's condition began, ``end_s`` when it had lasted long enough to report;
+    ``level_dbfs`` is the signal's RMS (unweighted) over the last frame. Confidence is 1.0 for
+    exact zeros or an exactly constant value, 0.8 for their near versions; for clipping it
+    grows with the clipped fraction (1.0 at twice ``clip_fraction``).
+    """
+
+    name = "mic_fault"
+
+    def __init__(self, settings: MicFaultSettings | None = None) -> None:
+        self.settings = settings or MicFaultSettings()
+        self.reset()
+
+    def reset(self) -> None:
+        self._samples = 0
+        self._faults = {k: _Fault(k) for k in ("mic_silent", "mic_stuck", "mic_clipping")}
+        self._clips: deque[tuple[int, int, float]] = deque()
+        self._clip_count = 0
+        self._clip_total = 0
+
+    def feed(self, frame: np.ndarray) -> list[Detection]:
+        frame = _as_frame(frame)
+        s = self.settings
+        start = self._samples / SAMPLE_RATE
+        self._samples += len(frame)
+        now = self._samples / SAMPLE_RATE
+        low, high = int(frame.min()), int(frame.max())
+        peak = max(-low, high)
+        x = frame.astype(np.float64)
+        mean_square = float(np.dot(x, x)) / len(x)
+        mean = float(x.sum()) / len(x)
+        std = math.sqrt(max(0.0, mean_square - mean * mean))
+        level = dbfs(mean_square)
+
+        silent = peak <= s.silent_peak
+        stuck = not silent and (std <= s.stuck_std or abs(mean) >= s.stuck_offset * FULL_SCALE)
+        clipped = 0
+        if peak >= s.clip_level:  # most frames: no need to count
+            clipped = int(np.count_nonzero(frame >= s.clip_level)) + int(
+                np.count_nonzero(frame <= -s.clip_level)
+            )
+        self._clips.append((clipped, len(frame), start))
+        self._clip_count += clipped
+        self._clip_total += len(frame)
+        window = round(s.clip_window_s * SAMPLE_RATE)
+        while self._clip_total - self._clips[0][1] >= window:
+            old, n, _ = self._clips.popleft()
+            self._clip_count -= old
+            self._clip_total -= n
+        fraction = self._clip_count / self._clip_total
+        full_window = self._clip_total >= window - len(frame) // 2
+
+        out: list[Detection] = []
+        exact = peak == 0 if silent else low == high
+        for fault, on, hold, confidence, detail in (
+            (
+                self._faults["mic_silent"],
+                silent,
+                s.silent_s,
+                1.0 if peak == 0 else 0.8,
+                f"peak {peak} LSB",
+            ),
+            (
+                self._faults["mic_stuck"],
+                stuck,
+                s.stuck_s,
+                1.0 if exact else 0.8,
+                f"mean {mean:.0f} LSB, std {std:.1f} LSB",
+            ),
+        ):
+            out += self._track(
+                fault,
+                on=on,
+                stays=on,
+                hold_s=hold,
+                clear_s=s.clear_s,
+                start=start,
+                now=now,
+                confidence=confidence,
+                level=level,
+                detail=detail,
+            )
+        clip = self._faults["mic_clipping"]
+        on = full_window and fraction >= s.clip_fraction
+        stays = fraction >= s.clip_fraction * s.clip_clear_ratio
+        if clip.since is None and on:
+            # Met over the window: it began with the window's first clipped frame.
+            clip.since = next(t for count, _, t in self._clips if count)
+        out += self._track(
+            clip,
+            on=on,
+            stays=stays,
+            hold_s=0.0,
+            clear_s=0.0,
+            start=start,
+            now=now,
+            confidence=min(1.0, fraction / (2 * s.clip_fraction)),
+            level=level,
+            detail=f"{100 * fraction:.2f} % of samples clipped over {s.clip_window_s:g} s",
+        )
+        return out
+
+    def _track(
+        self,
+        fault: _Fault,
+        *,
+        on: bool,
+        stays: bool,
+        hold_s: float,
+        clear_s: float,
+        start: float,
+        now: float,
+        confidence: float,
+        level: float,
+        detail: str,
+    ) -> list[Detection]:
+        """Advance one fault's state; a detection when it has held for ``hold_s``."""
+        if fault.active:
+            if stays:
+                fault.normal_since = None
+                if self.settings.repeat_s > 0 and now - fault.reported_at >= self.settings.repeat_s:
+                    fault.reported_at = now
+                    return [self._detection(fault, now, confidence, level, detail)]
+                return []
+            if fault.normal_since is None:
+                fault.normal_since = start
+            if now - fault.normal_since >= clear_s:
+                fault.active = False
+                fault.since = None
+                fault.normal_since = None
+            return []
+        if not on:
+            fault.since = None
+            return []
+        if fault.since is None:
+            fault.since = start
+        if now - fault.since < hold_s - 1e-9:
+            return []
+        fault.active = True
+        fault.reported_at = now
+        fault.normal_since = None
+        return [self._detection(fault, now, confidence, level, detail)]
+
+    def _detection(
+        self, fault: _Fault, now: float, confidence: float, level: float, detail: str
+    ) -> Detection:
+        since = fault.since if fault.since is not None else now
+        return Detection(
+            self.name, fault.kind, since, now, round(confidence, 3), round(level, 1), detail
+        )

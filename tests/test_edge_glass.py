@@ -1,0 +1,182 @@
+"""Glass-break detector (``agent.edge.glass``): seeded breaks and their look-alikes."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+
+from agent.edge.base import Detection
+from agent.edge.glass import GlassBreakDetector, GlassBreakSettings
+from tools.lab import events as ev
+
+SEEDS = range(12)
+
+
+def run(samples: np.ndarray, settings: GlassBreakSettings | None = None) -> list[Detection]:
+    detector = GlassBreakDetector(settings)
+    out: list[Detection] = []
+    for frame in ev.frames(samples):
+        out += detector.feed(frame)
+    return out
+
+
+def breaking(seed: int) -> np.ndarray:
+    return ev.glass_break(seed, delay_s=0.01 + 0.012 * seed)
+
+
+@pytest.fixture(scope="module")
+def household() -> np.ndarray:
+    return ev.household(20.0, seed=7)
+
+
+@pytest.fixture(scope="module")
+def music() -> np.ndarray:
+    return ev.music(20.0, seed=9, rms_dbfs=-30.0)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_glass_break_gives_one_detection(seed: int) -> None:
+    hits = run(ev.pad(breaking(seed), before_s=1.0, after_s=3.0))
+    assert len(hits) == 1
+    [hit] = hits
+    assert hit.detector == "glass_break" and hit.kind == "glass_break"
+    assert hit.start_s == pytest.approx(1.0, abs=0.03)  # the impact
+    assert 1.1 <= hit.end_s <= 2.5  # the shatter's end
+    assert 0.5 <= hit.confidence <= 1.0
+    assert -20.0 < hit.level_dbfs < 0.0
+
+
+@pytest.mark.parametrize("snr_db", [20, 10, 5])
+@pytest.mark.parametrize("background", ["household", "music"])
+def test_glass_break_in_background(
+    snr_db: int, background: str, request: pytest.FixtureRequest
+) -> None:
+    bg = request.getfixturevalue(background)
+    found = 0
+    for seed in SEEDS:
+        hits = run(ev.mix(bg, breaking(seed), at_s=5.0, snr_db=snr_db))
+        assert len(hits) <= 1
+        found += len(hits) == 1 and abs(hits[0].start_s - 5.0) < 0.1
+    assert found >= 0.9 * len(SEEDS)
+
+
+LOOK_ALIKES: dict[str, Callable[[int], np.ndarray]] = {
+    "thud": ev.impact,
+    "clank": ev.clank,
+    "mail-slot": ev.mail_slot,
+    "door-slam": ev.door_slam,
+    "claps": ev.claps,
+    "keys": ev.keys,
+    "dropped-keys": lambda seed: ev.keys(seed, drop=True),
+    "thud-then-hiss": ev.thud_hiss,
+    "shatter-without-impact": ev.shatter,
+}
+
+
+@pytest.mark.parametrize("name", sorted(LOOK_ALIKES))
+def test_look_alikes_do_not_fire(name: str, household: np.ndarray) -> None:
+    make = LOOK_ALIKES[name]
+    for seed in SEEDS:
+        sound = make(seed)
+        assert run(ev.pad(sound)) == [], f"{name} seed {seed}"
+        assert run(ev.mix(household, sound, at_s=5.0, snr_db=10)) == [], f"{name} seed {seed}"
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: ev.household(180.0, seed=11),
+        lambda: ev.music(180.0, seed=12),
+        lambda: ev.music(60.0, seed=13, rms_dbfs=-12.0),
+        lambda: ev.noise(60.0, -30.0, seed=14, color="pink"),
+    ],
+    ids=["household-3min", "music-3min", "loud-music", "pink"],
+)
+def test_backgrounds_do_not_fire(make: Callable[[], np.ndarray]) -> None:
+    assert run(make()) == []
+
+
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs espeak-ng")
+def test_speech_does_not_fire() -> None:
+    speech = np.concatenate(
+        [
+            ev.speech("Sixty six sisters sell seashells, sir. Stop it, Chris!"),
+            ev.speech("Crash! Smash! Pass the glass, Sasha, and switch off the fish pump."),
+        ]
+    )
+    assert run(ev.pad(speech)) == []
+
+
+def test_cooldown_gives_one_detection_per_break() -> None:
+    twice = np.zeros(20 * ev.RATE)
+    ev.place(twice, breaking(1).astype(np.float64), 1.0)
+    ev.place(twice, breaking(2).astype(np.float64), 3.0)  # debris, 2 s later
+    ev.place(twice, breaking(3).astype(np.float64), 12.0)  # another pane
+    samples = ev.to_int16(twice)
+    assert [round(h.start_s) for h in run(samples)] == [1, 12]
+    no_cooldown = GlassBreakSettings(cooldown_s=0.0)
+    assert [round(h.start_s) for h in run(samples, no_cooldown)] == [1, 3, 12]
+
+
+def test_shatter_window_is_a_setting() -> None:
+    late = ev.pad(ev.glass_break(4, delay_s=0.35))
+    assert run(late) == []
+    assert len(run(late, GlassBreakSettings(shatter_window_s=0.4))) == 1
+
+
+def test_thresholds_are_settings() -> None:
+    sound = ev.pad(breaking(5))
+    assert len(run(sound)) == 1
+    assert run(sound, GlassBreakSettings(impact_min_dbfs=-5.0)) == []  # a louder impact needed
+    assert run(sound, GlassBreakSettings(min_flatness=0.6)) == []
+    assert run(sound, GlassBreakSettings(min_crest=8.0)) == []
+    assert run(sound, GlassBreakSettings(min_shatter_s=1.4)) == []
+    # Without the crest check, a thud then smooth hiss passes for glass: the check matters.
+    hiss = ev.pad(ev.thud_hiss(3))
+    assert run(hiss) == []
+    assert len(run(hiss, GlassBreakSettings(min_crest=0.0))) == 1
+
+
+def test_reset_restarts_the_clock() -> None:
+    detector = GlassBreakDetector()
+    for frame in ev.frames(ev.pad(breaking(6), before_s=5.0)):
+        detector.feed(frame)
+    detector.reset()
+    hits: list[Detection] = []
+    for frame in ev.frames(ev.pad(breaking(6), before_s=0.5)):
+        hits += detector.feed(frame)
+    assert [round(h.start_s, 1) for h in hits] == [0.5]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"impact_rise_db": -1.0},
+        {"shatter_window_s": 5.0},
+        {"min_flatness": 2.0},
+        {"min_crest": "high"},
+        {"cooldown_s": None},
+        {"high_band_hz": (16000.0, 4000.0)},
+        {"low_band_hz": (40.0, 30000.0)},
+        {"low_band_hz": "40-1000"},
+        {"max_shatter_s": 0.05},
+    ],
+)
+def test_settings_refused(bad: dict[str, object]) -> None:
+    name = next(iter(bad))
+    with pytest.raises(ValueError, match=rf"GlassBreakSettings\.{name} must"):
+        GlassBreakSettings(**bad)  # type: ignore[arg-type]
+
+
+def test_settings_take_toml_lists_and_ints() -> None:
+    settings = GlassBreakSettings(high_band_hz=[3000, 15000], cooldown_s=10)  # type: ignore[arg-type]
+    assert settings.high_band_hz == (3000.0, 15000.0)
+    assert settings.cooldown_s == 10.0
+
+
+def test_frames_must_be_960_int16() -> None:
+    with pytest.raises(ValueError, match="960 int16"):
+        GlassBreakDetector().feed(np.zeros(480, np.int16))
