@@ -7,7 +7,6 @@ import math
 import numpy as np
 import pytest
 
-from agent.edge.base import Detection, Detector
 from agent.edge.level import (
     AWeightedMeter,
     LoudNoiseDetector,
@@ -19,18 +18,7 @@ from agent.edge.level import (
     frequency_response,
 )
 from tools.lab import events as ev
-
-
-def run(detector: Detector, samples: np.ndarray) -> list[Detection]:
-    out: list[Detection] = []
-    for frame in ev.frames(samples):
-        out += detector.feed(frame)
-    return out
-
-
-def cat(*parts: np.ndarray) -> np.ndarray:
-    return np.concatenate(parts).astype(np.int16)
-
+from tools.lab.sounds import concat, detect, frames
 
 # IEC 61672-1 table 3: nominal A-weighting (dB) and class 1 limits (+, -) at 48 kHz rate.
 IEC_A = [
@@ -56,6 +44,9 @@ def test_a_weighting_filter_meets_iec_class_1(
     assert nominal - minus <= gain <= nominal + plus
 
 
+SEEDS = range(10)
+
+
 def lfilter(b: np.ndarray, a: np.ndarray, x: np.ndarray) -> np.ndarray:
     """Direct-form IIR, sample by sample: slow, but the plain definition to check against."""
     y = np.zeros(len(x))
@@ -73,7 +64,7 @@ def test_meter_matches_time_domain_filter(color: str) -> None:
     y = lfilter(b, a, x.astype(np.float64))
     reference = dbfs(float(np.mean(y[9600:] ** 2)))  # after the filter settled (0.2 s)
     meter = AWeightedMeter(960)
-    squares = [meter.mean_square(f) for f in ev.frames(x)]
+    squares = [meter.mean_square(f) for f in frames(x)]
     measured = dbfs(float(np.mean(squares[11:])))
     assert measured == pytest.approx(reference, abs=0.5)
 
@@ -81,14 +72,14 @@ def test_meter_matches_time_domain_filter(color: str) -> None:
 @pytest.mark.parametrize(("hz", "expected"), [(1000, -20.0), (100, -39.1), (4000, -19.0)])
 def test_meter_weights_tones(hz: int, expected: float) -> None:
     meter = AWeightedMeter(960)
-    squares = [meter.mean_square(f) for f in ev.frames(ev.tone(hz, 1.0, -20.0))]
+    squares = [meter.mean_square(f) for f in frames(ev.tone(hz, 1.0, -20.0))]
     assert dbfs(float(np.mean(squares[2:]))) == pytest.approx(expected, abs=0.3)
 
 
 def test_loud_tone_gives_one_detection_with_its_level() -> None:
     detector = LoudNoiseDetector(LoudNoiseSettings(threshold_dbfs=-20, min_duration_s=1.0))
-    signal = cat(ev.silence(2.0), ev.tone(1000, 5.0, -10.0), ev.silence(3.0))
-    [hit] = run(detector, signal)
+    signal = concat(ev.silence(2.0), ev.tone(1000, 5.0, -10.0), ev.silence(3.0))
+    [hit] = detect(detector, signal)
     assert hit.detector == "loud_noise" and hit.kind == "loud_noise"
     assert 2.0 <= hit.start_s <= 2.1
     assert hit.end_s == pytest.approx(hit.start_s + 1.0, abs=0.03)
@@ -98,7 +89,7 @@ def test_loud_tone_gives_one_detection_with_its_level() -> None:
 
 def test_confidence_grows_with_the_margin() -> None:
     settings = LoudNoiseSettings(threshold_dbfs=-20, min_duration_s=0.5)
-    [near] = run(LoudNoiseDetector(settings), ev.tone(1000, 2.0, -18.0))
+    [near] = detect(LoudNoiseDetector(settings), ev.tone(1000, 2.0, -18.0))
     assert near.confidence == pytest.approx(0.6, abs=0.03)
 
 
@@ -115,15 +106,15 @@ def test_confidence_grows_with_the_margin() -> None:
 )
 def test_no_detection(signal: np.ndarray) -> None:
     settings = LoudNoiseSettings(threshold_dbfs=-20, min_duration_s=1.0)
-    assert run(LoudNoiseDetector(settings), signal) == []
+    assert detect(LoudNoiseDetector(settings), signal) == []
 
 
 def test_threshold_and_duration_are_settings() -> None:
     quiet = ev.tone(1000, 5.0, -25.0)
-    assert run(LoudNoiseDetector(LoudNoiseSettings(threshold_dbfs=-20)), quiet) == []
-    assert len(run(LoudNoiseDetector(LoudNoiseSettings(threshold_dbfs=-30)), quiet)) == 1
+    assert detect(LoudNoiseDetector(LoudNoiseSettings(threshold_dbfs=-20)), quiet) == []
+    assert len(detect(LoudNoiseDetector(LoudNoiseSettings(threshold_dbfs=-30)), quiet)) == 1
     short = ev.tone(1000, 0.8, -10.0)
-    assert len(run(LoudNoiseDetector(LoudNoiseSettings(min_duration_s=0.5)), short)) == 1
+    assert len(detect(LoudNoiseDetector(LoudNoiseSettings(min_duration_s=0.5)), short)) == 1
 
 
 def test_hysteresis_keeps_one_episode_across_small_dips() -> None:
@@ -131,34 +122,34 @@ def test_hysteresis_keeps_one_episode_across_small_dips() -> None:
         threshold_dbfs=-20, hysteresis_db=6, min_duration_s=1.0, release_s=1.0, cooldown_s=0.0
     )
     # Dips to 4 dB under the threshold (within the hysteresis) and short gaps do not split it.
-    signal = cat(
+    signal = concat(
         ev.tone(1000, 3.0, -15.0),
         ev.tone(1000, 3.0, -24.0),
         ev.tone(1000, 3.0, -15.0),
         ev.silence(0.5),
         ev.tone(1000, 3.0, -15.0),
     )
-    assert len(run(LoudNoiseDetector(settings), signal)) == 1
+    assert len(detect(LoudNoiseDetector(settings), signal)) == 1
     # A dip below threshold - hysteresis for longer than release_s ends the episode.
-    signal = cat(ev.tone(1000, 3.0, -15.0), ev.tone(1000, 3.0, -28.0), ev.tone(1000, 3.0, -15.0))
-    assert len(run(LoudNoiseDetector(settings), signal)) == 2
+    signal = concat(ev.tone(1000, 3.0, -15.0), ev.tone(1000, 3.0, -28.0), ev.tone(1000, 3.0, -15.0))
+    assert len(detect(LoudNoiseDetector(settings), signal)) == 2
 
 
 def test_cooldown_suppresses_a_second_episode() -> None:
-    signal = cat(ev.tone(1000, 3.0, -10.0), ev.silence(5.0), ev.tone(1000, 3.0, -10.0))
+    signal = concat(ev.tone(1000, 3.0, -10.0), ev.silence(5.0), ev.tone(1000, 3.0, -10.0))
     long = LoudNoiseSettings(cooldown_s=30.0)
     none = LoudNoiseSettings(cooldown_s=0.0)
-    assert len(run(LoudNoiseDetector(long), signal)) == 1
-    assert len(run(LoudNoiseDetector(none), signal)) == 2
-    later = cat(signal, ev.silence(30.0), ev.tone(1000, 3.0, -10.0))
-    assert len(run(LoudNoiseDetector(long), later)) == 2
+    assert len(detect(LoudNoiseDetector(long), signal)) == 1
+    assert len(detect(LoudNoiseDetector(none), signal)) == 2
+    later = concat(signal, ev.silence(30.0), ev.tone(1000, 3.0, -10.0))
+    assert len(detect(LoudNoiseDetector(long), later)) == 2
 
 
 def test_reset_restarts_the_clock() -> None:
     detector = LoudNoiseDetector()
-    run(detector, cat(ev.silence(5.0), ev.tone(1000, 0.5, -10.0)))
+    detect(detector, concat(ev.silence(5.0), ev.tone(1000, 0.5, -10.0)))
     detector.reset()
-    [hit] = run(detector, ev.tone(1000, 2.0, -10.0))
+    [hit] = detect(detector, ev.tone(1000, 2.0, -10.0))
     assert hit.start_s < 0.1 and hit.end_s < 1.1
 
 
@@ -201,7 +192,7 @@ FAST = MicFaultSettings(silent_s=5.0, stuck_s=5.0, clip_window_s=5.0, clear_s=1.
         (ev.near_silence(8.0, seed=1, lsb=1), "mic_silent", 0.8, 6.0),
         (ev.stuck(8.0, value=12000), "mic_stuck", 1.0, 6.0),
         (ev.stuck(8.0, value=-300, seed=2, jitter_lsb=1), "mic_stuck", 0.8, 6.0),
-        (cat(ev.stuck(8.0, value=20000) + ev.noise(8.0, -30, seed=3)), "mic_stuck", 0.8, 6.0),
+        (concat(ev.stuck(8.0, value=20000) + ev.noise(8.0, -30, seed=3)), "mic_stuck", 0.8, 6.0),
         # A third of the samples clipped: over 1 % of the 5 s window as soon as it is full.
         (ev.clipped(8.0, seed=4), "mic_clipping", 1.0, 5.0),
     ],
@@ -210,8 +201,8 @@ FAST = MicFaultSettings(silent_s=5.0, stuck_s=5.0, clip_window_s=5.0, clear_s=1.
 def test_fault_reported_once(
     signal: np.ndarray, kind: str, confidence: float, end_s: float
 ) -> None:
-    signal = cat(ev.noise(1.0, -40.0, seed=9, color="pink"), signal)
-    [hit] = run(MicFaultDetector(FAST), signal)
+    signal = concat(ev.noise(1.0, -40.0, seed=9, color="pink"), signal)
+    [hit] = detect(MicFaultDetector(FAST), signal)
     assert hit.detector == "mic_fault" and hit.kind == kind
     assert hit.start_s == pytest.approx(1.0, abs=0.05)
     assert hit.end_s == pytest.approx(end_s, abs=0.05)
@@ -224,31 +215,31 @@ def test_fault_reported_once(
         ev.noise(60.0, -70.0, seed=5, color="pink"),  # a quiet room: a few LSB, not silent
         ev.household(60.0, seed=6),
         ev.music(30.0, seed=7, rms_dbfs=-14.0),
-        cat(ev.silence(4.0), ev.noise(1.0, -40.0, seed=8), ev.silence(4.0)),  # gaps < 5 s
-        cat(ev.noise(30.0, -20.0, seed=8) + ev.stuck(30.0, value=2000)),  # a small DC offset
+        concat(ev.silence(4.0), ev.noise(1.0, -40.0, seed=8), ev.silence(4.0)),  # gaps < 5 s
+        concat(ev.noise(30.0, -20.0, seed=8) + ev.stuck(30.0, value=2000)),  # a small DC offset
         # 20 ms with a third of its samples clipped every 5 s: 0.13 %, under 1 %.
-        cat(*[cat(ev.clipped(0.02, seed=s), ev.noise(4.98, -30, seed=s)) for s in range(12)]),
+        concat(*[concat(ev.clipped(0.02, seed=s), ev.noise(4.98, -30, seed=s)) for s in range(12)]),
     ],
     ids=["quiet-room", "household", "loud-music", "short-silences", "small-dc", "rare-clips"],
 )
 def test_no_fault(signal: np.ndarray) -> None:
-    assert run(MicFaultDetector(FAST), signal) == []
+    assert detect(MicFaultDetector(FAST), signal) == []
 
 
 def test_fault_reported_again_only_after_it_clears() -> None:
     detector = MicFaultDetector(FAST)
     talk = ev.noise(3.0, -30.0, seed=1, color="pink")
     # Silence broken by 0.5 s of sound (shorter than clear_s): still the same fault.
-    hits = run(detector, cat(ev.silence(20.0), talk[:24_000], ev.silence(20.0)))
+    hits = detect(detector, concat(ev.silence(20.0), talk[:24_000], ev.silence(20.0)))
     assert [h.kind for h in hits] == ["mic_silent"]
     # Sound for longer than clear_s clears it; the next silence is a new fault.
-    hits = run(detector, cat(talk, ev.silence(6.0)))
+    hits = detect(detector, concat(talk, ev.silence(6.0)))
     assert [h.kind for h in hits] == ["mic_silent"]
 
 
 def test_repeat_option_reports_a_lasting_fault_periodically() -> None:
     settings = MicFaultSettings(silent_s=5.0, repeat_s=10.0)
-    hits = run(MicFaultDetector(settings), ev.silence(36.0))
+    hits = detect(MicFaultDetector(settings), ev.silence(36.0))
     assert [round(h.end_s) for h in hits] == [5, 15, 25, 35]
     assert {h.start_s for h in hits} == {0.0}
 
@@ -257,20 +248,26 @@ def test_clipping_hysteresis() -> None:
     settings = MicFaultSettings(clip_window_s=2.0, clip_fraction=0.01, clip_clear_ratio=0.5)
     # 1.3 % clipped (40 ms, a third clipped, every 1 s), then 0.6-1.3 % (within the
     # hysteresis: a burst every 1.5 s) ...
-    heavy = cat(*[cat(ev.clipped(0.04, seed=s), ev.noise(0.96, -30, seed=s)) for s in range(10)])
-    light = cat(*[cat(ev.clipped(0.04, seed=s), ev.noise(1.46, -30, seed=s)) for s in range(10)])
+    heavy = concat(
+        *[concat(ev.clipped(0.04, seed=s), ev.noise(0.96, -30, seed=s)) for s in range(10)]
+    )
+    light = concat(
+        *[concat(ev.clipped(0.04, seed=s), ev.noise(1.46, -30, seed=s)) for s in range(10)]
+    )
     detector = MicFaultDetector(settings)
-    assert [h.kind for h in run(detector, cat(heavy, light, heavy))] == ["mic_clipping"]
+    assert [h.kind for h in detect(detector, concat(heavy, light, heavy))] == ["mic_clipping"]
     # ... but clean audio for a whole window clears it.
-    assert [h.kind for h in run(detector, cat(ev.noise(3, -30, seed=1), heavy))] == ["mic_clipping"]
+    assert [h.kind for h in detect(detector, concat(ev.noise(3, -30, seed=1), heavy))] == [
+        "mic_clipping"
+    ]
 
 
 def test_fault_durations_are_settings() -> None:
     silence = ev.silence(8.0)
-    assert run(MicFaultDetector(MicFaultSettings(silent_s=10.0)), silence) == []
-    assert len(run(MicFaultDetector(MicFaultSettings(silent_s=7.0)), silence)) == 1
+    assert detect(MicFaultDetector(MicFaultSettings(silent_s=10.0)), silence) == []
+    assert len(detect(MicFaultDetector(MicFaultSettings(silent_s=7.0)), silence)) == 1
     exact = MicFaultSettings(silent_s=5.0, silent_peak=0)
-    assert run(MicFaultDetector(exact), ev.near_silence(8.0, seed=1)) == []
+    assert detect(MicFaultDetector(exact), ev.near_silence(8.0, seed=1)) == []
 
 
 @pytest.mark.parametrize(

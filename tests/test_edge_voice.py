@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-
 import numpy as np
 import pytest
 
@@ -11,27 +9,16 @@ from agent.edge._webrtcvad import WebRtcVad
 from agent.edge.base import Detection
 from agent.edge.voice import VoiceActivityDetector, VoiceSettings
 from tools.lab import events as ev
-
-needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs espeak-ng")
+from tools.lab.sounds import concat, detect
 
 
 def run(samples: np.ndarray, settings: VoiceSettings | None = None) -> list[Detection]:
-    detector = VoiceActivityDetector(settings)
-    out: list[Detection] = []
-    for frame in ev.frames(samples):
-        out += detector.feed(frame)
-    return out
-
-
-def cat(*parts: np.ndarray) -> np.ndarray:
-    return np.concatenate(parts).astype(np.int16)
+    return detect(VoiceActivityDetector(settings), samples)
 
 
 @pytest.fixture(scope="module")
 def speech() -> np.ndarray:
-    if shutil.which("espeak-ng") is None or shutil.which("sox") is None:
-        pytest.skip("needs espeak-ng and sox")
-    return cat(
+    return concat(
         ev.speech("Hello? Is anybody home? I have a parcel for you."),
         ev.speech("Yes, come in, the door is open."),
     )
@@ -40,7 +27,6 @@ def speech() -> np.ndarray:
 NO_LIMIT = VoiceSettings(min_interval_s=0.0)
 
 
-@needs_espeak
 def test_speech_gives_one_detection(speech: np.ndarray) -> None:
     [hit] = run(ev.pad(speech, before_s=2.0, after_s=2.0), NO_LIMIT)
     assert hit.detector == "voice" and hit.kind == "voice"
@@ -50,7 +36,6 @@ def test_speech_gives_one_detection(speech: np.ndarray) -> None:
     assert -40.0 < hit.level_dbfs < -3.0
 
 
-@needs_espeak
 @pytest.mark.parametrize("snr_db", [20, 10, 5, 0])
 @pytest.mark.parametrize("background", ["household", "pink"])
 def test_speech_in_background(speech: np.ndarray, snr_db: int, background: str) -> None:
@@ -64,27 +49,24 @@ def test_speech_in_background(speech: np.ndarray, snr_db: int, background: str) 
     assert 4.8 <= hits[0].start_s <= 5.0 + len(speech) / ev.RATE
 
 
-@needs_espeak
 def test_rate_limit_counts_what_it_held_back(speech: np.ndarray) -> None:
     pause = ev.silence(5.0)
-    talk = cat(pause, speech, pause, speech, pause, speech)  # three segments in ~50 s
+    talk = concat(pause, speech, pause, speech, pause, speech)  # three segments in ~50 s
     assert len(run(talk, NO_LIMIT)) == 3
     assert len(run(talk, VoiceSettings(min_interval_s=300.0))) == 1
-    later = cat(talk, ev.silence(60.0), speech)
+    later = concat(talk, ev.silence(60.0), speech)
     hits = run(later, VoiceSettings(min_interval_s=60.0))
     assert len(hits) == 2
     assert hits[1].detail == "2 voice segments held back by the rate limit"
 
 
-@needs_espeak
 def test_hangover_keeps_a_conversation_in_one_segment(speech: np.ndarray) -> None:
-    talk = cat(speech, ev.silence(0.6), speech)
+    talk = concat(speech, ev.silence(0.6), speech)
     assert len(run(talk, NO_LIMIT)) == 1
     short = VoiceSettings(min_interval_s=0.0, hangover_s=0.1)
     assert len(run(talk, short)) >= 2  # split between words, too
 
 
-@needs_espeak
 def test_quiet_speech_under_the_level_gate(speech: np.ndarray) -> None:
     far = (speech.astype(np.float64) * 10 ** (-30 / 20)).astype(np.int16)  # ~-50 dBFS
     assert len(run(far, NO_LIMIT)) == 1

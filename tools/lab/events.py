@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.audio.format import FRAME_SAMPLES, SAMPLE_RATE
+from agent.audio.format import SAMPLE_RATE
 from tools.lab.virtual_audio import read_wav, speech_wav
 
 RATE = SAMPLE_RATE
@@ -75,12 +75,6 @@ def place(into: Float, event: Float, at_s: float, gain: float = 1.0) -> Float:
     if end > start:
         into[start:end] += gain * event[: end - start]
     return into
-
-
-def frames(samples: np.ndarray) -> list[np.ndarray]:
-    """Split int16 samples into whole 20 ms frames (a trailing partial frame is dropped)."""
-    n = len(samples) // FRAME_SAMPLES
-    return list(np.asarray(samples, np.int16)[: n * FRAME_SAMPLES].reshape(n, FRAME_SAMPLES))
 
 
 def pad(event: np.ndarray, before_s: float = 0.5, after_s: float = 1.5) -> np.ndarray:

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from agent.audio.format import FRAME_SAMPLES, SAMPLE_RATE
+from agent.edge.base import Detection, Detector
 from tools.lab.virtual_audio import read_wav, speech_wav
 
 Segments = list[tuple[float, float]]
@@ -404,3 +405,16 @@ def frames(samples: np.ndarray) -> Iterator[np.ndarray]:
     """The 20 ms frames of ``samples`` (a trailing partial frame is dropped)."""
     for i in range(len(samples) // FRAME_SAMPLES):
         yield samples[i * FRAME_SAMPLES : (i + 1) * FRAME_SAMPLES]
+
+
+def detect(detector: Detector, samples: np.ndarray) -> list[Detection]:
+    """Everything ``detector`` reports over ``samples``, fed frame by frame as a board does."""
+    found: list[Detection] = []
+    for frame in frames(np.asarray(samples, np.int16)):
+        found += detector.feed(frame)
+    return found
+
+
+def concat(*parts: np.ndarray) -> np.ndarray:
+    """Clips one after the other, as int16."""
+    return np.concatenate(parts).astype(np.int16)
