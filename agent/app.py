@@ -26,13 +26,14 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from agent.audio.base import AudioSink, AudioSource
+from agent.audio.base import AudioSink, AudioSource, EndOfStream
 from agent.audio.device import AlsaCapture, AlsaPlayback, DeviceNotFound
 from agent.audio.gain import AudioControls, GainSink, MutableSource
 from agent.audio.pyaudio_backend import list_devices
 from agent.calls.machine import CallConfig, CallMachine
 from agent.calls.runtime import CallRuntime
 from agent.edge.outbox import OUTBOX_FILE, Outbox
+from agent.edge.pipeline import EdgeAnalyzer
 from agent.edge.uplink import AlertUplink
 from agent.media import sdp
 from agent.media.dtls import DtlsCertificate
@@ -464,6 +465,36 @@ async def _run_online(
     return result
 
 
+async def analyze_wav(config: AgentConfig, path: Path) -> int:
+    """``analyze``: the board's detectors (``[edge]`` of the config) over a recording, as
+    fast as they go; one JSON object per detection on stdout."""
+    from agent.audio.sources import WavSource  # noqa: PLC0415 - numpy and soxr for files only
+
+    source = WavSource(path)
+    analyzer = EdgeAnalyzer(config.edge)
+    try:
+        while True:
+            try:
+                frame = await source.read()
+            except EndOfStream:
+                break
+            for found in analyzer.feed(frame):
+                _emit(
+                    {
+                        "detector": found.detector,
+                        "kind": found.kind,
+                        "start_s": round(found.start_s, 2),
+                        "end_s": round(found.end_s, 2),
+                        "confidence": round(found.confidence, 3),
+                        "level_dbfs": round(found.level_dbfs, 1),
+                        "detail": found.detail,
+                    }
+                )
+    finally:
+        await source.close()
+    return 0
+
+
 def pair_board(config: AgentConfig, token: str, *, force: bool, user: str | None) -> int:
     """``pair``: redeem the token, asking before replacing an identity on a terminal."""
     state_dir = Path(config.state_dir)
@@ -526,6 +557,10 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="stay online and make calls through the relay")
     run.add_argument("--source", default="device", help="device | wav:PATH | tone:HZ")
     run.add_argument("--sink", default="device", help="device | wav:PATH | null")
+    analyze = sub.add_parser(
+        "analyze", help="run the edge detectors over a recording; one JSON line per detection"
+    )
+    analyze.add_argument("wav", type=Path, help="16-bit WAV, any rate, mono or stereo")
     pair_cmd = sub.add_parser("pair", help="join a fleet with a pairing token from the relay")
     pair_cmd.add_argument("token", help="the token (eipair1. ...)")
     pair_cmd.add_argument("--force", action="store_true", help="replace an existing identity")
@@ -549,6 +584,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "run":
             return asyncio.run(run_agent(config, args.source, args.sink))
+        if args.command == "analyze":
+            return asyncio.run(analyze_wav(config, args.wav))
         if args.command == "pair":
             if args.state_dir is not None:
                 config = dataclasses.replace(config, state_dir=args.state_dir)

@@ -17,6 +17,7 @@ from typing import Any
 
 from agent.audio.device import DeviceConfig
 from agent.calls.policy import CallPolicy
+from agent.edge.pipeline import EdgeSettings
 from agent.media.dtls import DtlsTimers
 from agent.media.session import MediaConfig
 from agent.net.ice import IceConfig
@@ -118,6 +119,8 @@ class AgentConfig:
     """The device's MQTT session (``run``)."""
     calls: CallSettings = field(default_factory=CallSettings)
     """Call timers and incoming-call policy (``run``)."""
+    edge: EdgeSettings = field(default_factory=EdgeSettings)
+    """The detectors on the capture stream (``[edge]``) and their settings."""
     status_led: str | None = None
     """The status LED's Linux LED class directory (``/sys/class/leds/NAME``); None: no LED."""
 
