@@ -30,8 +30,10 @@ from agent.audio.base import AudioSink, AudioSource, EndOfStream
 from agent.audio.device import AlsaCapture, AlsaPlayback, DeviceNotFound
 from agent.audio.gain import AudioControls, GainSink, MutableSource
 from agent.audio.pyaudio_backend import list_devices
+from agent.audio.tee import CaptureTee
 from agent.calls.machine import CallConfig, CallMachine
 from agent.calls.runtime import CallRuntime
+from agent.edge.listener import EdgeListener
 from agent.edge.outbox import OUTBOX_FILE, Outbox
 from agent.edge.pipeline import EdgeAnalyzer
 from agent.edge.uplink import AlertUplink
@@ -402,25 +404,12 @@ async def _run_online(
         DtlsCertificate.load_or_create, Path(config.state_dir) / "dtls", config.device_id
     )
     async with contextlib.AsyncExitStack() as stack:
-        # Closed in reverse order: the runtime hangs up, the session goes offline, then audio.
         # Mute and volume act on these wrappers, so they hold in and between calls.
         controls = AudioControls(volume=config.audio.volume)
-        source = MutableSource(await _open_source(source_spec, config), controls)
-        stack.push_async_callback(source.close)
+        device = await _open_source(source_spec, config)
+        stack.push_async_callback(device.close)
         sink = GainSink(await _open_sink(sink_spec, config), controls)
         stack.push_async_callback(sink.close)
-
-        def make_peer(
-            call_id: str, direction: sdp.Direction, turn: tuple[TurnServer, ...]
-        ) -> MediaPeer:
-            ice = dataclasses.replace(config.ice, turn_servers=turn + config.ice.turn_servers)
-            peer_config = PeerConfig(
-                ice=ice, media=config.media, dtls=config.dtls, direction=direction
-            )
-            return MediaPeer(
-                peer_config, certificate, source, sink, call_id=f"{config.device_id}/{call_id[:8]}"
-            )
-
         presence = {"state": "online", "board": config.board, "version": "0.1.0"}
         session = MqttSession(mqtt_config(config, identity), presence)
         stack.push_async_callback(session.close)
@@ -433,6 +422,32 @@ async def _run_online(
             with contextlib.suppress(asyncio.CancelledError):
                 await connected
             return await ending
+        # Alerts wait in the outbox until the relay has stored them (acked).
+        outbox = await Outbox.open(Path(config.state_dir) / OUTBOX_FILE)
+        stack.push_async_callback(outbox.close)
+        uplink = AlertUplink(session, outbox)
+        uplink.start()
+        stack.push_async_callback(uplink.close)
+        # The detectors hear the microphone whether or not a call is up, muted or not.
+        listener = EdgeListener(config.device_id, config.edge, uplink)
+        stack.push_async_callback(listener.close)
+        tee = CaptureTee(device, listener.on_frame)
+        tee.start()
+        stack.push_async_callback(tee.close)
+        # Mute and volume act on these wrappers, so they hold in and between calls.
+        source = MutableSource(tee, controls)
+
+        def make_peer(
+            call_id: str, direction: sdp.Direction, turn: tuple[TurnServer, ...]
+        ) -> MediaPeer:
+            ice = dataclasses.replace(config.ice, turn_servers=turn + config.ice.turn_servers)
+            peer_config = PeerConfig(
+                ice=ice, media=config.media, dtls=config.dtls, direction=direction
+            )
+            return MediaPeer(
+                peer_config, certificate, source, sink, call_id=f"{config.device_id}/{call_id[:8]}"
+            )
+
         runtime = CallRuntime(
             session,
             call_machine(config),
@@ -444,15 +459,11 @@ async def _run_online(
             led=None if config.status_led is None else StatusLed(Path(config.status_led)),
             signing=signing,
         )
-        # Alerts wait in the outbox until the relay has stored them (acked).
-        outbox = await Outbox.open(Path(config.state_dir) / OUTBOX_FILE)
-        stack.push_async_callback(outbox.close)
-        uplink = AlertUplink(session, outbox)
         runtime.on_alert_ack = uplink.on_ack
+        # Closed first: the runtime hangs up, then the microphone's readers stop, the
+        # outbox takes the last alerts, the session goes offline, then audio closes.
         await runtime.start()
         stack.push_async_callback(runtime.close)
-        uplink.start()
-        stack.push_async_callback(uplink.close)
         logger.info(
             "device %s: online at %s:%d%s",
             config.device_id,
