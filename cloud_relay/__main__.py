@@ -6,6 +6,7 @@ certificates of the relay's CA) unless given a broker URL. ``cmd``: send one com
 to a device and print its reply (exit 1 on timeout, error reply or no broker).
 ``pair new``: mint a one-time pairing token for a new board (text and QR code).
 ``device revoke``: revoke a device's certificates and cut it off the broker.
+``alerts``: list the alerts in the store, newest first (a table, or JSON lines).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import signal
 import ssl
 import sys
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +42,7 @@ from cloud_relay.signatures import Senders
 from cloud_relay.store import Store
 from cloud_relay.turn import read_secret
 from cloud_relay.web import WebServer, tls_context
+from cloud_relay.webhooks import Webhooks
 
 logger = logging.getLogger("cloud_relay")
 
@@ -76,7 +79,20 @@ def build_parser() -> argparse.ArgumentParser:
     revoke = dev_sub.add_parser("revoke", help="revoke a device and cut it off the broker")
     _common(revoke)
     revoke.add_argument("device", help="device id")
+    alerts = sub.add_parser("alerts", help="list stored alerts, newest first")
+    _common(alerts)
+    alerts.add_argument("--device", dest="alert_device", help="only this device's alerts")
+    alerts.add_argument("--since", type=parse_since, help="received at or after (ISO 8601; "
+                        "UTC unless it has an offset)")  # fmt: skip
+    alerts.add_argument("--limit", type=int, default=100, help="at most this many (100)")
+    alerts.add_argument("--json", action="store_true", help="one JSON object per line")
     return parser
+
+
+def parse_since(text: str) -> datetime:
+    """An ISO 8601 time; one without an offset is UTC."""
+    at = datetime.fromisoformat(text)
+    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
 
 
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -136,7 +152,11 @@ async def serve(config: RelayConfig) -> int:
             if config.turn.secret_file is None:
                 raise ConfigError("[turn] urls need secret_file (coturn's static-auth-secret)")
             turn_secret = await asyncio.to_thread(read_secret, Path(config.turn.secret_file))
-        relay = Relay(config, store, tls=tls, senders=senders, turn_secret=turn_secret)
+        webhooks = None
+        if config.webhooks:
+            webhooks = Webhooks(config.webhooks, store, worker=config.mqtt.client_id)
+        relay = Relay(config, store, tls=tls, senders=senders, turn_secret=turn_secret,
+                      webhooks=webhooks)  # fmt: skip
         attempt = 0
         while not stop.is_set():
             try:
@@ -381,6 +401,38 @@ def device_revoke(config: RelayConfig, device: str) -> int:
     return 0
 
 
+async def list_alerts(config: RelayConfig, ns: argparse.Namespace) -> int:
+    """Print the stored alerts: a table, or with ``--json`` one object per line."""
+    db = Path(config.data_dir, "relay.db")
+    if config.store.url is None and not await asyncio.to_thread(db.exists):
+        print(f"error: no relay store in {config.data_dir}", file=sys.stderr)
+        return 1
+    if ns.limit < 1:
+        raise ValueError("--limit must be >= 1")
+    store = await Store.open(config.store_url())
+    try:
+        found = await store.run(
+            lambda: store.alerts(device=ns.alert_device, since=ns.since, limit=ns.limit)
+        )
+    finally:
+        await store.close()
+    if ns.json:
+        for a in found:
+            line = {"id": a.id, "device": a.device, "received": a.received.isoformat(),
+                    "alert": a.body}  # fmt: skip
+            print(json.dumps(line, sort_keys=True))
+        return 0
+    print(f"{'received (UTC)':<20} {'device':<20} {'kind':<16} {'severity':<9} "
+          f"{'conf':>5} {'level':>7}  id")  # fmt: skip
+    for a in found:
+        received = a.received.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+        print(f"{received:<20} {a.device:<20} {a.kind:<16} {a.severity:<9} "
+              f"{a.confidence:>5.2f} {a.level:>7.1f}  {a.id}")  # fmt: skip
+    if not found:
+        print("(no alerts)")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
@@ -397,6 +449,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(pair_new(config, ns))
         if ns.command == "device":
             return device_revoke(config, ns.device)
+        if ns.command == "alerts":
+            return asyncio.run(list_alerts(config, ns))
         args = parse_args_kv(ns.args)
         return asyncio.run(cmd(config, ns.device, ns.name, args, ns.timeout))
     except (ConfigError, ValueError, BrokerError, PkiError, OSError) as exc:

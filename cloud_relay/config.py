@@ -19,6 +19,7 @@ from agent.signaling.mqtt import MqttTimers
 from agent.signaling.topics import TopicError, check_device_id
 from cloud_relay.pki import PkiSettings
 from cloud_relay.turn import TurnSettings
+from cloud_relay.webhooks import WebhookSettings
 
 ANY_GROUP = "*"
 """In a call rule: any device, whether or not it belongs to a group."""
@@ -247,6 +248,13 @@ class RelayConfig:
     pki_dir: str | None = None
     """The CA and the relay's certificates (``cloud_relay.pki``); None: ``data_dir/pki``.
     Relay workers on one machine share it."""
+    webhooks: tuple[WebhookSettings, ...] = ()
+    """Receivers of new alerts (``[[webhooks]]`` tables), each with its own URL."""
+
+    def __post_init__(self) -> None:
+        urls = [w.url for w in self.webhooks]
+        if len(set(urls)) != len(urls):
+            raise ValueError("webhooks: each URL may appear once")
 
     def store_url(self) -> str:
         if self.store.url is not None:
@@ -321,6 +329,7 @@ __all__ = [
     "RoutingSettings",
     "RuleSettings",
     "StoreSettings",
+    "WebhookSettings",
     "load_config",
     "parse_broker_url",
 ]

@@ -109,3 +109,23 @@ alerts = Table(
     Index("ix_alerts_received", "received"),
     Index("ix_alerts_device_received", "device", "received"),
 )
+
+webhook_deliveries = Table(
+    "webhook_deliveries",
+    metadata,
+    # 128 random bits, hex: the ``X-Edge-Intercom-Delivery`` header, the same on every try.
+    Column("id", String(32), primary_key=True),
+    Column("webhook", String(2000), nullable=False),
+    # The relay worker that queued it and resumes it after a restart.
+    Column("worker", String(200), nullable=False),
+    Column("device", String(63), nullable=False),
+    Column("alert_id", String(32), nullable=False),
+    Column("alert", JSON, nullable=False),
+    Column("created", DateTime(timezone=True), nullable=False),
+    Column("tries", Integer, nullable=False),
+    # ``pending`` until delivered (the row is then deleted) or ``dead`` (a dead letter).
+    Column("state", String(16), nullable=False),
+    Column("reason", String(300), nullable=True),
+    Column("dead_at", DateTime(timezone=True), nullable=True),
+    Index("ix_webhook_deliveries_state_worker", "state", "worker", "created"),
+)

@@ -31,7 +31,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-from agent.edge.alerts import AlertError, decode_alert, encode_ack
+from agent.edge.alerts import Alert, AlertError, decode_alert, encode_ack
 from agent.signaling import topics
 from agent.signaling.envelope import EnvelopeError, InviteBody, from_json, to_json
 from agent.signaling.mqtt import Message, MqttClient, MqttConfig, MqttTls, PublishFailed
@@ -53,6 +53,7 @@ from cloud_relay.signatures import FORGED_FROM, Senders
 from cloud_relay.store import Store, utc_from_ms
 from cloud_relay.sync import RELAY_SYNC_TOPIC, SyncError, decode, encode
 from cloud_relay.turn import call_credentials
+from cloud_relay.webhooks import Webhooks
 
 logger = logging.getLogger(__name__)
 
@@ -150,11 +151,13 @@ class Relay:
         tls: MqttTls | None = None,
         senders: Senders | None = None,
         turn_secret: str | None = None,
+        webhooks: Webhooks | None = None,
     ) -> None:
         """``tls``: the relay's client certificate, for a broker that takes only those;
         ``senders``: signatures required (paired devices), checked with these;
         ``turn_secret``: coturn's shared secret, to mint TURN credentials with (None: the
-        devices get none)."""
+        devices get none); ``webhooks``: where new alerts are forwarded (started and
+        closed with the relay)."""
         self.config = config
         self.worker = config.mqtt.client_id
         self.store = store
@@ -186,6 +189,7 @@ class Relay:
         self._turn_issued: dict[str, float] = {}
         """Devices by when (monotonic s) their current TURN credentials were minted."""
         self._turn_refresher: asyncio.Task[None] | None = None
+        self.webhooks = webhooks
         self._fetching: dict[str, list[bytes]] = {}
         """Devices whose certificate is being read from the store, with their messages
         meanwhile (routed in order once it is there)."""
@@ -202,6 +206,8 @@ class Relay:
         self.router.restore((c.id, c.caller, c.callee, c.answered is not None) for c in open_calls)
         logger.info("loaded %d devices and %d open calls", len(known), len(open_calls))
         await self.client.start()
+        if self.webhooks is not None:
+            await self.webhooks.start()
         self._reader = asyncio.create_task(self._read(), name="relay-reader")
         if self._turn_secret is not None:
             self._turn_refresher = asyncio.create_task(self._refresh_turn(), name="relay-turn")
@@ -232,6 +238,8 @@ class Relay:
         self.requester.cancel_all()
         if self._pending:
             await asyncio.wait(self._pending, timeout=self.config.mqtt.publish_timeout)
+        if self.webhooks is not None:
+            await self.webhooks.close()  # undone deliveries stay pending in the store
         await self.client.close()
         if (current := asyncio.current_task()) is not None and current.cancelling():
             raise asyncio.CancelledError
@@ -328,14 +336,17 @@ class Relay:
             return
         self.stats.alerts_received += 1
         fut = self._write(self.store.record_alert, device, alert, utc_from_ms(self._clock_ms()))
-        fut.add_done_callback(functools.partial(self._alert_stored, device, alert.id))
+        fut.add_done_callback(functools.partial(self._alert_stored, device, alert))
 
-    def _alert_stored(self, device: str, alert_id: str, fut: asyncio.Future[bool]) -> None:
+    def _alert_stored(self, device: str, alert: Alert, fut: asyncio.Future[bool]) -> None:
+        alert_id = alert.id
         if fut.cancelled() or fut.exception() is not None:
             return  # counted and logged by ``_write_done``; the device sends it again
         if fut.result():
             self.stats.alerts_stored += 1
             logger.info("%s: alert %s stored", device, alert_id)
+            if self.webhooks is not None:  # once per alert: only the first store is new
+                self.webhooks.submit(device, alert.to_dict())
         else:
             self.stats.alerts_duplicate += 1
         self._publish(topics.device_topic(device, Kind.ALERT_ACK), encode_ack([alert_id]))

@@ -50,7 +50,15 @@ from sqlalchemy.engine import Connection, RowMapping
 from sqlalchemy.exc import IntegrityError
 
 from agent.edge.alerts import Alert
-from cloud_relay.schema import alerts, calls, commands, devices, pairing_tokens, presence_events
+from cloud_relay.schema import (
+    alerts,
+    calls,
+    commands,
+    devices,
+    pairing_tokens,
+    presence_events,
+    webhook_deliveries,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -136,6 +144,26 @@ class AlertRecord:
     level: float
     received: datetime
     body: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryRecord:
+    """An alert on its way to a webhook (``cloud_relay.webhooks``), or a dead letter."""
+
+    id: str
+    webhook: str
+    """The webhook's URL."""
+    worker: str
+    device: str
+    alert_id: str
+    alert: dict[str, Any]
+    """The alert's wire dict, as POSTed."""
+    created: datetime
+    tries: int
+    """Attempts made so far."""
+    reason: str | None = None
+    """Dead letters: why the last attempt failed (``HTTP 500``, ``timed out``, ...)."""
+    dead_at: datetime | None = None
 
 
 class TokenRefused(Exception):
@@ -637,6 +665,83 @@ class Store:
         with self._engine.connect() as conn:
             rows = conn.execute(query).mappings().all()
         return [_alert(r) for r in rows]
+
+    def webhook_queued(self, d: DeliveryRecord) -> None:
+        with self._transaction() as conn:
+            conn.execute(
+                insert(webhook_deliveries).values(
+                    id=d.id, webhook=d.webhook, worker=d.worker, device=d.device,
+                    alert_id=d.alert_id, alert=d.alert, created=d.created, tries=d.tries,
+                    state="pending",
+                )
+            )  # fmt: skip
+
+    def webhook_tried(self, delivery: str, tries: int) -> None:
+        """Count the attempts, so that a restart does not give a delivery a fresh set."""
+        wd = webhook_deliveries.c
+        with self._transaction() as conn:
+            conn.execute(
+                update(webhook_deliveries)
+                .where(wd.id == delivery, wd.state == "pending")
+                .values(tries=tries)
+            )
+
+    def webhook_delivered(self, delivery: str) -> None:
+        wd = webhook_deliveries.c
+        with self._transaction() as conn:
+            conn.execute(
+                webhook_deliveries.delete().where(wd.id == delivery, wd.state == "pending")
+            )
+
+    def dead_letter(self, delivery: str, tries: int, reason: str, at: datetime) -> None:
+        """Give the delivery up: it stays in the table as a dead letter."""
+        wd = webhook_deliveries.c
+        with self._transaction() as conn:
+            conn.execute(
+                update(webhook_deliveries)
+                .where(wd.id == delivery)
+                .values(state="dead", tries=tries, reason=reason[:300], dead_at=at)
+            )
+
+    def webhook_pending(self, worker: str) -> list[DeliveryRecord]:
+        """``worker``'s deliveries not yet done, oldest first."""
+        wd = webhook_deliveries.c
+        query = (
+            select(webhook_deliveries)
+            .where(wd.state == "pending", wd.worker == worker)
+            .order_by(wd.created, wd.id)
+        )
+        with self._engine.connect() as conn:
+            rows = conn.execute(query).mappings().all()
+        return [_delivery(r) for r in rows]
+
+    def dead_letters(self, *, limit: int = 100) -> list[DeliveryRecord]:
+        """Deliveries given up on, newest first."""
+        wd = webhook_deliveries.c
+        query = (
+            select(webhook_deliveries)
+            .where(wd.state == "dead")
+            .order_by(wd.dead_at.desc(), wd.id)
+            .limit(limit)
+        )
+        with self._engine.connect() as conn:
+            rows = conn.execute(query).mappings().all()
+        return [_delivery(r) for r in rows]
+
+
+def _delivery(r: RowMapping) -> DeliveryRecord:
+    return DeliveryRecord(
+        id=r["id"],
+        webhook=r["webhook"],
+        worker=r["worker"],
+        device=r["device"],
+        alert_id=r["alert_id"],
+        alert=r["alert"],
+        created=_utc(r["created"]) or r["created"],
+        tries=r["tries"],
+        reason=r["reason"],
+        dead_at=_utc(r["dead_at"]),
+    )
 
 
 def _alert(r: RowMapping) -> AlertRecord:
