@@ -7,14 +7,17 @@ it waited for; nothing here measures wall-clock time.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import TypedDict, TypeVar
 
 from agent.signaling.mqtt import MqttConfig
+from cloud_relay.config import RelayConfig
+from cloud_relay.service import Relay
 from cloud_relay.store import Store
 from tools.lab.broker import Mosquitto
 
@@ -132,3 +135,16 @@ async def spawn_client(
         cwd=REPO,
         stdout=asyncio.subprocess.PIPE,
     )
+
+
+@contextlib.asynccontextmanager
+async def relay_running(config: RelayConfig) -> AsyncIterator[Relay]:
+    """An in-process relay on its store, started and closed around the block."""
+    store = await Store.open(config.store_url())
+    relay = Relay(config, store)
+    try:
+        await relay.start()
+        yield relay
+    finally:
+        await relay.close()
+        await store.close()

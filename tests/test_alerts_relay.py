@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
-from mqtt_env import FAST_TIMERS, ONLINE, eventually, fast_config, until
+from mqtt_env import FAST_TIMERS, ONLINE, eventually, fast_config, relay_running, until
 
 from agent.edge.alerts import Alert, Severity, decode_alert, encode_ack, new_alert_id
 from agent.edge.outbox import Outbox
@@ -28,7 +28,6 @@ from cloud_relay.config import (
     RelayConfig,
     StoreSettings,
 )
-from cloud_relay.service import Relay
 from cloud_relay.store import Store, utc_from_ms
 from tools.lab.broker import Mosquitto
 
@@ -51,18 +50,6 @@ def relay_config(broker: Mosquitto, data_dir: Path) -> RelayConfig:
         broker=BrokerSettings(url=f"mqtt://{broker.host}:{broker.port}"),
         mqtt=MqttSettings(client_id="relay-test", **FAST_TIMERS),
     )
-
-
-@contextlib.asynccontextmanager
-async def relay_running(config: RelayConfig) -> AsyncIterator[Relay]:
-    store = await Store.open(config.store_url())
-    relay = Relay(config, store)
-    try:
-        await relay.start()
-        yield relay
-    finally:
-        await relay.close()
-        await store.close()
 
 
 @dataclass

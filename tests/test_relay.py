@@ -22,6 +22,7 @@ from mqtt_env import (
     fast_config,
     next_matching,
     now_ms,
+    relay_running,
     spawn_client,
     until,
 )
@@ -57,8 +58,6 @@ from cloud_relay.config import (
 )
 from cloud_relay.presence import PresenceTable
 from cloud_relay.routing import Action, CallAnswered, CallEnded, CallStarted, Router
-from cloud_relay.service import Relay
-from cloud_relay.store import Store
 from tools.lab.broker import Mosquitto
 
 DEVICE_SCRIPT = """
@@ -97,18 +96,6 @@ def relay_config(
         mqtt=MqttSettings(client_id="relay-test", **FAST_TIMERS),
     )
     return replace(base, **changes)  # type: ignore[arg-type]
-
-
-@contextlib.asynccontextmanager
-async def relay_running(config: RelayConfig) -> AsyncIterator[Relay]:
-    store = await Store.open(config.store_url())
-    relay = Relay(config, store)
-    try:
-        await relay.start()
-        yield relay
-    finally:
-        await relay.close()
-        await store.close()
 
 
 @contextlib.asynccontextmanager
