@@ -543,7 +543,12 @@ async def test_two_relay_workers_share_the_signaling_load(
             return all(c.ended is not None for c in await store.run(store.calls))
 
         # An end routed by one worker may wait (retried) for the other's start to commit.
-        await eventually(all_ended, "every call ended in the store", wait=2 * WAIT)
+        try:
+            await eventually(all_ended, "every call ended in the store", wait=2 * WAIT)
+        except AssertionError as exc:  # rare under load: say what was left (diagnosis)
+            rows = [(c.id[:8], c.answered, c.ended) for c in await store.run(store.calls)]
+            stats = [(w.worker, w.stats.summary(), len(w._retries)) for w in workers]
+            raise AssertionError(f"{exc}: calls {rows}; workers {stats}") from None
         records = await store.run(store.calls)
         assert [c.id for c in records] == calls
         assert all(c.answered is not None and c.end_reason == "hangup" for c in records)
