@@ -271,6 +271,22 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
+CONNECT_TIMEOUT_S = 10
+STATEMENT_TIMEOUT_MS = 15_000
+"""A PostgreSQL statement (a lock wait included) that takes longer fails, logged and
+counted by the caller, instead of stalling the store's one thread and every write behind
+it. SQLite waits at most its ``busy_timeout``."""
+
+
+def _connect_args(url: str) -> dict[str, Any]:
+    if not url.startswith("postgresql"):
+        return {}
+    return {
+        "connect_timeout": CONNECT_TIMEOUT_S,
+        "options": f"-c statement_timeout={STATEMENT_TIMEOUT_MS}",
+    }
+
+
 def migrate(connection: Connection) -> None:
     """Upgrade the schema behind ``connection`` to the newest revision."""
     cfg = AlembicConfig()
@@ -286,7 +302,7 @@ class Store:
         self.url = url
         self.linger = linger
         """Seconds a write waits for others to share its transaction (reads never wait)."""
-        self._engine: Engine = create_engine(url)
+        self._engine: Engine = create_engine(url, connect_args=_connect_args(url))
         if self._engine.dialect.name == "sqlite":
             event.listen(self._engine, "connect", _sqlite_pragmas)
         self._executor = concurrent.futures.ThreadPoolExecutor(
