@@ -20,8 +20,8 @@ from enum import Enum
 import numpy as np
 
 from agent.audio.format import FRAME_SAMPLES, SAMPLE_RATE
-from agent.edge.base import Detection
-from agent.edge.level import FLOOR_DBFS, FULL_SCALE, check_settings
+from agent.edge.base import Detection, check_settings
+from agent.edge.level import FLOOR_DBFS, FULL_SCALE
 
 log = logging.getLogger(__name__)
 

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 
 from agent.audio.format import SAMPLE_RATE
-from agent.edge.base import Detection
+from agent.edge.base import Detection, check_settings
 
 FULL_SCALE = 32768.0
 FLOOR_DBFS = -140.0
@@ -26,38 +26,6 @@ FLOOR_DBFS = -140.0
 
 # IEC 61672-1 A-weighting: the analog filter's pole frequencies (Hz).
 _A_POLES_HZ = ((20.598997, 2), (107.65265, 1), (737.86223, 1), (12194.217, 2))
-
-
-def check_settings(settings: object, limits: dict[str, tuple[float, float]]) -> None:
-    """Refuse settings of the wrong type or outside ``limits`` (inclusive) with a clear error.
-
-    TOML gives an int for ``3`` where a float is meant: that is accepted and made a float,
-    so a config file need not write ``3.0``. Shared by the edge detectors' settings.
-    """
-    owner = type(settings).__name__
-    for f in fields(settings):  # type: ignore[arg-type]
-        value = getattr(settings, f.name)
-        want = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-        if want == "bool":
-            ok = isinstance(value, bool)
-        elif want == "int":
-            ok = isinstance(value, int) and not isinstance(value, bool)
-        elif want == "float":
-            ok = isinstance(value, int | float) and not isinstance(value, bool)
-            if ok and not math.isfinite(value):
-                raise ValueError(f"{owner}.{f.name} must be a finite number, got {value!r}")
-            if ok and isinstance(value, int):
-                object.__setattr__(settings, f.name, float(value))
-        elif want == "str":
-            ok = isinstance(value, str)
-        else:
-            ok = True
-        if not ok:
-            raise ValueError(f"{owner}.{f.name} must be {want}, got {value!r}")
-        if f.name in limits:
-            lo, hi = limits[f.name]
-            if not lo <= value <= hi:
-                raise ValueError(f"{owner}.{f.name} must be in [{lo}, {hi}], got {value!r}")
 
 
 def dbfs(mean_square: float) -> float:

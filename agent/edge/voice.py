@@ -17,8 +17,8 @@ import numpy as np
 
 from agent.audio.format import FRAME_MS, FRAME_SAMPLES, SAMPLE_RATE
 from agent.edge._webrtcvad import WebRtcVad
-from agent.edge.base import Detection
-from agent.edge.level import check_settings, dbfs
+from agent.edge.base import Detection, check_settings
+from agent.edge.level import dbfs
 
 
 @dataclass(frozen=True, slots=True)
