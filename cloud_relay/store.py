@@ -35,7 +35,9 @@ from alembic import command
 from alembic.config import Config as AlembicConfig
 from sqlalchemy import (
     Engine,
+    and_,
     bindparam,
+    case,
     create_engine,
     event,
     func,
@@ -221,17 +223,28 @@ _CALL_ANSWERED = (
     .where(_call_row.id == bindparam("c_id"), _call_row.answered.is_(None))
     .values(answered=bindparam("c_at", type_=_call_row.answered.type))
 )
+PEER_ENDED = "remote-hangup"
+"""The end reason of a side that only saw its peer end the call. Both sides' hang-ups
+then reach the relay, and with several workers they are stored in either order."""
+_ENDED_AT = bindparam("c_at", type_=_call_row.ended.type)
+_EARLIER = or_(_call_row.ended.is_(None), _call_row.ended > _ENDED_AT)
+_STORED_PEER = _call_row.end_reason == PEER_ENDED
+_NEW_PEER = bindparam("c_reason") == PEER_ENDED
+_BETTER_REASON = or_(
+    _call_row.ended.is_(None),
+    and_(_STORED_PEER, ~_NEW_PEER),
+    and_(_EARLIER, or_(_STORED_PEER, ~_NEW_PEER)),
+)
 _CALL_ENDED = (
     update(calls)
-    .where(_call_row.id == bindparam("c_id"), _call_row.ended.is_(None))
+    .where(_call_row.id == bindparam("c_id"), or_(_EARLIER, _BETTER_REASON))
     .values(
-        ended=bindparam("c_at", type_=_call_row.ended.type),
-        end_reason=bindparam("c_reason"),
+        ended=case((_EARLIER, _ENDED_AT), else_=_call_row.ended),
+        end_reason=case((_BETTER_REASON, bindparam("c_reason")), else_=_call_row.end_reason),
     )
 )
-_CALL_ENDED_QUALITY = _CALL_ENDED.values(
-    quality=bindparam("c_quality", type_=_call_row.quality.type)
-)
+"""Of several ends of a call the store keeps the earliest time, and the reason a side
+gave for itself over ``PEER_ENDED``, else the earliest one's."""
 
 
 @dataclass(slots=True)
@@ -493,19 +506,12 @@ class Store:
         with self._transaction() as conn:
             return bool(conn.execute(_CALL_ANSWERED, params).rowcount) or _has_call(conn, params)
 
-    def call_ended(
-        self, call: str, reason: str, at: datetime, quality: Mapping[str, Any] | None = None
-    ) -> bool:
-        """Record the end (the first one); False if the store has no such call (yet)."""
+    def call_ended(self, call: str, reason: str, at: datetime) -> bool:
+        """Record the end (see ``_CALL_ENDED`` for which of several); False if the store
+        has no such call (yet)."""
         params = {"c_id": call, "c_at": at, "c_reason": reason}
         with self._transaction() as conn:
-            if quality is None:
-                done = conn.execute(_CALL_ENDED, params).rowcount
-            else:
-                done = conn.execute(
-                    _CALL_ENDED_QUALITY, params | {"c_quality": dict(quality)}
-                ).rowcount
-            return bool(done) or _has_call(conn, params)
+            return bool(conn.execute(_CALL_ENDED, params).rowcount) or _has_call(conn, params)
 
     def calls(self, *, open_only: bool = False) -> list[CallRecord]:
         query = select(calls).order_by(calls.c.started, calls.c.id)

@@ -17,7 +17,7 @@ from agent.signaling.envelope import new_id
 from cloud_relay.config import RelayConfig, StoreSettings
 from cloud_relay.routing import CallAnswered, CallEnded
 from cloud_relay.service import Relay
-from cloud_relay.store import Store, utc_from_ms
+from cloud_relay.store import PEER_ENDED, Store, utc_from_ms
 
 
 async def test_queued_writes_land_in_order_and_reads_see_them(store_url: str) -> None:
@@ -107,4 +107,28 @@ async def test_answer_and_end_of_a_call_stored_late_by_another_worker(
     finally:
         await relay.close()
         await other.close()
+        await store.close()
+
+
+@pytest.mark.parametrize("peer_first", [True, False], ids=["peer-stored-first", "own-first"])
+async def test_crossing_hang_ups_keep_the_reason_of_the_side_that_ended(
+    store_url: str, peer_first: bool
+) -> None:
+    """Both sides' hang-ups reach the relay when one side ends the call and the other sees
+    its media close first; two workers store them in either order. The record keeps the
+    reason of the side that hung up and the earlier end time."""
+    store = await Store.open(store_url)
+    try:
+        call = new_id()
+        start = now_ms()
+        await store.run(store.call_started, call, "door-a", "door-b", "normal", utc_from_ms(start))
+        own = (call, "local-hangup", utc_from_ms(start + 1000))
+        peer = (call, PEER_ENDED, utc_from_ms(start + 990))  # routed first, by another worker
+        for args in (peer, own) if peer_first else (own, peer):
+            assert await store.run(store.call_ended, *args) is True
+        # Any later end changes nothing.
+        assert await store.run(store.call_ended, call, "media-lost", utc_from_ms(start + 5000))
+        (record,) = await store.run(store.calls)
+        assert (record.end_reason, record.ended) == ("local-hangup", utc_from_ms(start + 990))
+    finally:
         await store.close()
