@@ -40,7 +40,7 @@ class VoiceSettings:
     min_modulation_db: float = 6.0
     """Speech rises and falls with its syllables: a window whose frame levels span less than
     this (a steady tone or hum the VAD takes for a vowel) does not begin a segment."""
-    min_interval_s: float = 60.0
+    min_interval_s: float = 300.0
     """At most one detection per this interval; segments in between are counted, not sent."""
 
     def __post_init__(self) -> None:

@@ -41,8 +41,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
-import platform
 import statistics
 import tempfile
 import time
@@ -55,7 +53,7 @@ from typing import Any
 from agent.signaling.envelope import EnvelopeError, from_json
 from agent.signaling.mqtt import MqttClient, SessionClosed
 from agent.signaling.topics import Kind, TopicError, device_topic, parse_topic
-from tools.bench.args import positive_int
+from tools.bench.args import machine, positive_int
 from tools.bench.setup import LOOPBACK, Certificates, agent_call, percentiles, series
 from tools.lab.fleet import Fleet, FleetError, fleet
 
@@ -276,8 +274,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
     print(f"ratio e2e/direct p50: {ratio:.2f}; target p50 <= {TARGET_P50_MS:g} ms", flush=True)
     return {
         "benchmark": "e2e",
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
-        f"Python {platform.python_version()}",
+        "machine": machine(),
         "calls": args.calls,
         "command_to_audio_ms": percentiles(e2e),
         "direct_call_setup_ms": percentiles(direct),

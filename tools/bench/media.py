@@ -49,7 +49,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -68,7 +67,7 @@ from pesq import pesq
 from agent.audio.format import FRAME_BYTES, FRAME_SAMPLES, SAMPLE_RATE
 from agent.codec.opus import OpusConfig
 from agent.net.impair import Impairment
-from tools.bench.args import positive_float, positive_int
+from tools.bench.args import machine, positive_float, positive_int
 from tools.lab.agents import AgentCall
 from tools.lab.aiortc_call import AiortcCall
 from tools.lab.virtual_audio import VirtualAudio, read_wav, speech_wav, write_wav
@@ -304,8 +303,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
             }
     return {
         "benchmark": "media",
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
-        f"Python {platform.python_version()}",
+        "machine": machine(),
         "opus_complexity": opus.complexity,
         "opus_bitrate": opus.bitrate,
         "pipeline_cpu_per_audio_s": round(pipeline, 4),

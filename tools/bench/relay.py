@@ -49,7 +49,6 @@ import contextlib
 import gc
 import json
 import os
-import platform
 import re
 import resource
 import secrets
@@ -82,7 +81,7 @@ from agent.signaling.envelope import (
 )
 from agent.signaling.topics import RELAY_ID
 from cloud_relay.store import Store
-from tools.bench.args import positive_float, positive_int
+from tools.bench.args import machine, positive_float, positive_int
 from tools.lab.broker import _free_port
 from tools.lab.fleet import RELAY_CMD
 from tools.lab.mqtt_swarm import Device, Swarm, SwarmError
@@ -454,17 +453,6 @@ class Figures:
             f"{self.relay_cpu_cores} ({threads or 'idle'}), mosquitto {self.broker_cpu_cores}, "
             f"swarm {self.swarm_cpu_cores}"
         )
-
-
-def machine() -> str:
-    model = ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    python = platform.python_version()
-    return f"{platform.machine()}, {os.cpu_count()} cores ({model}), Python {python}"
 
 
 def mosquitto_version() -> str:

@@ -46,8 +46,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import os
-import platform
 import random
 import secrets
 import ssl
@@ -83,7 +81,7 @@ from cloud_relay.store import Store
 from cloud_relay.sync import RELAY_SYNC_TOPIC
 from cloud_relay.turn import TurnSettings, call_credentials
 from cloud_relay.web import PAIR_PATH
-from tools.bench.args import positive_int
+from tools.bench.args import machine, positive_int
 from tools.bench.setup import percentiles
 from tools.lab.attacks import (
     device_files,
@@ -943,8 +941,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     )
     return {
         "benchmark": "security",
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
-        f"Python {platform.python_version()}",
+        "machine": machine(),
         "classes": classes,
         "attempts": attempts,
         "rejected": rejected,

@@ -28,8 +28,6 @@ import argparse
 import asyncio
 import importlib.metadata
 import json
-import os
-import platform
 import statistics
 import time
 from collections.abc import Awaitable, Callable
@@ -41,7 +39,7 @@ from agent.audio.sources import NullSink, ToneSource
 from agent.media.dtls import DtlsCertificate
 from agent.media.peer import MediaPeer, PeerConfig
 from agent.net.ice import IceConfig
-from tools.bench.args import positive_int
+from tools.bench.args import machine, positive_int
 from tools.lab.aiortc_peer import AiortcPeer
 from tools.lab.turn import Coturn
 
@@ -242,8 +240,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
     print(f"ratio agent/aiortc p50: {ratio:.2f} (target <= 0.5)", flush=True)
     return {
         "benchmark": "setup",
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
-        f"Python {platform.python_version()}",
+        "machine": machine(),
         "aioice": importlib.metadata.version("aioice"),
         "aiortc": importlib.metadata.version("aiortc"),
         "calls": args.calls,

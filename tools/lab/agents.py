@@ -63,7 +63,7 @@ async def relay_signals(
     return last
 
 
-def _via(signal: dict[str, Any], address: Address) -> dict[str, Any] | None:
+def via_address(signal: dict[str, Any], address: Address) -> dict[str, Any] | None:
     """The signal with its candidate moved to ``address``; None drops it."""
     text = signal.get("candidate")
     if signal.get("type") != "candidate" or text is None:
@@ -164,7 +164,7 @@ class AgentCall:
             if self.on_line is not None:
                 self.on_line(board, line)
 
-        return await relay_signals(proc, to, lambda s: _via(s, via), record)
+        return await relay_signals(proc, to, lambda s: via_address(s, via), record)
 
     async def wait(self, limit_s: float = 120.0) -> list[dict[str, Any]]:
         """Each agent's ``ended`` record once both have hung up."""
