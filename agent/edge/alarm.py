@@ -484,7 +484,9 @@ class AlarmDetector:
         happen; two in the T3 rhythm rarely do.
         """
         t = self._t3
-        c = self._strong(tones, t.horizon_s)
+        # Blips between the tones (a reverberant tail swelling again, a click of the
+        # music) are skipped: T3 tones are long enough to tell apart from them.
+        c = [x for x in self._strong(tones, t.horizon_s) if x.length_s in t.on]
         first = len(c) - 2
         b = self._match_group(c, first, 2, t) if first >= 3 else None
         if b is None:

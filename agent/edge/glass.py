@@ -1,7 +1,7 @@
 """Glass-break detector: a low-frequency impact, then broadband impulsive shatter.
 
 Breaking glass has a two-phase signature: the pane flexes under the blow (a thud below
-1 kHz with a fast attack) and, within ~0.2 s, breaks into shards whose hundreds of clicks and
+400 Hz with a fast attack) and, within ~0.2 s, breaks into shards whose hundreds of clicks and
 short rings fill 4-16 kHz evenly (a flat spectrum) with sharp peaks (a high crest factor) for
 a few hundred ms. Each phase alone is common in a home (a door slam, a dropped pan, a clank,
 a hiss); the sequence, with the shatter's shape checked, is not. Look-alikes and why they
@@ -26,14 +26,16 @@ from agent.edge.level import FLOOR_DBFS, FULL_SCALE
 log = logging.getLogger(__name__)
 
 _BIN_HZ = SAMPLE_RATE / FRAME_SAMPLES  # 50 Hz
+_RECENT_S = 0.5
+_SMOOTH = np.full(11, 1 / 11)
 
 
 @dataclass(frozen=True, slots=True)
 class GlassBreakSettings:
     """Thresholds of the two phases; levels are band levels in dBFS (RMS re full scale)."""
 
-    low_band_hz: tuple[float, float] = (40.0, 1000.0)
-    """Band of the impact."""
+    low_band_hz: tuple[float, float] = (40.0, 400.0)
+    """Band of the impact (a pane's and a frame's low modes; speech lives mostly above)."""
     high_band_hz: tuple[float, float] = (4000.0, 16000.0)
     """Band of the shatter."""
     impact_min_dbfs: float = -50.0
@@ -48,7 +50,7 @@ class GlassBreakSettings:
     """The shatter must begin within this time of the impact."""
     shatter_min_dbfs: float = -60.0
     """Quietest shatter (high-band level) considered."""
-    shatter_rise_db: float = 15.0
+    shatter_rise_db: float = 10.0
     """The shatter begins when the high band rises this far above its background."""
     sustain_db: float = 6.0
     """The shatter lasts while the high band stays this far above its background ..."""
@@ -61,9 +63,16 @@ class GlassBreakSettings:
     max_shatter_s: float = 1.5
     """Longer ones (a cymbal, a hiss, a running tap) are not either."""
     min_flatness: float = 0.08
-    """Median spectral flatness of 4-16 kHz over the shatter (tonal metal is ~0.01)."""
+    """Median spectral flatness of 4-16 kHz over the shatter (tonal metal is ~0.01) ..."""
+    max_local_flatness: float = 0.58
+    """Largest median flatness of the 4-16 kHz spectrum relative to its own smoothed shape:
+    shards ring at their own frequencies, so a shatter's spectrum is spiky, while Gaussian
+    noise of any colour (a hiss, a snare or a hi-hat, the room) gives ~0.62 (an exponential
+    distribution's 0.56, raised by the smoothing)."""
     min_crest: float = 3.75
     """Median crest factor (peak/RMS) of the high-passed shatter frames (Gaussian noise ~3.5)."""
+    crest_range_db: float = 10.0
+    """... over the frames whose high band is within this of the shatter's loudest."""
     cooldown_s: float = 5.0
     """After a detection, no other for this long (one break, however long its debris falls)."""
     floor_up_s: float = 5.0
@@ -88,7 +97,9 @@ class GlassBreakSettings:
                 "min_shatter_s": (0.0, 10.0),
                 "max_shatter_s": (0.02, 10.0),
                 "min_flatness": (0.0, 1.0),
+                "max_local_flatness": (0.0, 1.0),
                 "min_crest": (0.0, 100.0),
+                "crest_range_db": (0.0, 120.0),
                 "cooldown_s": (0.0, 3600.0),
                 "floor_up_s": (0.02, 600.0),
                 "floor_down_s": (0.02, 600.0),
@@ -144,11 +155,12 @@ class GlassBreakDetector:
         # Band mean squares from the one-sided power spectrum: 2 |X|^2 / (N sum w^2).
         self._scale = 2.0 / (FRAME_SAMPLES * float(np.sum(self._window**2)))
         self._low = _bins(s.low_band_hz)
-        self._mid = (self._low[1], _bins((1000.0, 4000.0))[1])
+        self._mid = _bins((1000.0, 4000.0))
         self._high = _bins(s.high_band_hz)
         frame_s = FRAME_SAMPLES / SAMPLE_RATE
         self._up = 1.0 - math.exp(-frame_s / s.floor_up_s)
         self._down = 1.0 - math.exp(-frame_s / s.floor_down_s)
+        self._recent = 1.0 - math.exp(-frame_s / _RECENT_S)
         self.reset()
 
     def reset(self) -> None:
@@ -156,6 +168,9 @@ class GlassBreakDetector:
         self._state = _State.IDLE
         self._floor_low: float | None = None
         self._floor_high: float | None = None
+        self._recent_high = FLOOR_DBFS
+        """The high band's mean level over the last ``_RECENT_S`` before an event."""
+        self._shatter_ref = FLOOR_DBFS
         self._history = [FLOOR_DBFS, FLOOR_DBFS]
         self._quiet_until = 0.0
         self._impact_s = 0.0
@@ -164,7 +179,8 @@ class GlassBreakDetector:
         self._peak_high = FLOOR_DBFS
         self._peak_level = FLOOR_DBFS
         self._flatness: list[float] = []
-        self._crest: list[float] = []
+        self._loud: list[tuple[float, float, float]] = []
+        """(high-band level, crest factor, local flatness) of each frame of the shatter."""
 
     def _db(self, energy: float) -> float:
         ms = energy * self._scale
@@ -193,6 +209,14 @@ class GlassBreakDetector:
         floor_high = high if self._floor_high is None else self._floor_high
 
         out: list[Detection] = []
+        if (
+            self._state is _State.SHATTER
+            and now > self._quiet_until
+            and self._is_impact(x, power, low, floor_low)
+        ):
+            # A new blow while the last candidate still runs (speech or music can look like
+            # a long shatter): judge that one now and follow this one.
+            out += self._decide(now)
         if self._state is _State.IDLE or self._state is _State.IMPACT:
             if self._is_impact(x, power, low, floor_low) and now > self._quiet_until:
                 self._state = _State.IMPACT
@@ -202,28 +226,40 @@ class GlassBreakDetector:
                 self._state = _State.IDLE
             if self._state is _State.IMPACT:
                 self._peak_level = max(self._peak_level, self._db(float(power.sum())))
-                if high >= s.shatter_min_dbfs and high - floor_high >= s.shatter_rise_db:
+                # The shatter rises over the band's floor and over what sounded in it just
+                # before; it lasts while it stands over the latter (music or speech in the
+                # band keeps a minimum-tracking floor far too low for that).
+                ref = max(floor_high, self._recent_high)
+                if (
+                    high >= s.shatter_min_dbfs
+                    and high - floor_high >= s.shatter_rise_db
+                    and high - ref >= s.sustain_db
+                ):
                     self._state = _State.SHATTER
                     self._shatter_s = start
+                    self._last_active_s = now
+                    self._shatter_ref = ref
                     self._peak_high = high
                     self._flatness = []
-                    self._crest = []
+                    self._loud = []
         if self._state is _State.SHATTER:
             self._peak_level = max(self._peak_level, self._db(float(power.sum())))
             self._peak_high = max(self._peak_high, high)
             active = (
-                high - floor_high >= s.sustain_db and high >= self._peak_high - s.decay_range_db
+                high - self._shatter_ref >= s.sustain_db
+                and high >= self._peak_high - s.decay_range_db
             )
             if active:
                 self._last_active_s = now
                 self._flatness.append(_flatness(high_power))
                 d = np.diff(x, 2)
                 rms = math.sqrt(float(np.dot(d, d)) / len(d))
-                self._crest.append(float(np.max(np.abs(d))) / rms if rms > 0 else 0.0)
+                crest = float(np.max(np.abs(d))) / rms if rms > 0 else 0.0
+                self._loud.append((high, crest, _local_flatness(high_power)))
                 if now - self._shatter_s > s.max_shatter_s:
                     self._state = _State.WAIT_QUIET
             elif now - self._last_active_s >= s.gap_s:
-                out += self._decide()
+                out += self._decide(now)
         elif self._state is _State.WAIT_QUIET and high - floor_high < s.sustain_db:
             self._state = _State.IDLE
 
@@ -231,6 +267,9 @@ class GlassBreakDetector:
         if self._state in (_State.IDLE, _State.WAIT_QUIET) or self._floor_low is None:
             self._floor_low = _follow(floor_low, low, self._up, self._down)
             self._floor_high = _follow(floor_high, high, self._up, self._down)
+            recent = 10 ** (self._recent_high / 10)
+            recent += (10 ** (high / 10) - recent) * self._recent
+            self._recent_high = 10 * math.log10(max(recent, 1e-14))
         self._history = [self._history[1], low]
         return out
 
@@ -246,23 +285,34 @@ class GlassBreakDetector:
         mid = self._db(float(power[self._mid[0] : self._mid[1]].sum()))
         return low - mid >= s.impact_low_over_mid_db
 
-    def _decide(self) -> list[Detection]:
+    def _decide(self, now: float) -> list[Detection]:
         s = self.settings
-        self._state = _State.IDLE
         duration = self._last_active_s - self._shatter_s
+        # A blip too short for a shatter (the impact's own click) while the shatter may
+        # still come: keep waiting for it.
+        short = duration < s.min_shatter_s and now - self._impact_s <= s.shatter_window_s
+        self._state = _State.IMPACT if short else _State.IDLE
         flatness = float(np.median(self._flatness)) if self._flatness else 0.0
-        crest = float(np.median(self._crest)) if self._crest else 0.0
+        # Its fine structure only where the shatter stands well over the background: in
+        # its tail the background's own (Gaussian) samples dominate and hide the clicks.
+        top = self._peak_high - s.crest_range_db
+        loud = [(c, f) for level, c, f in self._loud if level >= top]
+        crest = float(np.median([c for c, _ in loud])) if loud else 0.0
+        local = float(np.median([f for _, f in loud])) if loud else 1.0
         verdict = (
             s.min_shatter_s <= duration <= s.max_shatter_s
             and flatness >= s.min_flatness
+            and local <= s.max_local_flatness
             and crest >= s.min_crest
         )
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
-                "glass candidate at %.2f s: shatter %.2f s, flatness %.3f, crest %.2f: %s",
+                "glass candidate at %.2f s: shatter %.2f s, flatness %.3f (local %.3f), "
+                "crest %.2f: %s",
                 self._impact_s,
                 duration,
                 flatness,
+                local,
                 crest,
                 "yes" if verdict else "no",
             )
@@ -293,6 +343,14 @@ def _flatness(power: np.ndarray) -> float:
     p = power + 1e-3
     mean = float(np.mean(p))
     return math.exp(float(np.mean(np.log(p)))) / mean if mean > 0 else 0.0
+
+
+def _local_flatness(power: np.ndarray) -> float:
+    """Flatness of ``power`` over its own smoothed shape (11 bins): ~0.56 for Gaussian noise
+    whatever its colour, lower for a spectrum of separate peaks."""
+    p = power + 1e-3
+    ratio = p / np.convolve(p, _SMOOTH, mode="same")
+    return _flatness(ratio)
 
 
 def _follow(floor: float, level: float, up: float, down: float) -> float:

@@ -315,7 +315,7 @@ def clipped(seconds: float, seed: int, overdrive_db: float = 12.0) -> np.ndarray
 # --- backgrounds used as negatives ------------------------------------------------------
 
 
-def music(seconds: float, seed: int, rms_dbfs: float = -26.0) -> np.ndarray:
+def music(seconds: float, seed: int, rms_dbfs: float = -26.0, drums: bool = True) -> np.ndarray:
     """Music-like: chords of harmonic tones over a drum kit (kick, snare, hi-hat, crash)."""
     rng = _rng(seed)
     n = round(seconds * RATE)
@@ -334,7 +334,7 @@ def music(seconds: float, seed: int, rms_dbfs: float = -26.0) -> np.ndarray:
         place(x, chord * np.exp(-_t(bar) / bar) * 0.05, at)
     kick = np.sin(2 * np.pi * np.cumsum(150 * np.exp(-_t(0.3) / 0.04) + 50) / RATE)
     kick *= np.exp(-_t(0.3) / 0.08)
-    steps = int(seconds / (beat / 2))
+    steps = int(seconds / (beat / 2)) if drums else 0
     for k in range(steps):
         at = k * beat / 2
         if k % 4 == 0:

@@ -322,8 +322,30 @@ def music(rng: np.random.Generator, seconds: float) -> np.ndarray:
     return out
 
 
-def speech(work: Path, rng: np.random.Generator, seconds: float) -> np.ndarray:
-    """Speech (espeak-ng) filling ``seconds``: random sentences with 0.2-1.5 s pauses.
+VOICES = ("en", "en-us+f3", "en-gb-scotland", "en-us+m4", "en+f2", "en-029")
+"""espeak-ng voices, men's and women's, for corpora with more than one speaker."""
+
+
+def _speech_path(work: Path, text: str, voice: str) -> Path:
+    key = hashlib.sha256(f"{voice}|{text}".encode()).hexdigest()[:12]
+    return work / f"speech-{key}.wav"
+
+
+def prepare_speech(work: Path, voices: Sequence[str] = VOICES) -> None:
+    """Synthesise every sentence in every voice into ``work`` now, so that processes
+    generating a corpus side by side only read the files."""
+    work.mkdir(parents=True, exist_ok=True)
+    for voice in voices:
+        for text in SENTENCES:
+            if not (path := _speech_path(work, text, voice)).exists():
+                speech_wav(path, text, voice=voice)
+
+
+def speech(
+    work: Path, rng: np.random.Generator, seconds: float, voices: Sequence[str] = ("en",)
+) -> np.ndarray:
+    """Speech (espeak-ng) filling ``seconds``: random sentences in random ``voices`` with
+    0.2-1.5 s pauses.
 
     The sentences are synthesised once into ``work`` and reused.
     """
@@ -333,9 +355,10 @@ def speech(work: Path, rng: np.random.Generator, seconds: float) -> np.ndarray:
     pos = 0
     while pos < n:
         text = SENTENCES[int(rng.integers(len(SENTENCES)))]
-        path = work / f"speech-{hashlib.sha256(text.encode()).hexdigest()[:12]}.wav"
+        voice = voices[int(rng.integers(len(voices)))] if len(voices) > 1 else voices[0]
+        path = _speech_path(work, text, voice)
         if not path.exists():
-            speech_wav(path, text)
+            speech_wav(path, text, voice=voice)
         data, _ = read_wav(path)
         clip = data.astype(np.float64) / 32768
         m = min(len(clip), n - pos)

@@ -253,10 +253,13 @@ def _board_alsa_conf(system: str) -> str:
     return lean
 
 
-def speech_wav(path: Path, text: str, rate: int = SAMPLE_RATE) -> Path:
-    """Synthesise speech with espeak-ng and convert it with sox to mono int16 at ``rate``."""
+def speech_wav(path: Path, text: str, rate: int = SAMPLE_RATE, voice: str = "en") -> Path:
+    """Synthesise speech with espeak-ng (``voice``, e.g. ``en-us+f3``) and convert it with
+    sox to mono int16 at ``rate``."""
     raw = path.with_suffix(".espeak.wav")
-    subprocess.run(["espeak-ng", "-s", "150", "-w", str(raw), text], check=True, timeout=60)
+    subprocess.run(
+        ["espeak-ng", "-v", voice, "-s", "150", "-w", str(raw), text], check=True, timeout=60
+    )
     subprocess.run(
         ["sox", str(raw), "-r", str(rate), "-c", "1", "-b", "16", str(path)], check=True, timeout=60
     )
