@@ -423,9 +423,11 @@ async def _run_online(
                 await connected
             return await ending
         # Alerts wait in the outbox until the relay has stored them (acked).
-        outbox = await Outbox.open(Path(config.state_dir) / OUTBOX_FILE)
+        outbox = await Outbox.open(
+            Path(config.state_dir) / OUTBOX_FILE, capacity=config.alerts.outbox_capacity
+        )
         stack.push_async_callback(outbox.close)
-        uplink = AlertUplink(session, outbox)
+        uplink = AlertUplink(session, outbox, config.alerts)
         uplink.start()
         stack.push_async_callback(uplink.close)
         # The detectors hear the microphone whether or not a call is up, muted or not.

@@ -7,6 +7,8 @@ to a device and print its reply (exit 1 on timeout, error reply or no broker).
 ``pair new``: mint a one-time pairing token for a new board (text and QR code).
 ``device revoke``: revoke a device's certificates and cut it off the broker.
 ``alerts``: list the alerts in the store, newest first (a table, or JSON lines).
+``webhooks dead``: list the webhook deliveries given up on; ``webhooks retry``: send
+them (some or all) again, at once if the relay runs here.
 """
 
 from __future__ import annotations
@@ -86,6 +88,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "UTC unless it has an offset)")  # fmt: skip
     alerts.add_argument("--limit", type=int, default=100, help="at most this many (100)")
     alerts.add_argument("--json", action="store_true", help="one JSON object per line")
+    hooks = sub.add_parser("webhooks", help="webhook deliveries given up on (dead letters)")
+    hooks_sub = hooks.add_subparsers(dest="webhooks_command", required=True)
+    dead = hooks_sub.add_parser("dead", help="list dead letters, newest first")
+    _common(dead)
+    dead.add_argument("--limit", type=int, default=100, help="at most this many (100)")
+    dead.add_argument("--json", action="store_true", help="one JSON object per line")
+    retry = hooks_sub.add_parser("retry", help="send dead letters again from their first try")
+    _common(retry)
+    which = retry.add_mutually_exclusive_group(required=True)
+    which.add_argument("ids", nargs="*", default=[], metavar="ID", help="dead letters' ids")
+    which.add_argument("--all", action="store_true", help="every dead letter")
     return parser
 
 
@@ -123,7 +136,8 @@ def parse_args_kv(items: Sequence[str]) -> dict[str, Any]:
 
 
 PID_FILE = "relay.pid"
-"""In the data directory: the running ``serve``, which SIGHUP makes apply revocations."""
+"""In the data directory: the running ``serve``, which SIGHUP makes apply revocations and
+take up the dead letters sent again."""
 
 
 async def serve(config: RelayConfig) -> int:
@@ -155,6 +169,7 @@ async def serve(config: RelayConfig) -> int:
         webhooks = None
         if config.webhooks:
             webhooks = Webhooks(config.webhooks, store, worker=config.mqtt.client_id)
+            upkeep.webhooks = webhooks
         relay = Relay(config, store, tls=tls, senders=senders, turn_secret=turn_secret,
                       webhooks=webhooks)  # fmt: skip
         attempt = 0
@@ -221,7 +236,8 @@ client once it is past its next update) and the relay's certificates."""
 class Upkeep:
     """Keeps the broker and the HTTPS endpoint in step with the PKI, one job at a time:
     revocations (SIGHUP from ``device revoke``; a board paired again, whose old session
-    is ended and which reconnects), and hourly renewal of the CRL and the relay's
+    is ended and which reconnects), dead letters sent again (SIGHUP from ``webhooks
+    retry``), and hourly renewal of the CRL and the relay's
     certificates (the broker re-reads its files; the HTTPS endpoint takes a new
     certificate for new connections)."""
 
@@ -237,6 +253,8 @@ class Upkeep:
         self._renew_due = False
         self._applied: set[str] = set()
         self._repaired: set[str] = set()
+        self.webhooks: Webhooks | None = None
+        """Takes up the dead letters ``webhooks retry`` sent again (SIGHUP)."""
 
     def start(self) -> None:
         self._timer = asyncio.create_task(self._every_hour(), name="relay-upkeep")
@@ -276,6 +294,8 @@ class Upkeep:
         self._again = True
         while self._again:
             self._again = False
+            if self.webhooks is not None:
+                await self.webhooks.retry()
             reload = False
             if self._renew_due:
                 self._renew_due = False
@@ -391,25 +411,38 @@ def device_revoke(config: RelayConfig, device: str) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(f"revoked {len(serials)} certificate(s) of {device}; CRL updated")
-    try:
-        pid = int((Path(config.data_dir) / PID_FILE).read_text())
-        os.kill(pid, signal.SIGHUP)
-    except (OSError, ValueError):
+    if not _wake_relay(config):
         print("the relay is not running here: the broker reads the CRL when it starts")
         return 0
     print("the running relay is cutting the device off the broker")
     return 0
 
 
-async def list_alerts(config: RelayConfig, ns: argparse.Namespace) -> int:
-    """Print the stored alerts: a table, or with ``--json`` one object per line."""
+def _wake_relay(config: RelayConfig) -> bool:
+    """SIGHUP to the ``serve`` running on this data directory; False if none runs."""
+    try:
+        pid = int((Path(config.data_dir) / PID_FILE).read_text())
+        os.kill(pid, signal.SIGHUP)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+async def _existing_store(config: RelayConfig) -> Store | None:
+    """The relay's store, or None (said on stderr) if there is none to read."""
     db = Path(config.data_dir, "relay.db")
     if config.store.url is None and not await asyncio.to_thread(db.exists):
         print(f"error: no relay store in {config.data_dir}", file=sys.stderr)
-        return 1
+        return None
+    return await Store.open(config.store_url())
+
+
+async def list_alerts(config: RelayConfig, ns: argparse.Namespace) -> int:
+    """Print the stored alerts: a table, or with ``--json`` one object per line."""
     if ns.limit < 1:
         raise ValueError("--limit must be >= 1")
-    store = await Store.open(config.store_url())
+    if (store := await _existing_store(config)) is None:
+        return 1
     try:
         found = await store.run(
             lambda: store.alerts(device=ns.alert_device, since=ns.since, limit=ns.limit)
@@ -433,6 +466,39 @@ async def list_alerts(config: RelayConfig, ns: argparse.Namespace) -> int:
     return 0
 
 
+async def webhooks_command(config: RelayConfig, ns: argparse.Namespace) -> int:
+    """``webhooks dead`` lists the dead letters; ``webhooks retry`` sends them again."""
+    if ns.webhooks_command == "dead" and ns.limit < 1:
+        raise ValueError("--limit must be >= 1")
+    if (store := await _existing_store(config)) is None:
+        return 1
+    try:
+        if ns.webhooks_command == "retry":
+            count = await store.run(store.retry_dead_letters, () if ns.all else ns.ids)
+        else:
+            dead = await store.run(lambda: store.dead_letters(limit=ns.limit))
+    finally:
+        await store.close()
+    if ns.webhooks_command == "retry":
+        print(f"{count} dead letter(s) to send again")
+        if count and not _wake_relay(config):
+            print("the relay is not running here: they go out when it starts")
+        return 0 if count or ns.all else 1
+    for d in dead:
+        if ns.json:
+            line = {"id": d.id, "webhook": d.webhook, "device": d.device, "alert": d.alert,
+                    "tries": d.tries, "reason": d.reason,
+                    "dead_at": d.dead_at.isoformat() if d.dead_at else None}  # fmt: skip
+            print(json.dumps(line, sort_keys=True))
+        else:
+            at = d.dead_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S") if d.dead_at else "?"
+            print(f"{at}  {d.id}  {d.device}  alert {d.alert_id}  {d.webhook}  "
+                  f"after {d.tries} tries: {d.reason}")  # fmt: skip
+    if not dead and not ns.json:
+        print("(no dead letters)")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
@@ -451,6 +517,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return device_revoke(config, ns.device)
         if ns.command == "alerts":
             return asyncio.run(list_alerts(config, ns))
+        if ns.command == "webhooks":
+            return asyncio.run(webhooks_command(config, ns))
         args = parse_args_kv(ns.args)
         return asyncio.run(cmd(config, ns.device, ns.name, args, ns.timeout))
     except (ConfigError, ValueError, BrokerError, PkiError, OSError) as exc:

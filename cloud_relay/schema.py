@@ -123,7 +123,8 @@ webhook_deliveries = Table(
     Column("alert", JSON, nullable=False),
     Column("created", DateTime(timezone=True), nullable=False),
     Column("tries", Integer, nullable=False),
-    # ``pending`` until delivered (the row is then deleted) or ``dead`` (a dead letter).
+    # ``pending`` until delivered (the row is then deleted) or ``dead`` (a dead letter);
+    # ``retry``: a dead letter an operator sent again, until its worker takes it up.
     Column("state", String(16), nullable=False),
     Column("reason", String(300), nullable=True),
     Column("dead_at", DateTime(timezone=True), nullable=True),

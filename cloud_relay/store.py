@@ -25,7 +25,7 @@ import contextlib
 import functools
 import logging
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -735,6 +735,31 @@ class Store:
         )
         with self._engine.connect() as conn:
             rows = conn.execute(query).mappings().all()
+        return [_delivery(r) for r in rows]
+
+    def retry_dead_letters(self, ids: Sequence[str] = ()) -> int:
+        """Send dead letters (``ids``, or every one) again from their first try; their
+        worker takes them up at its next start or SIGHUP (``take_retries``). How many."""
+        wd = webhook_deliveries.c
+        query = update(webhook_deliveries).where(wd.state == "dead")
+        if ids:
+            query = query.where(wd.id.in_(list(ids)))
+        values = {"state": "retry", "tries": 0, "reason": None, "dead_at": None}
+        with self._transaction() as conn:
+            return int(conn.execute(query.values(values)).rowcount)
+
+    def take_retries(self, worker: str) -> list[DeliveryRecord]:
+        """``worker``'s deliveries sent again by an operator, now pending, oldest first."""
+        wd = webhook_deliveries.c
+        mine = (wd.state == "retry", wd.worker == worker)
+        with self._transaction() as conn:
+            query = select(webhook_deliveries).where(*mine).order_by(wd.created, wd.id)
+            rows = conn.execute(query).mappings().all()
+            ids = [r["id"] for r in rows]
+            if ids:
+                conn.execute(
+                    update(webhook_deliveries).where(wd.id.in_(ids)).values(state="pending")
+                )
         return [_delivery(r) for r in rows]
 
     def dead_letters(self, *, limit: int = 100) -> list[DeliveryRecord]:

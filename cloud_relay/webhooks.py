@@ -144,7 +144,8 @@ class WebhookStats:
     dead: int = 0
     """Deliveries given up on (dead letters)."""
     resumed: int = 0
-    """Pending deliveries taken up again at start (from before a restart)."""
+    """Pending deliveries taken up again at start (from before a restart), and dead letters
+    sent again (``retry``)."""
 
 
 @dataclass(slots=True)
@@ -197,14 +198,9 @@ class Webhooks:
         for s in self.settings:
             secret = await asyncio.to_thread(read_webhook_secret, Path(s.secret_file))
             self._hooks[s.url] = _Hook(s, secret)
+        await self.store.run(self.store.take_retries, self.worker)
         pending = await self.store.run(self.store.webhook_pending, self.worker)
-        for d in pending:
-            hook = self._hooks.get(d.webhook)
-            if hook is None:
-                self._dead(d, d.tries, "unconfigured")  # its webhook left the config
-            else:
-                hook.queue.put_nowait(d)
-                self.stats.resumed += 1
+        self._take(pending)
         if pending:
             logger.info("resumed %d pending webhook deliveries", self.stats.resumed)
         self._session = aiohttp.ClientSession(
@@ -212,6 +208,26 @@ class Webhooks:
         )
         for url, hook in self._hooks.items():
             hook.task = asyncio.create_task(self._run(hook), name=f"webhook {url}")
+
+    async def retry(self) -> int:
+        """Take up the dead letters an operator sent again (``edge-intercom-relay webhooks
+        retry``, then SIGHUP); how many."""
+        if self._session is None or self._closed:
+            return 0
+        again = await self.store.run(self.store.take_retries, self.worker)
+        self._take(again)
+        if again:
+            logger.info("trying %d dead letters again", len(again))
+        return len(again)
+
+    def _take(self, deliveries: Sequence[DeliveryRecord]) -> None:
+        for d in deliveries:
+            hook = self._hooks.get(d.webhook)
+            if hook is None:
+                self._dead(d, d.tries, "unconfigured")  # its webhook left the config
+            else:
+                hook.queue.put_nowait(d)
+                self.stats.resumed += 1
 
     def submit(self, device: str, alert: Mapping[str, Any]) -> int:
         """Queue the alert for every webhook that wants it; how many that is.

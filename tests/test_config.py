@@ -52,6 +52,12 @@ def test_agent_file_overrides_the_profile(tmp_path: Path) -> None:
     assert "googlevoicehat" in config.audio.capture.name
 
 
+def test_alert_outbox_and_uplink_are_configured(tmp_path: Path) -> None:
+    path = _write(tmp_path, "[alerts]\noutbox_capacity = 500\nack_timeout = 5.0\n")
+    alerts = load_config(path).alerts
+    assert (alerts.outbox_capacity, alerts.ack_timeout, alerts.window) == (500, 5.0, 32)
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
@@ -62,6 +68,8 @@ def test_agent_file_overrides_the_profile(tmp_path: Path) -> None:
         ('board = "../../etc/passwd"\n', "invalid profile name"),
         ('board = "no-such-board"\n', "no profile"),
         ("[media\n", "agent.toml"),
+        ("[alerts]\noutbox_capacity = 1\n", "alerts: outbox_capacity must be at least 2"),
+        ("[alerts]\nwindow = 0\n", "alerts: uplink window must be at least 1"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path: Path, text: str, message: str) -> None:

@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import json
 import subprocess
+import sys
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -131,6 +132,60 @@ async def test_always_failing_receiver_gives_a_dead_letter(
             assert letter.device == "door-1"
             assert letter.dead_at is not None
             assert await s.run(s.webhook_pending, "relay-test") == []
+
+
+async def test_dead_letters_listed_and_sent_again(tmp_path: Path, secret_file: Path) -> None:
+    """``webhooks dead`` lists them; ``webhooks retry`` requeues them and wakes the relay
+    (SIGHUP to the pid in its data directory), whose worker sends them from the first try."""
+    data = tmp_path / "relay"
+    data.mkdir()
+    a = alert()
+    async with receiver() as r:
+        r.default = 503
+        url = f"{r.url}/a"
+        async with webhooks(data, [hook(url, secret_file, max_tries=2)]) as (w, s):
+            w.submit("door-1", a.to_dict())
+            await until(lambda: w.stats.dead == 1, "the dead letter")
+
+            done = await asyncio.to_thread(cli, "webhooks", "dead", "--json", data=data)
+            assert done.returncode == 0, done.stderr
+            [listed] = [json.loads(line) for line in done.stdout.splitlines()]
+            assert (listed["webhook"], listed["alert"], listed["tries"]) == (url, a.to_dict(), 2)
+            assert listed["reason"] == "HTTP 503"
+
+            # A relay that listens for SIGHUP: a stand-in process, its pid where serve's is.
+            woke = tmp_path / "woke"
+            hup = (f"import signal, sys, time; signal.signal(signal.SIGHUP, lambda *_: "
+                   f"(open({str(woke)!r}, 'w').close(), sys.exit(0))); print(flush=True); "
+                   "time.sleep(60)")  # fmt: skip
+            stand_in = await asyncio.create_subprocess_exec(
+                sys.executable, "-c", hup, stdout=asyncio.subprocess.PIPE
+            )
+            try:
+                assert stand_in.stdout is not None
+                await asyncio.wait_for(stand_in.stdout.readline(), 30)  # handler installed
+                (data / "relay.pid").write_text(f"{stand_in.pid}\n")
+                r.default = 200
+                done = await asyncio.to_thread(cli, "webhooks", "retry", listed["id"], data=data)
+                assert done.returncode == 0, done.stderr
+                assert "1 dead letter(s)" in done.stdout
+                assert await asyncio.wait_for(stand_in.wait(), 30) == 0 and woke.exists()
+            finally:
+                with contextlib.suppress(ProcessLookupError):
+                    stand_in.kill()
+                await stand_in.wait()
+            assert await w.retry() == 1  # what the woken relay does
+            await until(lambda: w.stats.delivered == 1, "the delivery")
+            assert await s.run(s.dead_letters) == []
+            assert json.loads(r.got[-1].body)["alert"]["id"] == a.id
+
+            done = await asyncio.to_thread(cli, "webhooks", "retry", "no-such-id", data=data)
+            assert done.returncode == 1 and "0 dead letter(s)" in done.stdout
+
+
+def cli(*args: str, data: Path) -> subprocess.CompletedProcess[str]:
+    argv = [str(RELAY_CLI), *args, "--data-dir", str(data)]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
 
 
 @pytest.mark.parametrize(("status", "tries"), [(400, 1), (404, 1), (301, 1)])

@@ -17,7 +17,9 @@ from typing import Any
 
 from agent.audio.device import DeviceConfig
 from agent.calls.policy import CallPolicy
+from agent.edge.outbox import DEFAULT_CAPACITY
 from agent.edge.pipeline import EdgeSettings
+from agent.edge.uplink import UplinkConfig
 from agent.media.dtls import DtlsTimers
 from agent.media.session import MediaConfig
 from agent.net.ice import IceConfig
@@ -52,6 +54,20 @@ class MqttSettings(MqttTimers):
     """Broker TCP port."""
     publish_timeout: float = 10.0
     """Seconds a QoS 1 publish may wait for its acknowledgement."""
+
+
+@dataclass(frozen=True, slots=True)
+class AlertSettings(UplinkConfig):
+    """``[alerts]``: the board's outbox, and how its alerts go to the relay."""
+
+    outbox_capacity: int = DEFAULT_CAPACITY
+    """Alerts the outbox holds at most while the relay cannot be reached; past it the
+    oldest of the lowest severity go first, counted and reported by an alert of its own."""
+
+    def __post_init__(self) -> None:
+        UplinkConfig.__post_init__(self)
+        if self.outbox_capacity < 2:
+            raise ValueError(f"outbox_capacity must be at least 2, got {self.outbox_capacity}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +136,7 @@ class AgentConfig:
     calls: CallSettings = field(default_factory=CallSettings)
     """Call timers and incoming-call policy (``run``)."""
     edge: EdgeSettings = field(default_factory=EdgeSettings)
+    alerts: AlertSettings = field(default_factory=AlertSettings)
     """The detectors on the capture stream (``[edge]``) and their settings."""
     status_led: str | None = None
     """The status LED's Linux LED class directory (``/sys/class/leds/NAME``); None: no LED."""
