@@ -22,7 +22,6 @@ import base64
 import enum
 import functools
 import hashlib
-import hmac
 import json
 import logging
 import secrets
@@ -48,10 +47,6 @@ MAX_TTL_S = 7 * 86_400
 def secret_digest(secret: str) -> str:
     """What the relay stores of a token's secret (hex SHA-256)."""
     return hashlib.sha256(secret.encode()).hexdigest()
-
-
-def secret_matches(secret: str, digest: str) -> bool:
-    return hmac.compare_digest(secret_digest(secret), digest)
 
 
 class Verdict(enum.StrEnum):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -30,7 +29,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
 from cryptography.x509.oid import NameOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
-from agent.signaling.envelope import Envelope, signing_bytes
+from agent.signaling.envelope import Envelope, sig_bytes, signing_bytes, with_sig
 
 _HALF = 32
 """Bytes of r and of s on P-256."""
@@ -53,19 +52,18 @@ def sign(env: Envelope, key: ec.EllipticCurvePrivateKey) -> Envelope:
     """``env`` with ``sig`` set by ``key``."""
     _require_p256(key)
     r, s = decode_dss_signature(key.sign(signing_bytes(env), ec.ECDSA(hashes.SHA256())))
-    raw = r.to_bytes(_HALF, "big") + s.to_bytes(_HALF, "big")
-    return dataclasses.replace(env, sig=base64.urlsafe_b64encode(raw).rstrip(b"=").decode())
+    return with_sig(env, r.to_bytes(_HALF, "big") + s.to_bytes(_HALF, "big"))
 
 
 def verify(env: Envelope, key: ec.EllipticCurvePublicKey) -> None:
     """Return if ``env`` was signed by ``key``'s owner; ``SignatureError`` otherwise."""
     _require_p256(key)
-    if env.sig is None:
-        raise SignatureError("unsigned", f"{env.type} from {env.from_} carries no signature")
     try:
-        raw = base64.urlsafe_b64decode(env.sig + "=" * (-len(env.sig) % 4))
+        raw = sig_bytes(env)
     except (binascii.Error, ValueError):
         raw = b""
+    if raw is None:
+        raise SignatureError("unsigned", f"{env.type} from {env.from_} carries no signature")
     if len(raw) != 2 * _HALF:
         raise SignatureError("bad-signature", f"{env.type} from {env.from_}: malformed signature")
     der = encode_dss_signature(

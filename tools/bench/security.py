@@ -66,7 +66,7 @@ from agent.media.srtp import KeyPair, SrtpContext, SrtpError, SrtpKeys, SrtpProf
 from agent.pairing.client import new_key_and_csr
 from agent.pairing.token import PairingToken
 from agent.service.identity import load_identity
-from agent.signaling.envelope import Envelope, EnvelopeError, from_json, new_id
+from agent.signaling.envelope import Envelope, EnvelopeError, from_json, new_id, with_sig
 from agent.signaling.mqtt import ConnectFailed, MqttConfig, MqttTls, PublishFailed
 from agent.signaling.signing import SignatureError, Verifier
 from agent.signaling.topics import (
@@ -98,7 +98,6 @@ from tools.lab.attacks import (
     turn_refusal,
     until_marker,
     wire,
-    with_signature,
 )
 from tools.lab.fleet import AGENT_CMD, PAIR_DEVICE, RELAY_CMD, REPO, WAIT, Fleet, FleetError, fleet
 from tools.lab.procs import alive
@@ -516,7 +515,7 @@ async def signaling(bench: Bench) -> None:
                     secrets.token_bytes(32),
                 )
                 if i % 5 < 3:
-                    bad.append((call, wire(with_signature(env, sig[i % 5]))))
+                    bad.append((call, wire(with_sig(env, sig[i % 5]))))
                 elif i % 5 == 3:  # door-b's valid signature over door-a's envelope
                     bad.append((call, wire(dataclasses.replace(env, sig=b.sign(env).sig))))
                 else:  # door-a's signature of another message

@@ -10,7 +10,6 @@ attack failed: the callers assert or count.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import dataclasses
 import datetime
@@ -152,11 +151,6 @@ def tamper_sdp(signed: bytes, n: int) -> bytes:
     else:
         envelope["body"]["sdp"] = sdp + TAMPERINGS[n % (len(TAMPERINGS) + 1)]
     return json.dumps(envelope).encode()
-
-
-def with_signature(env: Envelope, raw: bytes) -> Envelope:
-    """``env`` carrying ``raw`` as its signature (any bytes, in the envelope's encoding)."""
-    return dataclasses.replace(env, sig=base64.urlsafe_b64encode(raw).rstrip(b"=").decode())
 
 
 _DROPPED = re.compile(r": (\S+): dropped (\S+) \(call ([^)]+)\): (\S+)\s*$")
