@@ -117,6 +117,15 @@ def test_co_t4_across_the_band(freq: float, square: bool) -> None:
 
 
 @pytest.mark.parametrize("kind", ["smoke_alarm", "co_alarm"])
+@pytest.mark.parametrize("freq", [800.0, 1050.0, 1250.0])
+def test_temporal_rhythm_outside_the_alarm_bands_is_nothing(kind: str, freq: float) -> None:
+    """Alarms sound at 520 Hz (and its odd harmonics) or at 2-4 kHz: a note of the music
+    at 1 kHz that happens to come and go in a T3 or T4 rhythm is none."""
+    x, _ = alarm_clip(kind, 3, freq_hz=freq, square=False, drift=0.0)
+    assert detect(x) == []
+
+
+@pytest.mark.parametrize("kind", ["smoke_alarm", "co_alarm"])
 @pytest.mark.parametrize("scale", [0.7, 1.3])
 @pytest.mark.parametrize("which", ["on_scale", "gap_scale", "pause_scale", "all"])
 def test_timing_30_percent_off_nominal(kind: str, scale: float, which: str) -> None:

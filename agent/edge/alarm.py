@@ -57,8 +57,10 @@ class AlarmSettings:
     """Lowest tone tracked (520 Hz square-wave alarms, with margin)."""
     max_freq_hz: float = 4400.0
     """Highest tone tracked (piezo alarms are 2-4 kHz, with margin)."""
-    alarm_bands_hz: tuple[float, ...] = (470.0, 580.0, 1800.0, 4400.0)
-    """Pairs (low, high) where a sustained non-T3/T4 tone raises ``alarm_sound``."""
+    alarm_bands_hz: tuple[float, ...] = (470.0, 580.0, 1410.0, 1740.0, 1800.0, 4400.0)
+    """Pairs (low, high) where alarms sound: a 520 Hz square wave's fundamental and odd
+    harmonics (3rd; 5th and 7th fall in the piezo band), and the piezo band 2-4 kHz with
+    margin. Tones elsewhere (a note at 1 kHz) are no alarm, whatever their rhythm."""
     prominence_db: float = 10.0
     """How far a tone's peak bin must stand above the neighbouring bins' mean."""
     hold_prominence_db: float = 6.0
@@ -375,6 +377,8 @@ class AlarmDetector:
                 episode.last_s = tone.end_s
         now = f * _FRAME_S
         out: list[Detection] = []
+        if not self._in_alarm_band[j]:
+            return out
         # Cheap tests first: most tones (music, speech) are not of any pattern's length.
         found: _Match | None = None
         if tone.length_s in self._t3.on:
@@ -385,11 +389,7 @@ class AlarmDetector:
             found = self._match_t4(j, tones)
             if found is not None:
                 out += self._report("co_alarm", j, now, found)
-        if (
-            self.settings.unclassified
-            and self._in_alarm_band[j]
-            and tone.length_s >= _PERIODIC_MIN_BEEP_S
-        ):
+        if self.settings.unclassified and tone.length_s >= _PERIODIC_MIN_BEEP_S:
             found = self._match_periodic(tones)
             if found is not None:
                 out += self._report("alarm_sound", j, now, found)
