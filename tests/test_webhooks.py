@@ -25,7 +25,9 @@ from agent.edge.alerts import Alert, Severity, new_alert_id
 from agent.signaling import topics
 from agent.signaling.mqtt import MqttClient
 from agent.signaling.topics import Kind
+from cloud_relay.__main__ import Upkeep
 from cloud_relay.config import BrokerSettings, MqttSettings, RelayConfig, StoreSettings
+from cloud_relay.credentials import open_credentials
 from cloud_relay.service import Relay
 from cloud_relay.store import Store
 from cloud_relay.webhooks import (
@@ -174,8 +176,16 @@ async def test_dead_letters_listed_and_sent_again(tmp_path: Path, secret_file: P
                 with contextlib.suppress(ProcessLookupError):
                     stand_in.kill()
                 await stand_in.wait()
-            assert await w.retry() == 1  # what the woken relay does
-            await until(lambda: w.stats.delivered == 1, "the delivery")
+            # What the woken relay does: its upkeep takes the dead letter up again.
+            config = RelayConfig(data_dir=str(tmp_path / "upkeep"))
+            upkeep = Upkeep(config, await asyncio.to_thread(open_credentials, config))
+            upkeep.webhooks = w
+            upkeep.schedule()
+            try:
+                await until(lambda: w.stats.delivered == 1, "the delivery")
+            finally:
+                await upkeep.close()
+            assert w.stats.resumed == 1
             assert await s.run(s.dead_letters) == []
             assert json.loads(r.got[-1].body)["alert"]["id"] == a.id
 
