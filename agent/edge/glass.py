@@ -168,8 +168,9 @@ class GlassBreakDetector:
         self._state = _State.IDLE
         self._floor_low: float | None = None
         self._floor_high: float | None = None
-        self._recent_high = FLOOR_DBFS
-        """The high band's mean level over the last ``_RECENT_S`` before an event."""
+        self._recent_energy = 0.0
+        """The high band's mean energy over the last ``_RECENT_S`` before an event (kept
+        as energy, so a frame costs no conversions to and from dB)."""
         self._shatter_ref = FLOOR_DBFS
         self._history = [FLOOR_DBFS, FLOOR_DBFS]
         self._quiet_until = 0.0
@@ -204,7 +205,8 @@ class GlassBreakDetector:
         power = spectrum.real * spectrum.real + spectrum.imag * spectrum.imag
         low = self._db(float(power[self._low[0] : self._low[1]].sum()))
         high_power = power[self._high[0] : self._high[1]]
-        high = self._db(float(high_power.sum()))
+        high_energy = float(high_power.sum())
+        high = self._db(high_energy)
         floor_low = low if self._floor_low is None else self._floor_low
         floor_high = high if self._floor_high is None else self._floor_high
 
@@ -229,7 +231,7 @@ class GlassBreakDetector:
                 # The shatter rises over the band's floor and over what sounded in it just
                 # before; it lasts while it stands over the latter (music or speech in the
                 # band keeps a minimum-tracking floor far too low for that).
-                ref = max(floor_high, self._recent_high)
+                ref = max(floor_high, self._db(self._recent_energy))
                 if (
                     high >= s.shatter_min_dbfs
                     and high - floor_high >= s.shatter_rise_db
@@ -267,9 +269,7 @@ class GlassBreakDetector:
         if self._state in (_State.IDLE, _State.WAIT_QUIET) or self._floor_low is None:
             self._floor_low = _follow(floor_low, low, self._up, self._down)
             self._floor_high = _follow(floor_high, high, self._up, self._down)
-            recent = 10 ** (self._recent_high / 10)
-            recent += (10 ** (high / 10) - recent) * self._recent
-            self._recent_high = 10 * math.log10(max(recent, 1e-14))
+            self._recent_energy += (high_energy - self._recent_energy) * self._recent
         self._history = [self._history[1], low]
         return out
 

@@ -246,11 +246,10 @@ def opus_cpu_per_audio_s(job: Job, work: Path) -> float:
 
 def corpus(args: argparse.Namespace) -> list[Job]:
     """Every clip of the run, each with its own seed drawn from ``--seed``."""
-    seeds = iter(np.random.default_rng(args.seed).integers(1 << 31, size=10_000_000))
-    jobs: list[Job] = []
+    specs: list[tuple[str, str, str, float | None, float]] = []
 
     def add(group: str, kind: str, bg: str, snr: float | None, seconds: float) -> None:
-        jobs.append(Job(group, kind, bg, snr, int(next(seeds)), seconds))
+        specs.append((group, kind, bg, snr, seconds))
 
     for kind, seconds in ALARM_SECONDS.items():
         snrs = args.snrs if kind != "alarm_sound" else [s for s in args.snrs if s >= 0]
@@ -273,7 +272,11 @@ def corpus(args: argparse.Namespace) -> list[Job]:
         add("voice", "voice", "quiet", None, 15.0)
         for kind in ("mic_silent", "mic_stuck", "mic_clipping"):
             add("fault", kind, BACKGROUNDS[n % len(BACKGROUNDS)], None, 20.0)
-    return jobs
+    seeds = np.random.default_rng(args.seed).integers(1 << 31, size=len(specs))
+    return [
+        Job(group, kind, bg, snr, int(seed), seconds)
+        for (group, kind, bg, snr, seconds), seed in zip(specs, seeds, strict=True)
+    ]
 
 
 def _percentile(values: Sequence[float], q: float) -> float | None:
