@@ -260,9 +260,10 @@ def speech_wav(path: Path, text: str, rate: int = SAMPLE_RATE, voice: str = "en"
     subprocess.run(
         ["espeak-ng", "-v", voice, "-s", "150", "-w", str(raw), text], check=True, timeout=60
     )
-    subprocess.run(
-        ["sox", str(raw), "-r", str(rate), "-c", "1", "-b", "16", str(path)], check=True, timeout=60
-    )
+    # -R: sox dithers with a random seed unless told to repeat itself; the same text must
+    # give the same samples, or a test near a threshold passes or fails by chance.
+    argv = ["sox", "-R", str(raw), "-r", str(rate), "-c", "1", "-b", "16", str(path)]
+    subprocess.run(argv, check=True, timeout=60)
     raw.unlink()
     return path
 
