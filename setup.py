@@ -22,6 +22,8 @@ setup(
         "pylibsrtp>=0.10",
         "pyOpenSSL>=24",
         "soxr>=0.3",
+        # sd_notify and the journal; built against libsystemd (libsystemd-dev, pkg-config).
+        "systemd-python>=235; sys_platform == 'linux'",
         "webrtcvad-wheels>=2.0.14",  # voice activity on the board: tiny C, no model file
     ],
     extras_require={

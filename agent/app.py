@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import dataclasses
 import enum
+import functools
 import json
 import logging
 import os
@@ -29,13 +30,13 @@ from pathlib import Path
 from agent.audio.base import AudioSink, AudioSource, EndOfStream
 from agent.audio.device import AlsaCapture, AlsaPlayback, DeviceNotFound
 from agent.audio.gain import AudioControls, GainSink, MutableSource
-from agent.audio.pyaudio_backend import list_devices
 from agent.audio.tee import CaptureTee
-from agent.calls.machine import CallConfig, CallMachine
+from agent.calls.machine import CallConfig, CallMachine, Indicator
 from agent.calls.runtime import CallRuntime
 from agent.edge.listener import EdgeListener
 from agent.edge.outbox import OUTBOX_FILE, Outbox
 from agent.edge.pipeline import EdgeAnalyzer
+from agent.edge.recorder import ClipRecorder, RelayClipKey
 from agent.edge.uplink import AlertUplink
 from agent.media import sdp
 from agent.media.dtls import DtlsCertificate
@@ -44,10 +45,13 @@ from agent.media.session import EndReason, MediaSession
 from agent.net.candidate import Candidate, CandidateError
 from agent.net.ice import TurnServer
 from agent.pairing.client import PID_FILE, AlreadyPaired, PairingFailed, pair
-from agent.service.config import UNPAIRED, AgentConfig, ConfigError, load_config
+from agent.service.config import UNPAIRED, AgentConfig, ConfigError, config_path, load_config
 from agent.service.files import write_atomic
 from agent.service.identity import Identity, IdentityError, load_identity
 from agent.service.led import StatusLed
+from agent.service.notifier import ServiceNotifier
+from agent.service.status import AgentStatus
+from agent.service.systemd import LOG_TARGETS, journal_fields, setup_logging
 from agent.signaling.messages import (
     MAX_MESSAGE_BYTES,
     Description,
@@ -58,7 +62,7 @@ from agent.signaling.messages import (
     from_json,
     to_json,
 )
-from agent.signaling.mqtt import ConnectFailed, MqttConfig, MqttSession
+from agent.signaling.mqtt import ConnectFailed, MqttConfig, MqttSession, Outage
 from agent.signaling.signing import Signing
 
 logger = logging.getLogger(__name__)
@@ -298,15 +302,21 @@ def call_machine(config: AgentConfig) -> CallMachine:
     )
 
 
-async def _connect(session: MqttSession, config: AgentConfig, stop: asyncio.Event) -> bool:
+async def _connect(
+    session: MqttSession, config: AgentConfig, stop: asyncio.Event, service: _Service
+) -> bool:
     """Start the session, retrying until connected (True) or asked to stop (False)."""
     delay = config.mqtt.backoff_min
+    loop = asyncio.get_running_loop()
     while not stop.is_set():
         try:
             await session.start()
+            service.status.connect_outage = None
             return True
         except ConnectFailed as exc:
             logger.warning("device %s: %s; retrying in %.1fs", config.device_id, exc, delay)
+            service.status.connect_outage = Outage(exc.reason, loop.time() + delay)
+            service.notifier.refresh()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(delay):
                 await stop.wait()
@@ -341,33 +351,53 @@ class _Signals:
         return Ending.RELOAD
 
 
+@dataclass(frozen=True, slots=True)
+class _Service:
+    """What ``run`` tells systemd: the status it describes, and the notifier sending it."""
+
+    status: AgentStatus
+    notifier: ServiceNotifier
+
+
 async def run_agent(config: AgentConfig, source_spec: str, sink_spec: str) -> int:
     """Calls through the relay until SIGTERM/SIGINT; then hang up and go offline."""
     loop = asyncio.get_running_loop()
     signals = _Signals()
+    status = AgentStatus(loop.time)
+    service = _Service(status, ServiceNotifier(status.describe))
     state_dir = Path(config.state_dir)
     pid_file = state_dir / PID_FILE
     await asyncio.to_thread(state_dir.mkdir, parents=True, exist_ok=True)
     write_atomic(pid_file, f"{os.getpid()}\n".encode(), 0o644)
+
+    def stop() -> None:
+        service.notifier.stopping("stopping: ending calls, sending the last alerts")
+        signals.stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, signals.stop.set)
+        loop.add_signal_handler(sig, stop)
     loop.add_signal_handler(signal.SIGHUP, signals.reload.set)
+    service.notifier.start()
     try:
         while True:
-            identity = await _identity(config, signals)
+            identity = await _identity(config, signals, service)
             if identity is None and config.device_id == UNPAIRED:
                 return 0  # stopped while waiting for pairing
-            ending = await _run_online(config, identity, source_spec, sink_spec, signals)
+            ending = await _run_online(
+                config, identity, source_spec, sink_spec, signals=signals, service=service
+            )
             if ending is Ending.STOP:
                 return 0
             logger.info("reloading: starting over with the identity on disk")
+            service.notifier.reloading("reloading: starting over with the identity on disk")
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         pid_file.unlink(missing_ok=True)
+        await service.notifier.close()
 
 
-async def _identity(config: AgentConfig, signals: _Signals) -> Identity | None:
+async def _identity(config: AgentConfig, signals: _Signals, service: _Service) -> Identity | None:
     """The paired identity; else, for a board configured with a device id, None (plain
     lab broker); else wait until pairing gives one (None if stopped meanwhile)."""
     state_dir = Path(config.state_dir)
@@ -382,6 +412,8 @@ async def _identity(config: AgentConfig, signals: _Signals) -> Identity | None:
             return identity
         if not announced:
             logger.warning("not paired: run tools/pair-device TOKEN on this board")
+            service.status.phase = "not paired: run tools/pair-device TOKEN on this board"
+            service.notifier.refresh()
             announced = True
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(PAIRING_POLL_S):
@@ -394,11 +426,30 @@ async def _run_online(
     identity: Identity | None,
     source_spec: str,
     sink_spec: str,
+    *,
     signals: _Signals,
+    service: _Service,
 ) -> Ending:
-    signing = None
     if identity is not None:
         config = dataclasses.replace(config, device_id=identity.device_id)
+    with journal_fields(DEVICE_ID=config.device_id):
+        return await _serve(
+            config, identity, source_spec, sink_spec, signals=signals, service=service
+        )
+
+
+async def _serve(
+    config: AgentConfig,
+    identity: Identity | None,
+    source_spec: str,
+    sink_spec: str,
+    *,
+    signals: _Signals,
+    service: _Service,
+) -> Ending:
+    """The board online: audio, session, alerts and calls, until a signal ends it."""
+    signing = None
+    if identity is not None:
         signing = await asyncio.to_thread(Signing.load, identity.key_path, identity.ca_path)
     certificate = await asyncio.to_thread(
         DtlsCertificate.load_or_create, Path(config.state_dir) / "dtls", config.device_id
@@ -408,21 +459,14 @@ async def _run_online(
         controls = AudioControls(volume=config.audio.volume)
         device = await _open_source(source_spec, config)
         stack.push_async_callback(device.close)
-        sink = GainSink(await _open_sink(sink_spec, config), controls)
+        speaker = await _open_sink(sink_spec, config)
+        sink = GainSink(speaker, controls)
         stack.push_async_callback(sink.close)
         presence = {"state": "online", "board": config.board, "version": "0.1.0"}
         session = MqttSession(mqtt_config(config, identity), presence)
         stack.push_async_callback(session.close)
-        connected = asyncio.ensure_future(_connect(session, config, signals.stop))
-        ending = asyncio.ensure_future(signals.wait())
-        stack.callback(ending.cancel)
-        await asyncio.wait([connected, ending], return_when=asyncio.FIRST_COMPLETED)
-        if not connected.done() or not connected.result():
-            connected.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await connected
-            return await ending
-        # Alerts wait in the outbox until the relay has stored them (acked).
+        # Alerts wait in the outbox until the relay has stored them (acked): the detectors
+        # listen from here on, also while the broker cannot be reached.
         outbox = await Outbox.open(
             Path(config.state_dir) / OUTBOX_FILE, capacity=config.alerts.outbox_capacity
         )
@@ -431,11 +475,27 @@ async def _run_online(
         uplink.start()
         stack.push_async_callback(uplink.close)
         # The detectors hear the microphone whether or not a call is up, muted or not.
-        listener = EdgeListener(config.device_id, config.edge, uplink)
+        # The relay's clip key comes on its retained config; clips are sealed to it.
+        clip_key = await asyncio.to_thread(RelayClipKey, config.device_id, Path(config.state_dir))
+        clips = config.alerts.clip
+        recorder = ClipRecorder(config.device_id, clips, clip_key) if clips.enabled else None
+        listener = EdgeListener(config.device_id, config.edge, uplink, recorder)
         stack.push_async_callback(listener.close)
         tee = CaptureTee(device, listener.on_frame)
         tee.start()
         stack.push_async_callback(tee.close)
+        service.status.broker = f"{session.config.host}:{session.config.port}"
+        service.status.phase = f"connecting to the broker at {service.status.broker}"
+        service.notifier.refresh()
+        connected = asyncio.ensure_future(_connect(session, config, signals.stop, service))
+        ending = asyncio.ensure_future(signals.wait())
+        stack.callback(ending.cancel)
+        await asyncio.wait([connected, ending], return_when=asyncio.FIRST_COMPLETED)
+        if not connected.done() or not connected.result():
+            connected.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await connected
+            return await ending
         # Mute and volume act on these wrappers, so they hold in and between calls.
         source = MutableSource(tee, controls)
 
@@ -462,10 +522,22 @@ async def _run_online(
             signing=signing,
         )
         runtime.on_alert_ack = uplink.on_ack
-        # Closed first: the runtime hangs up, then the microphone's readers stop, the
-        # outbox takes the last alerts, the session goes offline, then audio closes.
+        runtime.on_config = clip_key.on_config
+        # Closed first (``_stop_serving``): the runtime hangs up, the microphone's readers
+        # stop, the relay acks the last alerts; then the session goes offline, audio closes.
         await runtime.start()
         stack.push_async_callback(runtime.close)
+        stack.push_async_callback(_stop_serving, runtime, tee, listener, uplink, config)
+        _watch(service, config.service.stall_s, tee=tee, outbox=outbox, audio=(device, speaker))
+        stack.callback(service.notifier.clear_checks)
+        service.status.session = session
+
+        def on_indicator(indicator: Indicator, peer: str | None) -> None:
+            service.status.indicator, service.status.peer = indicator, peer
+            service.notifier.refresh()
+
+        runtime.on_indicator = on_indicator
+        service.notifier.ready()
         logger.info(
             "device %s: online at %s:%d%s",
             config.device_id,
@@ -475,7 +547,44 @@ async def _run_online(
         )
         result = await ending
         logger.info("device %s: stopping", config.device_id)
+        service.status.session = None
     return result
+
+
+def _watch(
+    service: _Service,
+    stall_s: float,
+    *,
+    tee: CaptureTee,
+    outbox: Outbox,
+    audio: tuple[AudioSource, AudioSink],
+) -> None:
+    """The health checks behind the watchdog pings (see ``ServiceNotifier``)."""
+    notifier = service.notifier
+    notifier.add_check("microphone", lambda: tee.health(stall_s))
+    notifier.add_check("outbox", lambda: outbox.health(stall_s))
+    for name, end in zip(("capture device", "playback device"), audio, strict=True):
+        if isinstance(end, AlsaCapture | AlsaPlayback):
+            notifier.add_check(name, functools.partial(end.health, stall_s))
+
+
+async def _stop_serving(
+    runtime: CallRuntime,
+    tee: CaptureTee,
+    listener: EdgeListener,
+    uplink: AlertUplink,
+    config: AgentConfig,
+) -> None:
+    """SIGTERM's order: hang up (the peer hears ``shutdown`` at once), stop the detectors
+    (their last alerts go into the outbox), then give the relay a moment to acknowledge
+    what the outbox holds; the rest waits there for the next start."""
+    await runtime.end_calls()
+    await tee.close()
+    await listener.close()
+    left = await uplink.drain(config.service.stop_flush_s)
+    if left:
+        logger.warning("device %s: %d alert(s) not acknowledged yet: kept in the outbox",
+                       config.device_id, left)  # fmt: skip
 
 
 async def analyze_wav(config: AgentConfig, path: Path) -> int:
@@ -553,8 +662,18 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edge-intercom-agent", description=__doc__)
     parser.add_argument("--config", type=Path, help="agent TOML file (board profile + overrides)")
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument(
+        "--log-target", choices=LOG_TARGETS, default="auto",
+        help="auto: the journal when systemd connects stderr to it (structured fields)",
+    )  # fmt: skip
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("devices", help="list the audio devices PortAudio sees")
+    devices = sub.add_parser(
+        "devices", help="list audio devices, their rates, and the ones the config picks"
+    )
+    devices.add_argument("--json", action="store_true", help="a JSON array, for scripts")
+    check = sub.add_parser("check", help="self-test: audio loop, broker, STUN/TURN, clock, disk")
+    check.add_argument("--timeout", type=float, default=5.0, help="seconds per network check")
+    check.add_argument("--no-audio", action="store_true", help="skip the audio loop test")
     call = sub.add_parser(
         "call", help="one call, signaled as JSON lines on stdin/stdout (tests, demo)"
     )
@@ -584,17 +703,16 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(args.log_level, args.log_target)
     try:
-        config = load_config(args.config)
-        if args.command == "devices":
-            for dev in list_devices():
-                print(dev)
-            return 0
+        config = load_config(config_path(args.config))
+        if args.command in ("devices", "check"):
+            # numpy and the checks only for these operator commands.
+            from agent.service.check import check_command, devices_command  # noqa: PLC0415
+
+            if args.command == "devices":
+                return devices_command(config, as_json=args.json)
+            return asyncio.run(check_command(config, limit_s=args.timeout, audio=not args.no_audio))
         if args.command == "run":
             return asyncio.run(run_agent(config, args.source, args.sink))
         if args.command == "analyze":

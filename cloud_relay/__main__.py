@@ -6,7 +6,8 @@ certificates of the relay's CA) unless given a broker URL. ``cmd``: send one com
 to a device and print its reply (exit 1 on timeout, error reply or no broker).
 ``pair new``: mint a one-time pairing token for a new board (text and QR code).
 ``device revoke``: revoke a device's certificates and cut it off the broker.
-``alerts``: list the alerts in the store, newest first (a table, or JSON lines).
+``alerts``: list the alerts in the store, newest first (a table, or JSON lines);
+``alerts clip ID --out FILE``: decrypt an alert's audio clip into a playable file.
 ``webhooks dead``: list the webhook deliveries given up on; ``webhooks retry``: send
 them (some or all) again, at once if the relay runs here.
 """
@@ -31,9 +32,13 @@ from typing import Any
 
 import segno
 
+from agent.edge.clip import ClipError
 from agent.service.files import write_atomic
+from agent.service.notifier import ServiceNotifier
+from agent.service.systemd import LOG_TARGETS, setup_logging
 from agent.signaling.mqtt import ConnectFailed, MqttClient, MqttConfig, PublishFailed
 from cloud_relay.broker import BrokerError, EmbeddedBroker
+from cloud_relay.clips import ClipKey, clip_file, open_clip
 from cloud_relay.commands import CommandError, reply_topic, send_command
 from cloud_relay.config import ConfigError, RelayConfig, load_config
 from cloud_relay.credentials import RelayCredentials, open_credentials
@@ -49,11 +54,18 @@ from cloud_relay.webhooks import Webhooks
 logger = logging.getLogger("cloud_relay")
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, help="TOML configuration file")
-    parser.add_argument("--broker-url", help="external broker, mqtt://host:port")
-    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
-    parser.add_argument("--data-dir", help="the relay's data directory (overrides config)")
+def _common(parser: argparse.ArgumentParser, default: Any = None) -> None:
+    """``default``: ``argparse.SUPPRESS`` on a subcommand's parser, so that the options given
+    before the subcommand are not reset by its defaults."""
+    parser.add_argument("--config", type=Path, default=default, help="TOML configuration file")
+    parser.add_argument("--broker-url", default=default, help="external broker, mqtt://host:port")
+    parser.add_argument("--log-level", default="INFO" if default is None else default,
+                        help="DEBUG, INFO, WARNING, ERROR")  # fmt: skip
+    parser.add_argument("--log-target", choices=LOG_TARGETS,
+                        default="auto" if default is None else default,
+                        help="auto: the journal when systemd connects stderr to it")  # fmt: skip
+    parser.add_argument("--data-dir", default=default,
+                        help="the relay's data directory (overrides config)")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,6 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "UTC unless it has an offset)")  # fmt: skip
     alerts.add_argument("--limit", type=int, default=100, help="at most this many (100)")
     alerts.add_argument("--json", action="store_true", help="one JSON object per line")
+    alerts_sub = alerts.add_subparsers(dest="alerts_command")
+    clip = alerts_sub.add_parser("clip", help="decrypt an alert's audio clip into a file")
+    _common(clip, default=argparse.SUPPRESS)
+    clip.add_argument("alert_id", help="the alert's id")
+    clip.add_argument(
+        "--out", type=Path, required=True, help="FILE.ogg (Opus as recorded) or FILE.wav"
+    )
     hooks = sub.add_parser("webhooks", help="webhook deliveries given up on (dead letters)")
     hooks_sub = hooks.add_subparsers(dest="webhooks_command", required=True)
     dead = hooks_sub.add_parser("dead", help="list dead letters, newest first")
@@ -143,18 +162,33 @@ take up the dead letters sent again."""
 async def serve(config: RelayConfig) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    relay: Relay | None = None
+    serving: Relay | None = None  # the relay once it is ready
+    phase = "starting: opening the store"
+
+    def describe() -> str:
+        return serving.describe() if serving is not None else phase
+
+    notifier = ServiceNotifier(describe)
+
+    def stopping() -> None:
+        notifier.stopping("stopping: closing the listeners and the broker")
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, stopping)
+    notifier.start()
     data_dir = Path(config.data_dir)
     await asyncio.to_thread(data_dir.mkdir, parents=True, exist_ok=True)
     creds = await asyncio.to_thread(open_credentials, config)
     store = await Store.open(config.store_url())
     broker: EmbeddedBroker | None = None
-    relay: Relay | None = None
     web: WebServer | None = None
     upkeep = Upkeep(config, creds)
     try:
         if config.broker.url is None:
+            phase = "starting: the embedded broker"
+            notifier.refresh()
             broker = EmbeddedBroker(config.broker, data_dir / "broker", tls=creds.broker_tls)
             await broker.start()
             upkeep.broker = broker
@@ -170,8 +204,9 @@ async def serve(config: RelayConfig) -> int:
         if config.webhooks:
             webhooks = Webhooks(config.webhooks, store, worker=config.mqtt.client_id)
             upkeep.webhooks = webhooks
+        clip_key = await asyncio.to_thread(ClipKey.load, config.pki_directory(), create=True)
         relay = Relay(config, store, tls=tls, senders=senders, turn_secret=turn_secret,
-                      webhooks=webhooks)  # fmt: skip
+                      webhooks=webhooks, clip_key=clip_key)  # fmt: skip
         attempt = 0
         while not stop.is_set():
             try:
@@ -181,6 +216,8 @@ async def serve(config: RelayConfig) -> int:
                 delay = min(config.mqtt.backoff_max, config.mqtt.backoff_min * 2.0**attempt)
                 attempt += 1
                 logger.warning("%s; retrying in %.1fs", exc, delay)
+                phase = f"starting: broker unreachable ({exc.reason}), retrying in {delay:.0f} s"
+                notifier.refresh()
                 with _suppress_timeout():
                     async with asyncio.timeout(delay):
                         await stop.wait()
@@ -209,6 +246,8 @@ async def serve(config: RelayConfig) -> int:
             # message in flight waited for.
             gc.freeze()
             logger.info("relay ready (data in %s)", data_dir)
+            serving = relay
+            notifier.ready()
             await stop.wait()
         logger.info("shutting down")
     finally:
@@ -225,6 +264,7 @@ async def serve(config: RelayConfig) -> int:
         await store.close()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+        await notifier.close()
     return 0
 
 
@@ -452,17 +492,42 @@ async def list_alerts(config: RelayConfig, ns: argparse.Namespace) -> int:
     if ns.json:
         for a in found:
             line = {"id": a.id, "device": a.device, "received": a.received.isoformat(),
-                    "alert": a.body}  # fmt: skip
+                    "alert": a.body, "clip": a.has_clip}  # fmt: skip
             print(json.dumps(line, sort_keys=True))
         return 0
     print(f"{'received (UTC)':<20} {'device':<20} {'kind':<16} {'severity':<9} "
-          f"{'conf':>5} {'level':>7}  id")  # fmt: skip
+          f"{'conf':>5} {'level':>7} {'clip':<4}  id")  # fmt: skip
     for a in found:
         received = a.received.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+        clip = "yes" if a.has_clip else "-"
         print(f"{received:<20} {a.device:<20} {a.kind:<16} {a.severity:<9} "
-              f"{a.confidence:>5.2f} {a.level:>7.1f}  {a.id}")  # fmt: skip
+              f"{a.confidence:>5.2f} {a.level:>7.1f} {clip:<4}  {a.id}")  # fmt: skip
     if not found:
         print("(no alerts)")
+    return 0
+
+
+async def alert_clip(config: RelayConfig, alert_id: str, out: Path) -> int:
+    """``alerts clip``: decrypt the alert's clip with the relay's clip key into ``out``."""
+    if (store := await _existing_store(config)) is None:
+        return 1
+    try:
+        stored = await store.run(store.alert_clip, alert_id)
+    finally:
+        await store.close()
+    if stored is None:
+        print(f"error: no alert {alert_id} with a clip in the store", file=sys.stderr)
+        return 1
+    key = await asyncio.to_thread(ClipKey.load, config.pki_directory())
+    try:
+        audio = open_clip(stored[1], key, alert_id)
+    except ClipError as exc:
+        print(f"error: alert {alert_id}: {exc}", file=sys.stderr)
+        return 1
+    data = clip_file(audio, out)
+    await asyncio.to_thread(write_atomic, out, data, 0o600)
+    print(f"{out}: {audio.seconds:.2f} s from {stored[0]} ({audio.before_s:.2f} s before "
+          f"the event), {len(data)} bytes")  # fmt: skip
     return 0
 
 
@@ -502,11 +567,7 @@ async def webhooks_command(config: RelayConfig, ns: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
-    logging.basicConfig(
-        level=ns.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    setup_logging(ns.log_level, ns.log_target)
     try:
         config = load_config(ns.config, data_dir=ns.data_dir, broker_url=ns.broker_url)
         if ns.command == "serve":
@@ -515,6 +576,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(pair_new(config, ns))
         if ns.command == "device":
             return device_revoke(config, ns.device)
+        if ns.command == "alerts" and ns.alerts_command == "clip":
+            return asyncio.run(alert_clip(config, ns.alert_id, ns.out))
         if ns.command == "alerts":
             return asyncio.run(list_alerts(config, ns))
         if ns.command == "webhooks":

@@ -76,6 +76,10 @@ class PresenceTable:
     def known(self, device: str) -> bool:
         return device in self._state
 
+    def online(self) -> int:
+        """How many devices are online now."""
+        return sum(state == "online" for state in self._state.values())
+
     def state(self, device: str) -> str | None:
         """The last state, None if unknown or never reported."""
         return self._state.get(device)

@@ -14,6 +14,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
@@ -104,8 +105,12 @@ alerts = Table(
     Column("confidence", Float, nullable=False),
     Column("level", Float, nullable=False),
     Column("received", DateTime(timezone=True), nullable=False),
-    # The alert as the device sent it (``agent.edge.alerts``), detail included.
+    # The alert as the device sent it (``agent.edge.alerts``), detail included; its clip
+    # as a summary (``store.stored_body``).
     Column("body", JSON, nullable=False),
+    # The alert's audio clip, sealed to the relay's clip key (``agent.edge.clip``): only
+    # ciphertext at rest.
+    Column("clip", LargeBinary, nullable=True),
     Index("ix_alerts_received", "received"),
     Index("ix_alerts_device_received", "device", "received"),
 )

@@ -32,11 +32,14 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from agent.edge.alerts import Alert, AlertError, decode_alert, encode_ack
+from agent.edge.clip import ClipError, public_key_text
+from agent.service.status import outage_line
 from agent.signaling import topics
 from agent.signaling.envelope import EnvelopeError, InviteBody, from_json, to_json
 from agent.signaling.mqtt import Message, MqttClient, MqttConfig, MqttTls, PublishFailed
 from agent.signaling.signing import SignatureError
 from agent.signaling.topics import Kind, TopicError
+from cloud_relay.clips import ClipInfo, ClipKey, check_clip
 from cloud_relay.commands import CommandError, Requester, command_summary, decode_reply
 from cloud_relay.config import RelayConfig
 from cloud_relay.presence import Presence, PresenceError, PresenceTable, parse_presence
@@ -50,7 +53,7 @@ from cloud_relay.routing import (
     Router,
 )
 from cloud_relay.signatures import FORGED_FROM, Senders
-from cloud_relay.store import Store, utc_from_ms
+from cloud_relay.store import Store, stored_body, utc_from_ms
 from cloud_relay.sync import RELAY_SYNC_TOPIC, SyncError, decode, encode
 from cloud_relay.turn import call_credentials
 from cloud_relay.webhooks import Webhooks
@@ -89,6 +92,8 @@ class RelayStats:
     alerts_stored: int = 0
     alerts_duplicate: int = 0
     """Alerts whose id was stored already (a resend, or another worker's copy): acked again."""
+    alerts_with_clip: int = 0
+    """Alerts received with a clip that opened (bad clips: ``dropped[clip-<label>]``)."""
     dropped: Counter[str] = field(default_factory=Counter)
     """Dropped messages by reason (``malformed-<field>``, ``stale``, ``unknown-call``, ...)."""
 
@@ -152,12 +157,14 @@ class Relay:
         senders: Senders | None = None,
         turn_secret: str | None = None,
         webhooks: Webhooks | None = None,
+        clip_key: ClipKey | None = None,
     ) -> None:
         """``tls``: the relay's client certificate, for a broker that takes only those;
         ``senders``: signatures required (paired devices), checked with these;
         ``turn_secret``: coturn's shared secret, to mint TURN credentials with (None: the
         devices get none); ``webhooks``: where new alerts are forwarded (started and
-        closed with the relay)."""
+        closed with the relay); ``clip_key``: the relay's clip key, which devices get on
+        their ``config`` and seal their alerts' clips to (None: clips are dropped)."""
         self.config = config
         self.worker = config.mqtt.client_id
         self.store = store
@@ -190,9 +197,20 @@ class Relay:
         """Devices by when (monotonic s) their current TURN credentials were minted."""
         self._turn_refresher: asyncio.Task[None] | None = None
         self.webhooks = webhooks
+        self._clip_key = clip_key
         self._fetching: dict[str, list[bytes]] = {}
         """Devices whose certificate is being read from the store, with their messages
         meanwhile (routed in order once it is there)."""
+
+    def describe(self) -> str:
+        """The STATUS line while serving: the broker's state, devices online, calls up."""
+        if (outage := self.client.outage) is not None:
+            broker = f"{self.client.config.host}:{self.client.config.port}"
+            return outage_line(broker, outage, asyncio.get_running_loop().time())
+        return (
+            f"serving: {self.presence.online()} device(s) online, "
+            f"{self.router.open_calls()} call(s) up"
+        )
 
     async def start(self) -> None:
         """Load state from the store, connect (``ConnectFailed`` after the connect timeout)."""
@@ -335,18 +353,38 @@ class Relay:
             logger.warning("%s: dropped an alert: %s", device, exc)
             return
         self.stats.alerts_received += 1
-        fut = self._write(self.store.record_alert, device, alert, utc_from_ms(self._clock_ms()))
-        fut.add_done_callback(functools.partial(self._alert_stored, device, alert))
+        clip = self._check_clip(device, alert)
+        received = utc_from_ms(self._clock_ms())
+        fut = self._write(self.store.record_alert, device, alert, received, clip)
+        fut.add_done_callback(functools.partial(self._alert_stored, device, alert, clip))
 
-    def _alert_stored(self, device: str, alert: Alert, fut: asyncio.Future[bool]) -> None:
+    def _check_clip(self, device: str, alert: Alert) -> ClipInfo | None:
+        """The alert's clip, opened once to prove it whole; a bad one is dropped (counted
+        and logged) and the alert stored without it."""
+        if alert.clip is None:
+            return None
+        try:
+            if self._clip_key is None:
+                raise ClipError("this relay has no clip key", "no-key")
+            clip = check_clip(alert.clip, self._clip_key, alert.id)
+        except ClipError as exc:
+            self.stats.dropped[f"clip-{exc.label}"] += 1
+            logger.warning("%s: alert %s stored without its clip: %s", device, alert.id, exc)
+            return None
+        self.stats.alerts_with_clip += 1
+        return clip
+
+    def _alert_stored(
+        self, device: str, alert: Alert, clip: ClipInfo | None, fut: asyncio.Future[bool]
+    ) -> None:
         alert_id = alert.id
         if fut.cancelled() or fut.exception() is not None:
             return  # counted and logged by ``_write_done``; the device sends it again
         if fut.result():
             self.stats.alerts_stored += 1
-            logger.info("%s: alert %s stored", device, alert_id)
+            logger.info("%s: alert %s stored%s", device, alert_id, " with a clip" if clip else "")
             if self.webhooks is not None:  # once per alert: only the first store is new
-                self.webhooks.submit(device, alert.to_dict())
+                self.webhooks.submit(device, stored_body(alert, clip))
         else:
             self.stats.alerts_duplicate += 1
         self._publish(topics.device_topic(device, Kind.ALERT_ACK), encode_ack([alert_id]))
@@ -382,7 +420,7 @@ class Relay:
         if self.presence.update(device, presence.state):
             logger.info("%s: presence %s", device, presence.state)
             if presence.reachable:
-                self._send_turn(device)
+                self._send_config(device)
         groups = sorted(self.config.policy.groups_of(device))
         self._write(
             self.store.record_presence,
@@ -582,14 +620,24 @@ class Relay:
         self._write_to_record(attempt, fn, key, *args)
 
     def _send_turn(self, device: str) -> None:
-        """Fresh TURN credentials on the device's retained ``config``."""
-        if self._turn_secret is None:
-            return
-        creds = call_credentials(self.config.turn, self._turn_secret)
-        payload = json.dumps({"turn": [creds.to_json()]}, separators=(",", ":")).encode()
-        self._publish(topics.device_topic(device, Kind.CONFIG), payload, retain=True)
-        self._turn_issued[device] = time.monotonic()
-        self.stats.turn_minted += 1
+        """Fresh TURN credentials on the device's retained ``config`` (if there are any)."""
+        if self._turn_secret is not None:
+            self._send_config(device)
+
+    def _send_config(self, device: str) -> None:
+        """The device's retained ``config``, whole (a retained message is replaced, not
+        merged): fresh TURN credentials and the relay's clip key."""
+        desired: dict[str, Any] = {}
+        if self._turn_secret is not None:
+            creds = call_credentials(self.config.turn, self._turn_secret)
+            desired["turn"] = [creds.to_json()]
+            self._turn_issued[device] = time.monotonic()
+            self.stats.turn_minted += 1
+        if self._clip_key is not None:
+            desired["clip_key"] = public_key_text(self._clip_key.public)
+        if desired:
+            payload = json.dumps(desired, separators=(",", ":")).encode()
+            self._publish(topics.device_topic(device, Kind.CONFIG), payload, retain=True)
 
     async def _refresh_turn(self) -> None:
         """Before a device's credentials pass half their lifetime it gets new ones, so it

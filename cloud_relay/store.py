@@ -52,6 +52,7 @@ from sqlalchemy.engine import Connection, RowMapping
 from sqlalchemy.exc import IntegrityError
 
 from agent.edge.alerts import Alert
+from cloud_relay.clips import ClipInfo
 from cloud_relay.schema import (
     alerts,
     calls,
@@ -133,7 +134,8 @@ class PairingGrant:
 
 @dataclass(frozen=True, slots=True)
 class AlertRecord:
-    """An alert as the relay stored it (``body``: what the device sent)."""
+    """An alert as the relay stored it (``body``: what the device sent, its clip replaced
+    by a summary: ``stored_body``)."""
 
     id: str
     device: str
@@ -146,6 +148,8 @@ class AlertRecord:
     level: float
     received: datetime
     body: dict[str, Any]
+    has_clip: bool = False
+    """An encrypted audio clip is stored with it (``Store.alert_clip``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -635,8 +639,11 @@ class Store:
             value: str | None = conn.execute(query).scalar()
         return value
 
-    def record_alert(self, device: str, alert: Alert, received: datetime) -> bool:
-        """Store the alert ``device`` sent; True if it is new, False if its id is stored already.
+    def record_alert(
+        self, device: str, alert: Alert, received: datetime, clip: ClipInfo | None = None
+    ) -> bool:
+        """Store the alert ``device`` sent, with its checked ``clip`` (ciphertext) if it had
+        one; True if it is new, False if its id is stored already.
 
         One conditional insert (``ON CONFLICT DO NOTHING``), so resends of an alert and
         relay workers that take copies of it at the same time store it once between
@@ -653,7 +660,8 @@ class Store:
             "confidence": alert.confidence,
             "level": alert.level,
             "received": received,
-            "body": alert.to_dict(),
+            "body": stored_body(alert, clip),
+            "clip": None if clip is None else clip.sealed,
         }
         with self._transaction() as conn:
             dialect = conn.dialect.name
@@ -679,7 +687,11 @@ class Store:
     ) -> list[AlertRecord]:
         """Stored alerts, newest (by ``received``) first: of one device, received at or
         after ``since``, at most ``limit``."""
-        query = select(alerts).order_by(alerts.c.received.desc(), alerts.c.id).limit(limit)
+        columns = [c for c in alerts.c if c.name != "clip"]
+        has_clip = alerts.c.clip.is_not(None).label("has_clip")
+        query = (
+            select(*columns, has_clip).order_by(alerts.c.received.desc(), alerts.c.id).limit(limit)
+        )
         if device is not None:
             query = query.where(alerts.c.device == device)
         if since is not None:
@@ -687,6 +699,15 @@ class Store:
         with self._engine.connect() as conn:
             rows = conn.execute(query).mappings().all()
         return [_alert(r) for r in rows]
+
+    def alert_clip(self, alert_id: str) -> tuple[str, bytes] | None:
+        """(device, sealed clip) of the alert ``alert_id``; None if no such alert has one."""
+        query = select(alerts.c.device, alerts.c.clip).where(
+            alerts.c.id == alert_id, alerts.c.clip.is_not(None)
+        )
+        with self._engine.connect() as conn:
+            row = conn.execute(query).first()
+        return None if row is None else (row[0], bytes(row[1]))
 
     def webhook_queued(self, d: DeliveryRecord) -> None:
         with self._transaction() as conn:
@@ -791,6 +812,17 @@ def _delivery(r: RowMapping) -> DeliveryRecord:
     )
 
 
+def stored_body(alert: Alert, clip: ClipInfo | None) -> dict[str, Any]:
+    """The alert's wire dict as stored, listed and sent to webhooks: a clip is there as
+    its summary (size, seconds), never as audio; a clip that was dropped is not there."""
+    body = alert.to_dict()
+    if clip is None:
+        body.pop("clip", None)
+    else:
+        body["clip"] = clip.summary()
+    return body
+
+
 def _alert(r: RowMapping) -> AlertRecord:
     return AlertRecord(
         id=r["id"],
@@ -804,6 +836,7 @@ def _alert(r: RowMapping) -> AlertRecord:
         level=r["level"],
         received=_utc(r["received"]) or r["received"],
         body=r["body"],
+        has_clip=bool(r["has_clip"]),
     )
 
 

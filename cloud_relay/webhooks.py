@@ -13,6 +13,10 @@ host) is final. After ``max_tries`` the delivery is a dead letter, logged and co
 
 Receivers check ``X-Edge-Intercom-Signature: sha256=<hex>``, the HMAC-SHA256 of the
 exact body bytes with the webhook's secret.
+
+An alert with an audio clip says so in ``alert.clip`` (``bytes``, ``seconds``,
+``before_s``: ``cloud_relay.store.stored_body``); the audio itself never leaves the
+relay this way.
 """
 
 from __future__ import annotations

@@ -7,10 +7,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from agent.service.config import (
+    CONFIG_ENV,
+    DEFAULT_CONFIG,
     OVERRIDES_FILE,
-    PROFILE_DIR,
     AgentConfig,
     ConfigError,
+    config_path,
     from_dict,
     load_config,
     save_override,
@@ -29,13 +31,16 @@ def test_defaults_without_a_file() -> None:
     assert config.media.opus.bitrate == 32_000
 
 
-def test_every_shipped_profile_loads(tmp_path: Path) -> None:
-    profiles = sorted(PROFILE_DIR.glob("*.toml"))
-    assert len(profiles) >= 3
-    for profile in profiles:
-        config = load_config(_write(tmp_path, f'board = "{profile.stem}"\n'))
-        assert config.board == profile.stem
-        assert config.audio.capture.name and config.audio.playback.name
+def test_config_path_flag_then_environment_then_default_if_it_exists(tmp_path: Path) -> None:
+    flag, env_file, default = tmp_path / "flag.toml", tmp_path / "env.toml", tmp_path / "etc.toml"
+    env = {CONFIG_ENV: str(env_file)}
+    assert config_path(flag, env, default) == flag
+    assert config_path(None, env, default) == env_file  # used even if absent: then an error
+    assert config_path(None, {}, default) is None
+    default.write_text('device_id = "door-1"\n')
+    assert config_path(None, {}, default) == default
+    assert config_path(None, {CONFIG_ENV: ""}, default) == default
+    assert Path("/etc/edge-intercom/agent.toml") == DEFAULT_CONFIG
 
 
 def test_agent_file_overrides_the_profile(tmp_path: Path) -> None:
@@ -50,6 +55,7 @@ def test_agent_file_overrides_the_profile(tmp_path: Path) -> None:
     assert config.media.opus.bitrate == 24_000
     assert config.media.opus.complexity == 5  # from the Zero's profile
     assert "googlevoicehat" in config.audio.capture.name
+    assert config.profile.gpio.call_button is not None  # the profile's [board] table
 
 
 def test_alert_outbox_and_uplink_are_configured(tmp_path: Path) -> None:
@@ -61,7 +67,7 @@ def test_alert_outbox_and_uplink_are_configured(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("[media.opus]\nbitrat = 1\n", "media.opus: unknown key"),
+        ("[media.opus]\nbitrat = 1\n", "agent.toml: media.opus: unknown key"),
         ('[media.opus]\nbitrate = "fast"\n', "media.opus.bitrate: expected int"),
         ("[media.opus]\ncomplexity = 12\n", "complexity"),
         ("media = 3\n", "media: expected a table"),

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from agent.edge.alerts import (
     MAX_ACK_IDS,
+    MAX_ALERT_BYTES,
     OUTBOX_OVERFLOW,
     Alert,
     AlertError,
@@ -122,7 +123,7 @@ def test_alert_parsing_is_strict(change: dict[str, object], label: str) -> None:
         (b"\xff", "json"),
         (b"[1]", "json"),
         (b'{"confidence": NaN}', "json"),
-        (b" " * 5000, "size"),
+        (b" " * (MAX_ALERT_BYTES + 1), "size"),
     ],
 )
 def test_alert_payloads_that_are_not_alerts(payload: bytes, label: str) -> None:

@@ -54,6 +54,12 @@ class DeviceConfig:
     rate: int = SAMPLE_RATE
     """Rate to open the device at; if it refuses, its default rate is used. Frames are always
     resampled to and from 48 kHz."""
+    channels: int = CHANNELS
+    """Channels to open the device with: I2S codecs and HATs often take 2 only. Capture keeps
+    ``channel``; playback sends the same mono signal to every channel."""
+    channel: int = 0
+    """Capture: which of ``channels`` is the microphone (0: left). A 2-mic HAT has one mic
+    on each; a single I2S mic is on the slot its L/R pin selects (to ground: left)."""
     frames_per_buffer: int = FRAME_SAMPLES
     """Samples per PortAudio callback at 48 kHz (scaled when the device runs at another rate)."""
     queue_frames: int = 10
@@ -78,6 +84,10 @@ class DeviceConfig:
             raise ValueError("device name must not be empty")
         if self.rate <= 0 or self.frames_per_buffer <= 0:
             raise ValueError("rate and frames_per_buffer must be positive")
+        if self.channels < 1:
+            raise ValueError(f"channels must be at least 1, got {self.channels}")
+        if not 0 <= self.channel < self.channels:
+            raise ValueError(f"channel must be 0..{self.channels - 1}, got {self.channel}")
         if self.queue_frames < 1 or self.prefill_frames < 1:
             raise ValueError("queue_frames and prefill_frames must be at least 1")
         if min(self.reopen_interval_s, self.stall_timeout_s, self.watch_interval_s) <= 0:
@@ -146,6 +156,71 @@ def find_device(devices: list[DeviceInfo], pattern: str, *, capture: bool) -> De
     if exact or matches:
         return (exact or matches)[0]
     raise DeviceNotFound(pattern, "capture" if capture else "playback", [d.name for d in usable])
+
+
+def _pick_channel(data: bytes, channel: int, channels: int) -> bytes:
+    """One channel of interleaved int16 samples."""
+    return memoryview(data).cast("h")[channel::channels].tobytes()
+
+
+def _spread(mono: bytes, channels: int) -> bytes:
+    """Mono int16 samples copied into each of ``channels``, interleaved."""
+    out = bytearray(len(mono) * channels)
+    view, samples = memoryview(out).cast("h"), memoryview(mono).cast("h")
+    for channel in range(channels):
+        view[channel::channels] = samples
+    return bytes(out)
+
+
+PROBE_RATES = (48_000, 44_100, 16_000)
+"""Rates ``survey`` tries: the agent's own, then the two other common ones."""
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceReport:
+    """One PortAudio device: what it can do, and whether the configuration picks it."""
+
+    device: DeviceInfo
+    capture_rates: tuple[int, ...]
+    """Of ``PROBE_RATES``, those capture opens at (empty for a playback-only device)."""
+    playback_rates: tuple[int, ...]
+    """Of ``PROBE_RATES``, those playback opens at (empty for a capture-only device)."""
+    selected_for: tuple[str, ...]
+    """``capture`` and/or ``playback``: the configured name pattern picks this device."""
+
+
+def survey(
+    capture: DeviceConfig, playback: DeviceConfig, rates: tuple[int, ...] = PROBE_RATES
+) -> list[DeviceReport]:
+    """Blocking: every device PortAudio sees now, probed at ``rates`` with the configured
+    channel count of each direction."""
+    pa = PortAudio()
+    try:
+        devices = pa.devices()
+        chosen: dict[int, list[str]] = {}
+        for kind, config in (("capture", capture), ("playback", playback)):
+            with contextlib.suppress(DeviceNotFound):
+                index = find_device(devices, config.name, capture=kind == "capture").index
+                chosen.setdefault(index, []).append(kind)
+
+        def accepted(device: DeviceInfo, config: DeviceConfig, *, capture: bool) -> tuple[int, ...]:
+            if (device.max_input_channels if capture else device.max_output_channels) == 0:
+                return ()
+            return tuple(
+                r for r in rates if pa.supports(device.index, r, config.channels, capture=capture)
+            )
+
+        return [
+            DeviceReport(
+                device=d,
+                capture_rates=accepted(d, capture, capture=True),
+                playback_rates=accepted(d, playback, capture=False),
+                selected_for=tuple(chosen.get(d.index, ())),
+            )
+            for d in devices
+        ]
+    finally:
+        pa.terminate()
 
 
 @dataclass(slots=True)
@@ -253,6 +328,7 @@ class _DeviceStream(abc.ABC):
         self._waker: _Waker | None = None
         # A PortAudio call running in a worker thread; close() waits for it and cleans up.
         self._in_flight: asyncio.Future[_Opened | None] | None = None
+        self._in_flight_since = 0.0
         self._pacer = FramePacer()
         self._device_lost = 0
         self._reopen_attempts = 0
@@ -261,6 +337,19 @@ class _DeviceStream(abc.ABC):
     def healthy(self) -> bool:
         """True while the device delivers (capture) or takes (playback) real audio."""
         return self._healthy
+
+    def health(self, stall_s: float) -> str | None:
+        """What is wrong beyond repair in this process (for the service watchdog): a
+        PortAudio call that has not returned for ``stall_s`` (ALSA drivers can hang on
+        a yanked card), or a supervisor that died. A lost device is not: it is looked
+        for again here, and a restart would not find it sooner."""
+        if self._supervisor is not None and self._supervisor.done() and not self._closed:
+            return f"{self._kind} supervisor stopped"
+        if self._in_flight is not None and not self._in_flight.done() and self._loop is not None:
+            waited = self._loop.time() - self._in_flight_since
+            if waited > stall_s:
+                return f"a PortAudio call on the {self._kind} device hangs ({waited:.0f} s)"
+        return None
 
     async def start(self) -> None:
         """Open the device; raises DeviceNotFound or OSError if that fails now."""
@@ -365,7 +454,9 @@ class _DeviceStream(abc.ABC):
 
     async def _run_blocking(self, fn: Callable[[], _Opened | None]) -> _Opened | None:
         """Run a PortAudio call in a worker thread without blocking the loop."""
-        self._in_flight = asyncio.get_running_loop().run_in_executor(None, fn)
+        loop = asyncio.get_running_loop()
+        self._in_flight_since = loop.time()
+        self._in_flight = loop.run_in_executor(None, fn)
         # Shielded: if we are cancelled the call still finishes and close() cleans up after it.
         result = await asyncio.shield(self._in_flight)
         self._in_flight = None
@@ -509,7 +600,8 @@ class AlsaCapture(_DeviceStream):
                 return False
             return True
 
-        return pa.open_input(device.index, rate, CHANNELS, self._device_frames(rate), on_input)
+        frames = self._device_frames(rate)
+        return pa.open_input(device.index, rate, self.config.channels, frames, on_input)
 
     def _wake(self) -> None:
         self._ready.set()
@@ -517,6 +609,8 @@ class AlsaCapture(_DeviceStream):
     def _deliver(self, gen: int, rate: int, data: bytes, status: int) -> None:
         if not self._callback_arrived(gen, status):
             return
+        if self.config.channels > 1:
+            data = _pick_channel(data, self.config.channel, self.config.channels)
         if self._resampler is None or self._resampler_key != (gen, rate):
             # Fresh per stream: resampler state must not carry across a re-open.
             self._resampler = FrameResampler(rate, SAMPLE_RATE, FRAME_SAMPLES)
@@ -573,7 +667,10 @@ class AlsaPlayback(_DeviceStream):
             self._discarded += 1
             return
         assert self._resampler is not None
-        self._buffer.extend(self._resampler.push(frame))
+        chunks = self._resampler.push(frame)
+        if self.config.channels > 1:
+            chunks = [_spread(chunk, self.config.channels) for chunk in chunks]
+        self._buffer.extend(chunks)
         self._primed = True
         self._played += 1
 
@@ -593,7 +690,9 @@ class AlsaPlayback(_DeviceStream):
         assert waker is not None
         freed = self._freed
         frames = self._device_frames(rate)
-        silence = bytes(frames * 2)
+        channels = self.config.channels
+        frame_bytes = 2 * channels  # int16 per channel
+        silence = bytes(frames * frame_bytes)
 
         def on_output(frame_count: int, status: int) -> bytes:
             # PortAudio thread: one queued chunk per call, silence if there is none.
@@ -605,11 +704,11 @@ class AlsaPlayback(_DeviceStream):
                     self._underruns += 1
             with contextlib.suppress(RuntimeError):  # loop closed: the stream is being closed
                 waker.call(freed, gen, status)
-            if len(data) != frame_count * 2:
-                data = data[: frame_count * 2].ljust(frame_count * 2, b"\0")
+            if len(data) != frame_count * frame_bytes:
+                data = data[: frame_count * frame_bytes].ljust(frame_count * frame_bytes, b"\0")
             return data
 
-        return pa.open_output(device.index, rate, CHANNELS, frames, on_output)
+        return pa.open_output(device.index, rate, channels, frames, on_output)
 
     def _install(self, opened: _Opened, *, healthy: bool) -> None:
         self._buffer.clear()

@@ -179,6 +179,23 @@ class PortAudio:
             )
         return found
 
+    def supports(self, index: int, rate: int, channels: int, *, capture: bool) -> bool:
+        """Whether the device opens int16 at ``rate`` with ``channels`` (ALSA opens it to see)."""
+        direction = "input" if capture else "output"
+        try:
+            return bool(
+                self._pa.is_format_supported(
+                    rate,
+                    **{
+                        f"{direction}_device": index,
+                        f"{direction}_channels": channels,
+                        f"{direction}_format": pyaudio.paInt16,
+                    },
+                )
+            )
+        except ValueError:  # PyAudio's way of saying no (with PortAudio's reason)
+            return False
+
     def open_input(
         self,
         index: int,
@@ -258,12 +275,3 @@ class PortAudio:
     def terminate(self) -> None:
         """Close this instance's streams and release PortAudio (see the module docstring)."""
         self._pa.terminate()
-
-
-def list_devices() -> list[DeviceInfo]:
-    """The devices PortAudio sees now (a fresh instance, terminated before returning)."""
-    pa = PortAudio()
-    try:
-        return pa.devices()
-    finally:
-        pa.terminate()

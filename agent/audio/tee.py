@@ -38,16 +38,32 @@ class CaptureTee:
         self._ready = asyncio.Event()
         self._ended = False
         self._reader: asyncio.Task[None] | None = None
+        self._last_frame = 0.0
         self.dropped = 0
         """Frames the call's view let go because nobody read them."""
 
     def start(self) -> None:
-        self._reader = asyncio.get_running_loop().create_task(self._read(), name="capture-tee")
+        loop = asyncio.get_running_loop()
+        self._last_frame = loop.time()
+        self._reader = loop.create_task(self._read(), name="capture-tee")
+
+    def health(self, stall_s: float) -> str | None:
+        """What is wrong with the microphone's stream (for the service watchdog): it
+        ended, its reader died, or no frame came for ``stall_s`` (a lost device still
+        gives paced silence, so this is a stuck stream, not an unplugged card)."""
+        if self._ended:
+            return "capture ended"
+        if self._reader is not None and self._reader.done():
+            return "capture reader stopped"
+        idle = asyncio.get_running_loop().time() - self._last_frame
+        return f"no microphone frame for {idle:.0f} s" if idle > stall_s else None
 
     async def _read(self) -> None:
+        loop = asyncio.get_running_loop()
         try:
             while True:
                 frame = await self._source.read()
+                self._last_frame = loop.time()
                 try:
                     self._on_frame(frame)
                 except Exception:  # a detector's bug must not take the microphone away

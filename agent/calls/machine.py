@@ -97,6 +97,8 @@ class CallEndReason(enum.StrEnum):
     POLICY_REFUSED = "policy-refused"
     GLARE = "glare"
     """Both sides called each other and this call lost (the other one goes on)."""
+    SHUTDOWN = "shutdown"
+    """A side's agent was stopped (SIGTERM: a restart, an upgrade, a power-down)."""
     ERROR = "error"
 
 
@@ -108,6 +110,7 @@ _DECLINE_REASONS = frozenset(
         CallEndReason.POLICY_REFUSED,
         CallEndReason.NO_ANSWER,
         CallEndReason.UNREACHABLE,
+        CallEndReason.SHUTDOWN,
         CallEndReason.ERROR,
     }
 )
@@ -117,6 +120,7 @@ _SHARED_FAILURES = frozenset(
         CallEndReason.ICE_FAILED,
         CallEndReason.MEDIA_LOST,
         CallEndReason.TIME_LIMIT,
+        CallEndReason.SHUTDOWN,
         CallEndReason.ERROR,
     }
 )
@@ -287,6 +291,8 @@ class HangupCommand:
     """Ends whatever call is up: cancels an outgoing one, declines a ringing one."""
 
     call_id: str | None = None
+    shutdown: bool = False
+    """The agent is stopping: the peer is told ``shutdown`` rather than a hang-up."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -379,6 +385,9 @@ class PeerBye:
     """The peer ended its media (RTCP BYE); its hangup may still be on the way."""
 
     call_id: str
+    reason: str = ""
+    """The BYE's reason for leaving: our agents put their end reason there, which is
+    taken up when it is one both sides share (e.g. ``shutdown``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -399,12 +408,12 @@ MediaEvent = MediaConnected | IceFailed | MediaLost | PeerBye | MediaFailed
 Event = Command | Received | MediaEvent | TimerExpired
 
 
-def media_end_event(reason: EndReason, call_id: str) -> Event | None:
+def media_end_event(reason: EndReason, call_id: str, bye_reason: str = "") -> Event | None:
     """The event for a media session that ended by itself; None when we closed it."""
     if reason is EndReason.LOCAL_HANGUP:
         return None
     if reason is EndReason.REMOTE_BYE:
-        return PeerBye(call_id)
+        return PeerBye(call_id, bye_reason)
     if reason is EndReason.SOURCE_ENDED:
         # Our audio ran out (an announcement played from a file): we are done talking.
         return HangupCommand(call_id)
@@ -432,6 +441,8 @@ class StartMedia:
 @dataclass(frozen=True, slots=True)
 class StopMedia:
     call_id: str
+    reason: str = ""
+    """Why the call ended, for the peer (the RTCP BYE's reason for leaving)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -657,7 +668,7 @@ def _finish(
     if send is not None:
         actions.append(Send(call.peer, send))
     if state.phase in MEDIA_PHASES:
-        actions.append(StopMedia(call.call_id))
+        actions.append(StopMedia(call.call_id, reason.value))
     summary = CallSummary(
         call.call_id,
         call.peer,
@@ -760,6 +771,8 @@ def _on_command(state: CallState, command: Command, now: float, config: CallConf
             if state.phase is not Phase.OUTGOING:
                 return _refuse(state, command, f"the call is {state.phase}, not outgoing")
             return _end(state, CallEndReason.CANCELLED, now, config, send=Cancel(live.call_id))
+        case HangupCommand(shutdown=True):
+            return _hangup_and_end(state, CallEndReason.SHUTDOWN, now, config)
         case _:  # HangupCommand
             if state.phase is Phase.OUTGOING:
                 return _end(state, CallEndReason.CANCELLED, now, config, send=Cancel(live.call_id))
@@ -926,8 +939,10 @@ def _on_media(state: CallState, event: MediaEvent, now: float, config: CallConfi
             return _hangup_and_end(state, CallEndReason.ICE_FAILED, now, config)
         case MediaLost():
             return _hangup_and_end(state, CallEndReason.MEDIA_LOST, now, config)
-        case PeerBye():
-            return _hangup_and_end(state, CallEndReason.REMOTE_HANGUP, now, config)
+        case PeerBye(reason=said):
+            shared = said in _SHARED_FAILURES  # a StrEnum member equals its value
+            reason = CallEndReason(said) if shared else CallEndReason.REMOTE_HANGUP
+            return _hangup_and_end(state, reason, now, config)
         case MediaFailed(detail=detail):
             return _hangup_and_end(state, CallEndReason.ERROR, now, config, detail)
 

@@ -103,6 +103,7 @@ from agent.net.ice import IceError, TurnServer, turn_servers_from_json
 from agent.net.transport import TransportClosed
 from agent.service.config import FIXED_KEYS, AgentConfig, save_override
 from agent.service.led import StatusLed
+from agent.service.systemd import journal_fields
 from agent.service.tomlconf import ConfigError, replace_key, to_plain
 from agent.signaling.envelope import (
     AcceptBody,
@@ -365,9 +366,13 @@ class CallRuntime:
         self._guard = ReplayGuard()
         self._signing = signing
         self.on_alert_ack: Callable[[bytes], None] | None = None
+        self.on_indicator: Callable[[Indicator, str | None], None] | None = None
+        """Told each new indicator and its peer (the service's STATUS line)."""
         """Where the relay's acks of our alerts go (``agent.edge.uplink``)."""
         self.turn_servers: tuple[TurnServer, ...] = ()
         """TURN servers with credentials for the next call, from the relay (``config``)."""
+        self.on_config: Callable[[Mapping[str, Any]], None] | None = None
+        """Who else reads the relay's desired config (the clip key: ``agent.edge.recorder``)."""
         self._queue: asyncio.Queue[Incoming | Event] = asyncio.Queue()
         self._timers: dict[tuple[Timer, str], asyncio.TimerHandle] = {}
         self._media: _Media | None = None
@@ -378,6 +383,7 @@ class CallRuntime:
         self._reader: asyncio.Task[None] | None = None
         self._worker: asyncio.Task[None] | None = None
         self._closed = False
+        self._ending = False
         self.rejected: Counter[str] = Counter()
         """Incoming envelopes refused, by reason."""
         self.last_call: dict[str, Any] | None = None
@@ -413,18 +419,20 @@ class CallRuntime:
         self._worker = loop.create_task(self._work(), name=f"calls-{self.device_id}")
         self._reader = loop.create_task(self._read(), name=f"calls-read-{self.device_id}")
 
-    async def close(self) -> None:
-        """Hang up any call (telling the peer), stop media, timers and tasks. Idempotent."""
-        if self._closed:
+    async def end_calls(self) -> None:
+        """Stop handling calls and commands: hang up any call (telling the peer it is a
+        ``shutdown``), stop media and timers. Alert acks are still taken until ``close``
+        (a stopping agent waits for them). Idempotent."""
+        if self._ending:
             return
-        self._closed = True
-        tasks = [t for t in (self._reader, self._worker, self._tone) if t is not None]
+        self._ending = True
+        tasks = [t for t in (self._worker, self._tone) if t is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         if self.machine.state.live is not None:
             try:
-                await self._handle(HangupCommand())
+                await self._handle(HangupCommand(shutdown=True))
             except Exception:
                 logger.exception("device %s: hang-up on close failed", self.device_id)
         if self._media is not None:
@@ -432,6 +440,16 @@ class CallRuntime:
         for handle in self._timers.values():
             handle.cancel()
         self._timers.clear()
+
+    async def close(self) -> None:
+        """``end_calls``, then stop reading the session. Idempotent."""
+        if self._closed:
+            return
+        await self.end_calls()
+        self._closed = True
+        if self._reader is not None:
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
         if self._presence_tasks:
             # The session publishes its offline presence next; these are moot.
             for task in self._presence_tasks:
@@ -439,7 +457,7 @@ class CallRuntime:
             await asyncio.gather(*self._presence_tasks, return_exceptions=True)
 
     def _post(self, event: Event) -> None:
-        if not self._closed:
+        if not self._ending:
             self._queue.put_nowait(event)
 
     async def _read(self) -> None:
@@ -448,6 +466,12 @@ class CallRuntime:
                 msg = await self._session.recv()
             except SessionClosed:
                 return
+            if msg.kind is Kind.ALERT_ACK:
+                # Here, not in the worker: acks are no call's business, and a stopping
+                # agent still takes them after ``end_calls``.
+                if self.on_alert_ack is not None:
+                    self.on_alert_ack(msg.payload)
+                continue
             self._queue.put_nowait(msg)
 
     async def _work(self) -> None:
@@ -469,8 +493,6 @@ class CallRuntime:
             await self._on_command(msg)
         elif msg.kind is Kind.CONFIG:
             self._on_config(msg.payload)
-        elif msg.kind is Kind.ALERT_ACK and self.on_alert_ack is not None:
-            self.on_alert_ack(msg.payload)
         else:
             logger.debug("device %s: ignored a message on %s", self.device_id, msg.kind)
 
@@ -488,13 +510,21 @@ class CallRuntime:
             return
         self.turn_servers = turn
         logger.info("device %s: %d TURN server(s) from the relay", self.device_id, len(turn))
+        if self.on_config is not None:
+            self.on_config(desired)
 
     # --- the machine ---
 
     async def _handle(self, event: Event) -> tuple[Action, ...]:
         actions = self.machine.handle(event, asyncio.get_running_loop().time())
-        for action in actions:
-            await self._perform(action)
+        call = self.machine.state.call
+        # The call's media tasks start in here, and inherit the call's journal fields.
+        with journal_fields(
+            CALL_ID=None if call is None else call.call_id,
+            PEER=None if call is None else call.peer,
+        ):
+            for action in actions:
+                await self._perform(action)
         return actions
 
     async def _perform(self, action: Action) -> None:
@@ -503,8 +533,8 @@ class CallRuntime:
                 await self._send(to, message)
             case StartMedia():
                 await self._start_media(action)
-            case StopMedia(call_id=call_id):
-                await self._stop_media(call_id)
+            case StopMedia(call_id=call_id, reason=reason):
+                await self._stop_media(call_id, reason)
             case StartTimer(timer=timer, call_id=call_id, duration_s=duration):
                 self._cancel_timer(timer, call_id)
                 self._timers[(timer, call_id)] = asyncio.get_running_loop().call_later(
@@ -544,6 +574,8 @@ class CallRuntime:
         if notify.indicator is self._indicator:
             return
         self._indicator = notify.indicator
+        if self.on_indicator is not None:
+            self.on_indicator(notify.indicator, notify.peer)
         if self._led is not None:
             await self._led.show(notify.indicator)
         if self._presence is None:
@@ -740,7 +772,7 @@ class CallRuntime:
             reason = await ended
         finally:
             ended.cancel()  # our wait only: the session's own end is shielded
-        event = media_end_event(reason, call_id)
+        event = media_end_event(reason, call_id, media.peer.bye_reason)
         if event is not None:
             self._post(event)
 
@@ -786,7 +818,7 @@ class CallRuntime:
             "at_ms": at_ms,
         })  # fmt: skip
 
-    async def _stop_media(self, call_id: str) -> None:
+    async def _stop_media(self, call_id: str, why: str = "") -> None:
         media = self._media
         if media is None or media.call_id != call_id:
             return
@@ -794,7 +826,7 @@ class CallRuntime:
         for task in media.tasks:
             task.cancel()
         await asyncio.gather(*media.tasks, return_exceptions=True)
-        await media.peer.close()
+        await media.peer.close(why=why)
         session = media.peer.session
         if session is not None:
             self._media_stats[call_id] = session.stats
@@ -1065,7 +1097,7 @@ class CallRuntime:
         key = args.get("key")
         if not isinstance(key, str) or not key:
             raise CommandRejected("key must be a dotted config key, e.g. calls.do_not_disturb")
-        if key in FIXED_KEYS:
+        if key.split(".")[0] in FIXED_KEYS:
             raise CommandRejected(f"config/set: {key} is set in the agent file only")
         if "value" not in args:
             raise CommandRejected("value is required")

@@ -11,6 +11,13 @@ alert is stored in the outbox: every resend carries the same id, which is what
 lets the relay store each alert exactly once.
 
 Times are integer milliseconds since the Unix epoch (UTC), like envelope ``ts``.
+
+An alert may carry ``clip``: a few seconds of the sound around it, sealed to the relay's
+clip key (``agent.edge.clip``), as base64. Such an alert is version 2 (``CLIP_VERSION``),
+so that a relay that knows nothing of clips refuses it rather than dropping the clip
+unseen; one without a clip stays version 1. Here the clip is only checked for its size:
+what is inside is the relay's to open (``agent.edge.clip``), and a clip that does not
+open costs the alert its clip, never the alert itself.
 """
 
 from __future__ import annotations
@@ -24,11 +31,17 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Final
 
-ALERT_VERSION: Final = 1
-"""``v`` of the alert message; a relay refuses others, so new fields need a new version."""
+from agent.edge.clip import MAX_CLIP_TEXT
 
-MAX_ALERT_BYTES: Final = 4096
-"""Largest alert message accepted (no audio clip: a few hundred bytes in practice)."""
+ALERT_VERSION: Final = 1
+"""``v`` of an alert message without a clip; a relay refuses versions it does not know, so
+new fields need a new version."""
+
+CLIP_VERSION: Final = 2
+"""``v`` of an alert message with a ``clip``."""
+
+MAX_ALERT_BYTES: Final = 4096 + MAX_CLIP_TEXT
+"""Largest alert message accepted: a few hundred bytes, plus the clip if it has one."""
 
 MAX_ACK_BYTES: Final = 8192
 MAX_ACK_IDS: Final = 100
@@ -47,7 +60,7 @@ _ID = re.compile(r"[0-9a-f]{32}")
 _NAME = re.compile(r"[a-z][a-z0-9_]{0,39}")
 _FIELDS: Final = frozenset(
     {"v", "id", "detector", "kind", "severity", "start", "end", "confidence", "level",
-     "created", "detail"}
+     "created", "detail", "clip"}
 )  # fmt: skip
 _MAX_MS: Final = 2**53
 """Times beyond this are not exact in JSON numbers (and are nonsense anyway)."""
@@ -107,14 +120,16 @@ class Alert:
     """When the board raised it, ms since the Unix epoch."""
     detail: Detail = field(default_factory=dict)
     """Up to ``MAX_DETAIL`` flat, detector-specific values (e.g. ``dropped`` counts)."""
+    clip: str | None = None
+    """The sealed audio clip (``agent.edge.clip.SealedClip.to_text``), if it has one."""
 
     def __post_init__(self) -> None:
         _check(self)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object of the wire form."""
-        return {
-            "v": ALERT_VERSION,
+        data: dict[str, Any] = {
+            "v": ALERT_VERSION if self.clip is None else CLIP_VERSION,
             "id": self.id,
             "detector": self.detector,
             "kind": self.kind,
@@ -126,6 +141,9 @@ class Alert:
             "created": self.created,
             "detail": dict(self.detail),
         }
+        if self.clip is not None:
+            data["clip"] = self.clip
+        return data
 
     def to_json(self) -> bytes:
         """Compact UTF-8 JSON (the ``alert`` payload)."""
@@ -142,11 +160,12 @@ class Alert:
         unknown = data.keys() - _FIELDS
         if unknown:
             raise AlertError(f"unknown alert fields {sorted(unknown)[:5]!r}", "fields")
-        missing = (_FIELDS - {"detail"}) - data.keys()
+        missing = (_FIELDS - {"detail", "clip"}) - data.keys()
         if missing:
             raise AlertError(f"missing alert fields {sorted(missing)!r}", "fields")
-        if data["v"] != ALERT_VERSION or isinstance(data["v"], bool):
-            raise AlertError(f"alert version {str(data['v'])[:20]!r} is not {ALERT_VERSION}", "v")
+        version = ALERT_VERSION if data.get("clip") is None else CLIP_VERSION
+        if data["v"] != version or isinstance(data["v"], bool):
+            raise AlertError(f"alert version {str(data['v'])[:20]!r} is not {version}", "v")
         severity = data["severity"]
         if not isinstance(severity, str) or severity not in _SEVERITIES:
             raise AlertError(f"severity {str(severity)[:20]!r} unknown", "severity")
@@ -164,6 +183,7 @@ class Alert:
             level=_number(data["level"], "level"),
             created=data["created"],
             detail=detail,
+            clip=data.get("clip"),
         )
 
 
@@ -202,6 +222,9 @@ def _check(alert: Alert) -> None:
     if not -200.0 <= alert.level <= 200.0:
         raise AlertError(f"level {alert.level} dB is out of range", "level")
     _check_detail(alert.detail)
+    if alert.clip is not None and (not isinstance(alert.clip, str) or not alert.clip
+                                   or len(alert.clip) > MAX_CLIP_TEXT):  # fmt: skip
+        raise AlertError(f"clip must be 1 to {MAX_CLIP_TEXT} characters of base64", "clip")
 
 
 def _check_detail(detail: object) -> None:
@@ -271,6 +294,7 @@ def _check_ids(ids: list[Any]) -> None:
 
 __all__ = [
     "ALERT_VERSION",
+    "CLIP_VERSION",
     "MAX_ACK_IDS",
     "MAX_ALERT_BYTES",
     "OUTBOX_OVERFLOW",

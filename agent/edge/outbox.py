@@ -19,11 +19,19 @@ warning) says how many were dropped since when. There is at most one such alert
 pending: a new drop replaces it with one carrying the running total, so the
 relay may hold several with growing counts for one episode; the largest is
 right. The overflow alert itself is never dropped for room.
+
+An alert that waits for its audio clip (``agent.edge.clip``) is added *held*: stored
+at once, so that a crash while the clip is being made loses the clip, not the alert,
+but not sent until ``release`` gives it its final form (with or without the clip).
+Each alert is thus sent in one form only, which keeps delivery exactly once. Held
+alerts are released as they are when the outbox is opened (their clip died with the
+process that was making it), and they may be dropped for room like any other.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import functools
 import json
@@ -55,7 +63,8 @@ CREATE TABLE IF NOT EXISTS outbox (
     id TEXT NOT NULL UNIQUE,
     rank INTEGER NOT NULL,
     kind TEXT NOT NULL,
-    body TEXT NOT NULL
+    body TEXT NOT NULL,
+    held INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS outbox_drop_order ON outbox (rank, seq);
 """
@@ -78,6 +87,8 @@ class OutboxStats:
     """``outbox_overflow`` alerts raised (each replacing the previous pending one)."""
     corrupt: int = 0
     """Rows that no longer decoded as alerts, deleted (a disk fault or a codec change)."""
+    released_at_open: int = 0
+    """Held alerts found when the outbox was opened, released without their clip."""
 
 
 class Outbox:
@@ -88,6 +99,8 @@ class Outbox:
         self._db = db
         self._executor = executor
         self._closed = False
+        # Loop times the calls in the (one-thread, first-in first-out) executor began.
+        self._in_flight: collections.deque[float] = collections.deque()
 
     @classmethod
     async def open(
@@ -119,12 +132,18 @@ class Outbox:
         """A snapshot of the counters."""
         return replace(self._db.stats)
 
-    async def add(self, alert: Alert) -> str:
+    async def add(self, alert: Alert, *, held: bool = False) -> str:
         """Store ``alert`` durably and return its id; adding the same id again is a no-op.
 
-        May drop other (or this) alerts for room: see the module docstring.
+        ``held``: not sent until ``release``. May drop other (or this) alerts for room:
+        see the module docstring.
         """
-        return await self._run(self._db.add, alert)
+        return await self._run(self._db.add, alert, held)
+
+    async def release(self, alert: Alert) -> bool:
+        """Replace the held alert of ``alert.id`` by ``alert`` and let it be sent; False if
+        it is no longer held here (dropped for room, or released already)."""
+        return await self._run(self._db.release, alert)
 
     async def pending(self, limit: int) -> list[Alert]:
         """Up to ``limit`` unacked alerts, oldest first."""
@@ -154,7 +173,19 @@ class Outbox:
         if self._closed:
             raise RuntimeError("outbox is closed")
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
+        self._in_flight.append(loop.time())
+        try:
+            return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
+        finally:
+            self._in_flight.popleft()
+
+    def health(self, stall_s: float) -> str | None:
+        """What is wrong (for the service watchdog): a database call that has not
+        returned for ``stall_s`` (a dead SD card, a lock nobody releases)."""
+        if not self._in_flight:
+            return None
+        waited = asyncio.get_running_loop().time() - self._in_flight[0]
+        return f"a database call has not returned for {waited:.0f} s" if waited > stall_s else None
 
 
 class _Db:
@@ -172,10 +203,18 @@ class _Db:
             self._conn.execute("PRAGMA synchronous=FULL")
             self._conn.execute("PRAGMA busy_timeout=5000")
             self._conn.executescript(_SCHEMA)
+            columns = {row[1] for row in self._conn.execute("PRAGMA table_info(outbox)")}
+            if "held" not in columns:  # an outbox from before clips
+                self._conn.execute("ALTER TABLE outbox ADD COLUMN held INTEGER NOT NULL DEFAULT 0")
+            # Whoever was making their clips is gone: send them as they are.
+            self.stats.released_at_open = self._conn.execute(
+                "UPDATE outbox SET held = 0 WHERE held != 0"
+            ).rowcount
         except BaseException:
             self._conn.close()
             raise
-        logger.info("alert outbox %s: %d pending", path, self.count())
+        logger.info("alert outbox %s: %d pending (%d released without their clip)", path,
+                    self.count(), self.stats.released_at_open)  # fmt: skip
 
     def close(self) -> None:
         self._conn.close()
@@ -194,9 +233,9 @@ class _Db:
         row = self._conn.execute("SELECT count(*) FROM outbox").fetchone()
         return int(row[0])
 
-    def add(self, alert: Alert) -> str:
+    def add(self, alert: Alert, held: bool) -> str:
         body = alert.to_json().decode()
-        dropped = self._transaction(functools.partial(self._add, alert, body))
+        dropped = self._transaction(functools.partial(self._add, alert, body, held))
         if dropped:
             logger.warning(
                 "alert outbox full (%d): dropped %d alert(s) of the lowest severity",
@@ -205,10 +244,22 @@ class _Db:
             )
         return alert.id
 
-    def _add(self, alert: Alert, body: str) -> int:
+    def release(self, alert: Alert) -> bool:
+        body = alert.to_json().decode()
+
+        def update() -> bool:
+            cur = self._conn.execute(
+                "UPDATE outbox SET body = ?, held = 0 WHERE id = ? AND held != 0",
+                (body, alert.id),
+            )
+            return cur.rowcount > 0
+
+        return self._transaction(update)
+
+    def _add(self, alert: Alert, body: str, held: bool) -> int:
         cur = self._conn.execute(
-            "INSERT OR IGNORE INTO outbox (id, rank, kind, body) VALUES (?, ?, ?, ?)",
-            (alert.id, alert.severity.rank, alert.kind, body),
+            "INSERT OR IGNORE INTO outbox (id, rank, kind, body, held) VALUES (?, ?, ?, ?, ?)",
+            (alert.id, alert.severity.rank, alert.kind, body, int(held)),
         )
         if cur.rowcount:
             self.stats.added += 1
@@ -259,7 +310,7 @@ class _Db:
 
     def pending(self, limit: int) -> list[Alert]:
         rows = self._conn.execute(
-            "SELECT seq, body FROM outbox ORDER BY seq LIMIT ?", (max(0, limit),)
+            "SELECT seq, body FROM outbox WHERE held = 0 ORDER BY seq LIMIT ?", (max(0, limit),)
         ).fetchall()
         alerts: list[Alert] = []
         bad: list[int] = []

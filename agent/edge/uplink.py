@@ -71,6 +71,10 @@ class UplinkStats:
     """Rounds in which the outbox raised (each retried after ``retry_delay``)."""
 
 
+DRAIN_POLL_S = 0.05
+"""How often ``drain`` looks whether the outbox is empty yet."""
+
+
 class AlertUplink:
     """Publishes pending alerts and applies acks; ``start()``, then ``close()``."""
 
@@ -110,6 +114,16 @@ class AlertUplink:
         """Alerts sent and waiting for their ack."""
         return len(self._sent_at)
 
+    async def drain(self, within_s: float) -> int:
+        """Wait up to ``within_s`` for the relay to acknowledge all the outbox holds (a
+        clean stop sends what it can); how many alerts are left, kept for the next start."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(within_s):
+                # The outbox is a database: there is no event to wait on, so look again.
+                while self._session.connected and await self._outbox.count() > 0:  # noqa: ASYNC110
+                    await asyncio.sleep(DRAIN_POLL_S)
+        return await self._outbox.count()
+
     def start(self) -> None:
         """Start the task (the session may still be connecting)."""
         if self._task is not None:
@@ -130,12 +144,21 @@ class AlertUplink:
         if (current := asyncio.current_task()) is not None and current.cancelling():
             raise asyncio.CancelledError
 
-    async def submit(self, alert: Alert) -> str:
-        """Store ``alert`` in the outbox (durably) and have it sent; its id."""
-        alert_id = await self._outbox.add(alert)
+    async def submit(self, alert: Alert, *, held: bool = False) -> str:
+        """Store ``alert`` in the outbox (durably) and have it sent; its id. ``held``: sent
+        only once ``release`` gives its final form (it waits for its clip)."""
+        alert_id = await self._outbox.add(alert, held=held)
+        if not held:
+            self._look = True
+            self._wake.set()
+        return alert_id
+
+    async def release(self, alert: Alert) -> bool:
+        """Send the held alert of ``alert.id`` as ``alert``; False if it is gone (dropped)."""
+        released = await self._outbox.release(alert)
         self._look = True
         self._wake.set()
-        return alert_id
+        return released
 
     def on_ack(self, payload: bytes) -> None:
         """An ``alert/ack`` payload from the session; malformed ones are counted and logged."""

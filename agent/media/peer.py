@@ -236,14 +236,22 @@ class MediaPeer:
             raise RuntimeError("connect() first")
         return await self._session.ended()
 
-    async def close(self, reason: EndReason = EndReason.LOCAL_HANGUP) -> EndReason:
-        """End the call (BYE, close_notify) and free the transport; safe to call again."""
+    @property
+    def bye_reason(self) -> str:
+        """The reason for leaving in the peer's RTCP BYE, if it sent one with a reason."""
+        return "" if self._session is None else self._session.bye_reason
+
+    async def close(
+        self, reason: EndReason = EndReason.LOCAL_HANGUP, *, why: str = ""
+    ) -> EndReason:
+        """End the call (BYE with ``why``, close_notify) and free the transport; safe to
+        call again."""
         final = reason
         if self._closed:
             return final if self._session is None else await self._session.close(reason)
         self._closed = True
         if self._session is not None:
-            final = await self._session.close(reason)
+            final = await self._session.close(reason, why=why)
         if self._watch is not None:
             self._watch.cancel()
             await asyncio.gather(self._watch, return_exceptions=True)

@@ -152,6 +152,8 @@ class MediaSession:
         self._ended: asyncio.Future[EndReason] | None = None
         self._first_audio: asyncio.Future[float] | None = None
         self._closed = False
+        self.bye_reason = ""
+        """The peer's RTCP BYE reason for leaving (our agents send the call end reason)."""
         self._attached = False
         # The loop's clock (asyncio's default), bound in start(): one call per datagram.
         self._clock: Callable[[], float] = time.monotonic
@@ -213,8 +215,11 @@ class MediaSession:
             self._log.info("media ending: %s", reason.value)
             self._ended.set_result(reason)
 
-    async def close(self, reason: EndReason = EndReason.LOCAL_HANGUP) -> EndReason:
-        """Stop every task, say BYE to the peer (best effort) and return why it ended.
+    async def close(
+        self, reason: EndReason = EndReason.LOCAL_HANGUP, *, why: str = ""
+    ) -> EndReason:
+        """Stop every task, say BYE to the peer (best effort, ``why`` as its reason for
+        leaving) and return why it ended.
 
         Closing again, or closing a session that never started, only returns the reason.
         """
@@ -233,7 +238,7 @@ class MediaSession:
         self._tasks.clear()
         final = self._ended.result()
         if final is not EndReason.REMOTE_BYE and final is not EndReason.TRANSPORT_CLOSED:
-            await self._send_rtcp(bye=True)
+            await self._send_rtcp(bye=True, why=why)
         return final
 
     # -- sending ---------------------------------------------------------------
@@ -381,6 +386,7 @@ class MediaSession:
                     if block.ssrc == self.ssrc:
                         self._on_report(block, arrival32)
             elif isinstance(p, rtcp.Bye):
+                self.bye_reason = p.reason
                 self._end(EndReason.REMOTE_BYE)
 
     def _on_report(self, block: rtcp.ReportBlock, arrival32: int) -> None:
@@ -463,7 +469,7 @@ class MediaSession:
             dlsr = int(elapsed * 65536) & 0xFFFFFFFF
         return (self._rx_stats.report_block(self._remote_ssrc, self._last_sr_ntp32, dlsr),)
 
-    async def _send_rtcp(self, *, bye: bool) -> None:
+    async def _send_rtcp(self, *, bye: bool, why: str = "") -> None:
         if self._srtp is None:
             return
         now = asyncio.get_running_loop().time()
@@ -483,7 +489,7 @@ class MediaSession:
             report = rtcp.ReceiverReport(ssrc=self.ssrc, reports=blocks)
         packets: list[rtcp.RtcpPacket] = [report, rtcp.Sdes(((self.ssrc, self._config.cname),))]
         if bye:
-            packets.append(rtcp.Bye((self.ssrc,)))
+            packets.append(rtcp.Bye((self.ssrc,), why))
         try:
             await self._transport.send(self._srtp.protect_rtcp(rtcp.serialize_compound(packets)))
         except TransportClosed:

@@ -1,7 +1,10 @@
 """Agent configuration: a tree of frozen dataclasses read from TOML.
 
-A board profile (``firmware_configs/*.toml``) gives the hardware defaults;
-the agent's own file overrides them key by key. Unknown keys and wrong types
+A board profile (``firmware_configs/*.toml``) gives the hardware defaults in its
+``[agent]`` table and the hardware itself in ``[board]`` (``agent.service.profile``);
+the agent's own file overrides the ``[agent]`` defaults key by key. Without
+``--config`` the agent file is ``$EDGE_INTERCOM_CONFIG``, else ``DEFAULT_CONFIG`` if
+it exists, else there is none (built-in defaults). Unknown keys and wrong types
 are errors that name the offending key, so a typo never silently does nothing.
 What operators set with the ``config/set`` command is saved under the state
 directory (``OVERRIDES_FILE``) and overrides both at every start.
@@ -9,21 +12,26 @@ directory (``OVERRIDES_FILE``) and overrides both at every start.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from agent.audio.device import DeviceConfig
 from agent.calls.policy import CallPolicy
+from agent.edge.clip import ClipSettings
 from agent.edge.outbox import DEFAULT_CAPACITY
-from agent.edge.pipeline import EdgeSettings
+from agent.edge.pipeline import SEVERITY, EdgeSettings
 from agent.edge.uplink import UplinkConfig
 from agent.media.dtls import DtlsTimers
 from agent.media.session import MediaConfig
 from agent.net.ice import IceConfig
 from agent.service.files import write_atomic
+from agent.service.profile import BoardProfile
 from agent.service.tomlconf import ConfigError, from_dict, merge, read_toml, replace_key
 from agent.signaling.mqtt import MqttTimers
 
@@ -63,11 +71,17 @@ class AlertSettings(UplinkConfig):
     outbox_capacity: int = DEFAULT_CAPACITY
     """Alerts the outbox holds at most while the relay cannot be reached; past it the
     oldest of the lowest severity go first, counted and reported by an alert of its own."""
+    clip: ClipSettings = field(default_factory=ClipSettings)
+    """``[alerts.clip]``: an encrypted audio clip of the sound around an alert (off)."""
 
     def __post_init__(self) -> None:
         UplinkConfig.__post_init__(self)
         if self.outbox_capacity < 2:
             raise ValueError(f"outbox_capacity must be at least 2, got {self.outbox_capacity}")
+        unknown = sorted(set(self.clip.kinds) - set(SEVERITY))
+        if unknown:
+            raise ValueError(f"clip.kinds: unknown alert kind(s) {unknown}: choose from "
+                             f"{', '.join(SEVERITY)}")  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +127,22 @@ class CallSettings:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class ServiceSettings:
+    """``[service]``: how the agent behaves as a systemd service (``run``)."""
+
+    stall_s: float = 30.0
+    """A part stuck this long (no microphone frame, a PortAudio or outbox call that does not
+    return) stops the watchdog pings, so systemd restarts the agent."""
+    stop_flush_s: float = 5.0
+    """On SIGTERM, how long the agent waits for the relay to acknowledge the alerts still in
+    its outbox (they stay there for the next start if it cannot)."""
+
+    def __post_init__(self) -> None:
+        if self.stall_s <= 0 or self.stop_flush_s < 0:
+            raise ValueError("stall_s must be positive and stop_flush_s not negative")
+
+
 UNPAIRED = "unpaired"
 """The default device id: the identity comes from pairing (``agent.service.identity``)."""
 
@@ -138,17 +168,25 @@ class AgentConfig:
     edge: EdgeSettings = field(default_factory=EdgeSettings)
     alerts: AlertSettings = field(default_factory=AlertSettings)
     """The detectors on the capture stream (``[edge]``) and their settings."""
+    service: ServiceSettings = field(default_factory=ServiceSettings)
     status_led: str | None = None
     """The status LED's Linux LED class directory (``/sys/class/leds/NAME``); None: no LED."""
+    profile: BoardProfile = field(default_factory=BoardProfile)
+    """The board profile's ``[board]`` table; comes from the profile file only."""
 
 
 PROFILE_DIR = Path(__file__).resolve().parents[2] / "firmware_configs"
+
+DEFAULT_CONFIG = Path("/etc/edge-intercom/agent.toml")
+"""The agent file when neither ``--config`` nor ``CONFIG_ENV`` names one (if it exists)."""
+CONFIG_ENV = "EDGE_INTERCOM_CONFIG"
+"""Environment variable naming the agent file (``--config`` wins over it)."""
 
 
 OVERRIDES_FILE = "config-overrides.json"
 """Under the state directory: what operators set with ``config/set``, key by dotted key."""
 
-FIXED_KEYS = frozenset({"device_id", "board", "state_dir"})
+FIXED_KEYS = frozenset({"device_id", "board", "state_dir", "profile"})
 """Set at pairing or in the agent file only: ``config/set`` refuses them."""
 
 
@@ -179,7 +217,7 @@ def apply_overrides(config: AgentConfig) -> AgentConfig:
     """``config`` with the saved ``config/set`` values on top; one that no longer fits (a
     key renamed by an upgrade, say) is logged and skipped, never fatal."""
     for key, value in read_overrides(Path(config.state_dir)).items():
-        if key in FIXED_KEYS:
+        if key.split(".")[0] in FIXED_KEYS:
             logger.warning("config override %s ignored: set in the agent file only", key)
             continue
         try:
@@ -189,27 +227,69 @@ def apply_overrides(config: AgentConfig) -> AgentConfig:
     return config
 
 
+def config_path(
+    flag: Path | None, env: Mapping[str, str] = os.environ, default: Path = DEFAULT_CONFIG
+) -> Path | None:
+    """The agent file: ``--config``, else ``$EDGE_INTERCOM_CONFIG`` (which must exist, as
+    the flag's must), else ``default`` if it exists; None: built-in defaults only."""
+    if flag is not None:
+        return flag
+    if env.get(CONFIG_ENV):
+        return Path(env[CONFIG_ENV])
+    return default if default.exists() else None
+
+
+def load_profile(path: Path) -> tuple[BoardProfile, dict[str, Any]]:
+    """A board profile file: its ``[board]`` table and its ``[agent]`` table (checked on
+    its own, so that a mistake in it names the profile file)."""
+    data = read_toml(path)
+    unknown = sorted(set(data) - {"board", "agent"})
+    if unknown:
+        raise ConfigError(f"{path}: unknown table(s) {', '.join(unknown)}; expected board, agent")
+    board, agent = data.get("board"), data.get("agent", {})
+    if not isinstance(board, dict) or not isinstance(agent, dict):
+        raise ConfigError(f"{path}: board (required) and agent must be tables")
+    if "profile" in agent:
+        raise ConfigError(f"{path}: agent.profile: the hardware goes in the board table")
+    from_dict(AgentConfig, agent, f"{path}: agent")
+    return from_dict(BoardProfile, board, f"{path}: board"), agent
+
+
 def load_config(path: Path | None, profile_dir: Path = PROFILE_DIR) -> AgentConfig:
     """The agent file's settings on top of its board profile's ``[agent]`` table, and the
-    operators' saved ``config/set`` values on top of both."""
+    operators' saved ``config/set`` values on top of both. Errors name the file and key."""
     data = read_toml(path) if path is not None else {}
+    where = "" if path is None else f"{path}: "
     board = data.get("board", "generic")
     if not isinstance(board, str) or not board.replace("-", "").replace("_", "").isalnum():
-        raise ConfigError(f"board: invalid profile name {board!r}")
+        raise ConfigError(f"{where}board: invalid profile name {board!r}")
+    if "profile" in data:
+        raise ConfigError(f"{where}profile: set by the board profile's board table, not here")
     profile_path = profile_dir / f"{board}.toml"
-    profile = read_toml(profile_path).get("agent", {}) if profile_path.exists() else {}
-    if board != "generic" and not profile_path.exists():
-        raise ConfigError(f"board: no profile {profile_path}")
-    return apply_overrides(from_dict(AgentConfig, merge(profile, data)))
+    if profile_path.exists():
+        profile, defaults = load_profile(profile_path)
+    elif board == "generic":
+        profile, defaults = BoardProfile(), {}
+    else:
+        raise ConfigError(f"{where}board: no profile {profile_path}")
+    try:
+        config = from_dict(AgentConfig, merge(defaults, data))
+    except ConfigError as exc:
+        raise ConfigError(f"{where}{exc}") from exc
+    return apply_overrides(dataclasses.replace(config, profile=profile))
 
 
 __all__ = [
+    "CONFIG_ENV",
+    "DEFAULT_CONFIG",
     "PROFILE_DIR",
     "AgentConfig",
     "AudioConfig",
     "CallSettings",
     "ConfigError",
     "MqttSettings",
+    "config_path",
     "from_dict",
     "load_config",
+    "load_profile",
 ]

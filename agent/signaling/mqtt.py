@@ -229,12 +229,25 @@ class SessionStats:
     """Received messages thrown away: ``recv()`` queue full, or a topic not ours."""
 
 
+@dataclass(frozen=True, slots=True)
+class Outage:
+    """Why a client is not connected, and the loop time of its next attempt."""
+
+    reason: str
+    retry_at: float | None
+
+
 class MqttError(RuntimeError):
     """Base of this module's errors."""
 
 
 class ConnectFailed(MqttError):
     """``start()`` did not get connected within ``connect_timeout``; the text says why."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        """The last attempt's failure alone (refused, TLS, timeout...)."""
 
 
 class PublishFailed(MqttError):
@@ -380,6 +393,7 @@ class MqttClient:
         self._state = _State.NEW
         self._stats = SessionStats()
         self._last_error = "no attempt yet"
+        self._retry_at: float | None = None
         self._pending: deque[_Out] = deque()
         self._inflight: dict[int, _Out] = {}
         self._incoming: asyncio.Queue[Message | object] = asyncio.Queue()
@@ -439,6 +453,13 @@ class MqttClient:
         return self._is_connected
 
     @property
+    def outage(self) -> Outage | None:
+        """None while connected; else the last failure and when the next attempt is."""
+        if self._is_connected:
+            return None
+        return Outage(self._last_error, self._retry_at)
+
+    @property
     def stats(self) -> SessionStats:
         """A snapshot of the counters."""
         return replace(self._stats)
@@ -485,7 +506,8 @@ class MqttClient:
         self._stats = SessionStats()
         raise ConnectFailed(
             f"{self.config.client_id}: not connected to {self.config.host}:{self.config.port} "
-            f"within {self.config.connect_timeout}s: {reason}"
+            f"within {self.config.connect_timeout}s: {reason}",
+            reason,
         )
 
     async def publish(
@@ -648,7 +670,9 @@ class MqttClient:
                     exc,
                     delay,
                 )
+                self._retry_at = self._loop_or_fail().time() + delay
                 await asyncio.sleep(delay)
+                self._retry_at = None
                 continue
             attempt = 0
             assert self._lost is not None
@@ -1109,6 +1133,11 @@ class MqttSession:
         """A snapshot of the counters."""
         return self._client.stats
 
+    @property
+    def outage(self) -> Outage | None:
+        """None while connected; else why not, and when it tries again."""
+        return self._client.outage
+
     async def wait_connected(self) -> None:
         """Return when connected (at once if already)."""
         await self._client.wait_connected()
@@ -1191,6 +1220,7 @@ __all__ = [
     "MqttSession",
     "MqttTimers",
     "MqttTls",
+    "Outage",
     "PublishFailed",
     "SessionClosed",
     "SessionStats",

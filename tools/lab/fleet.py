@@ -215,6 +215,7 @@ class Fleet:
         keepalive: int = 5,
         ice: str = "",
         pair: bool = True,
+        prefix: Sequence[str] = (),
     ) -> Path:
         """Pair ``device`` if it is not yet, and start ``edge-intercom-agent run`` on it;
         returns its config file.
@@ -224,7 +225,8 @@ class Fleet:
         opens tables of its own (e.g. audio devices). ``keepalive``: its MQTT keep-alive in
         seconds (the broker declares it gone after 1.5x this). ``ice``: TOML for its
         ``[ice]`` table (e.g. ``policy = "relay"``). ``pair`` False: an unpaired board,
-        which waits for ``pair()``."""
+        which waits for ``pair()``. ``prefix``: a command the agent runs under (e.g.
+        ``unshare``)."""
         if self.relay_port is None:
             lab = f'device_id = "{device}"'
             plain = f"port = {self.port}"
@@ -257,7 +259,8 @@ invite_timeout_s = 5.0
 ended_hold_s = 60.0
 {extra}"""
         )
-        argv = [*AGENT_CMD, "--config", str(config), "run", "--source", source, "--sink", sink]
+        argv = [*prefix, *AGENT_CMD, "--config", str(config), "run", "--source", source,
+                "--sink", sink]  # fmt: skip
         self.procs[device] = await self.spawn(device, argv, env)
         return config
 
