@@ -15,6 +15,9 @@ setup(
     install_requires=[
         "aioice>=0.10",
         "cryptography>=42",
+        # libgpiod v2 bindings (agent.gpio.gpiod_chip): wheels bundle libgpiod; elsewhere
+        # (32-bit Raspberry Pi OS) the sdist builds it with gcc and python3-dev.
+        "gpiod>=2.1; sys_platform == 'linux'",
         "numpy>=1.24",
         "opuslib==3.0.1",
         "paho-mqtt>=2.2,<2.3",  # agent.signaling.mqtt overrides two of its socket methods
@@ -43,6 +46,7 @@ setup(
             "pytest-asyncio>=0.23",
             "pytest-timeout>=2.2",
             "ruff>=0.5",
+            "schemathesis>=4.0",  # tests/test_api.py fuzzes the relay's OpenAPI document
         ],
     },
     entry_points={

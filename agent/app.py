@@ -38,6 +38,7 @@ from agent.edge.outbox import OUTBOX_FILE, Outbox
 from agent.edge.pipeline import EdgeAnalyzer
 from agent.edge.recorder import ClipRecorder, RelayClipKey
 from agent.edge.uplink import AlertUplink
+from agent.gpio.board import GpioBoard
 from agent.media import sdp
 from agent.media.dtls import DtlsCertificate
 from agent.media.peer import CallSetupError, MediaPeer, PeerConfig
@@ -50,6 +51,7 @@ from agent.service.files import write_atomic
 from agent.service.identity import Identity, IdentityError, load_identity
 from agent.service.led import StatusLed
 from agent.service.notifier import ServiceNotifier
+from agent.service.selftest import SelfTestScheduler
 from agent.service.status import AgentStatus
 from agent.service.systemd import LOG_TARGETS, journal_fields, setup_logging
 from agent.signaling.messages import (
@@ -353,18 +355,23 @@ class _Signals:
 
 @dataclass(frozen=True, slots=True)
 class _Service:
-    """What ``run`` tells systemd: the status it describes, and the notifier sending it."""
+    """``run`` as a service: the status it tells systemd, the notifier sending it, and the
+    file SIGHUP reloads the configuration from."""
 
     status: AgentStatus
     notifier: ServiceNotifier
+    config_file: Path | None
 
 
-async def run_agent(config: AgentConfig, source_spec: str, sink_spec: str) -> int:
-    """Calls through the relay until SIGTERM/SIGINT; then hang up and go offline."""
+async def run_agent(
+    config: AgentConfig, source_spec: str, sink_spec: str, config_file: Path | None = None
+) -> int:
+    """Calls through the relay until SIGTERM/SIGINT; then hang up and go offline. SIGHUP
+    reloads ``config_file`` (and the identity on disk): see ``_reload``."""
     loop = asyncio.get_running_loop()
     signals = _Signals()
     status = AgentStatus(loop.time)
-    service = _Service(status, ServiceNotifier(status.describe))
+    service = _Service(status, ServiceNotifier(status.describe), config_file)
     state_dir = Path(config.state_dir)
     pid_file = state_dir / PID_FILE
     await asyncio.to_thread(state_dir.mkdir, parents=True, exist_ok=True)
@@ -383,13 +390,18 @@ async def run_agent(config: AgentConfig, source_spec: str, sink_spec: str) -> in
             identity = await _identity(config, signals, service)
             if identity is None and config.device_id == UNPAIRED:
                 return 0  # stopped while waiting for pairing
-            ending = await _run_online(
-                config, identity, source_spec, sink_spec, signals=signals, service=service
-            )
+            online = config
+            if identity is not None:
+                online = dataclasses.replace(config, device_id=identity.device_id)
+            with journal_fields(DEVICE_ID=online.device_id):
+                ending = await _serve(
+                    online, identity, source_spec, sink_spec, signals=signals, service=service
+                )
             if ending is Ending.STOP:
                 return 0
             logger.info("reloading: starting over with the identity on disk")
             service.notifier.reloading("reloading: starting over with the identity on disk")
+            config = await _reread(service.config_file, config)
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.remove_signal_handler(sig)
@@ -421,23 +433,6 @@ async def _identity(config: AgentConfig, signals: _Signals, service: _Service) -
     return None
 
 
-async def _run_online(
-    config: AgentConfig,
-    identity: Identity | None,
-    source_spec: str,
-    sink_spec: str,
-    *,
-    signals: _Signals,
-    service: _Service,
-) -> Ending:
-    if identity is not None:
-        config = dataclasses.replace(config, device_id=identity.device_id)
-    with journal_fields(DEVICE_ID=config.device_id):
-        return await _serve(
-            config, identity, source_spec, sink_spec, signals=signals, service=service
-        )
-
-
 async def _serve(
     config: AgentConfig,
     identity: Identity | None,
@@ -451,6 +446,7 @@ async def _serve(
     signing = None
     if identity is not None:
         signing = await asyncio.to_thread(Signing.load, identity.key_path, identity.ca_path)
+    device_cert = await _certificate(identity)
     certificate = await asyncio.to_thread(
         DtlsCertificate.load_or_create, Path(config.state_dir) / "dtls", config.device_id
     )
@@ -474,6 +470,10 @@ async def _serve(
         uplink = AlertUplink(session, outbox, config.alerts)
         uplink.start()
         stack.push_async_callback(uplink.close)
+        # The tamper switch too: an enclosure opened while the network is cut still tells.
+        gpio = await GpioBoard.open(config.device_id, config.profile.gpio, config.gpio)
+        stack.push_async_callback(gpio.close)
+        gpio.watch_tamper(uplink.submit)
         # The detectors hear the microphone whether or not a call is up, muted or not.
         # The relay's clip key comes on its retained config; clips are sealed to it.
         clip_key = await asyncio.to_thread(RelayClipKey, config.device_id, Path(config.state_dir))
@@ -510,6 +510,7 @@ async def _serve(
                 peer_config, certificate, source, sink, call_id=f"{config.device_id}/{call_id[:8]}"
             )
 
+        led = gpio.led if config.status_led is None else StatusLed(Path(config.status_led))
         runtime = CallRuntime(
             session,
             call_machine(config),
@@ -518,16 +519,33 @@ async def _serve(
             speaker=sink,
             config=config,
             presence=presence,
-            led=None if config.status_led is None else StatusLed(Path(config.status_led)),
+            led=led,
             signing=signing,
+            door=gpio.door,
         )
+        if led is not None:
+            stack.push_async_callback(led.close)  # off: the board is offline
         runtime.on_alert_ack = uplink.on_ack
         runtime.on_config = clip_key.on_config
         # Closed first (``_stop_serving``): the runtime hangs up, the microphone's readers
         # stop, the relay acks the last alerts; then the session goes offline, audio closes.
         await runtime.start()
         stack.push_async_callback(runtime.close)
+        gpio.watch_button(runtime.local_command, lambda: runtime.machine.phase)
         stack.push_async_callback(_stop_serving, runtime, tee, listener, uplink, config)
+        # The self-test plays through the runtime (a call stops it) and hears through a tap.
+        selftest = SelfTestScheduler(
+            config.device_id,
+            config.selftest,
+            play=runtime.play,
+            tap=tee.tap,
+            busy=lambda: runtime.machine.state.live is not None,
+            publish=runtime.telemetry,
+            submit=uplink.submit,
+        )
+        runtime.selftest = selftest.run_now
+        selftest.start()
+        stack.push_async_callback(selftest.close)
         _watch(service, config.service.stall_s, tee=tee, outbox=outbox, audio=(device, speaker))
         stack.callback(service.notifier.clear_checks)
         service.status.session = session
@@ -546,9 +564,68 @@ async def _serve(
             "" if identity is not None else " (plain MQTT: not paired, labs only)",
         )
         result = await ending
+        while result is Ending.RELOAD:
+            running = await _reload(config, (identity, device_cert), runtime, listener, service)
+            if running is None:
+                break  # a new identity: start over with it
+            config = running
+            service.notifier.ready()
+            result = await signals.wait()
         logger.info("device %s: stopping", config.device_id)
         service.status.session = None
     return result
+
+
+async def _reread(config_file: Path | None, running: AgentConfig) -> AgentConfig:
+    """The configuration as the files say now; the running one if they are broken."""
+    try:
+        return await asyncio.to_thread(load_config, config_file)
+    except ConfigError as exc:
+        logger.error("reload: %s; the running configuration stays", exc)
+        return running
+
+
+async def _reload(
+    config: AgentConfig,
+    paired: tuple[Identity | None, bytes | None],
+    runtime: CallRuntime,
+    listener: EdgeListener,
+    service: _Service,
+) -> AgentConfig | None:
+    """SIGHUP while online. A new identity on disk (pairing) needs a fresh start: None.
+    Else the configuration files are read again: the call policy, the volume and the
+    detector settings change at once, and the log names the keys that wait for a restart
+    (``systemctl restart edge-intercom-agent``). ``paired``: the identity the agent runs
+    with and its certificate's bytes when it started. Returns the configuration in effect."""
+    service.notifier.reloading("reloading the configuration")
+    identity, certificate = paired
+    try:
+        on_disk = await asyncio.to_thread(load_identity, Path(config.state_dir))
+    except IdentityError as exc:
+        logger.error("reload: %s; the running identity stays", exc)
+        on_disk = identity
+    if on_disk != identity or await _certificate(on_disk) != certificate:
+        return None
+    new = await _reread(service.config_file, config)
+    new = dataclasses.replace(new, device_id=config.device_id)  # pairing's, not the file's
+    applied, waiting = runtime.reconfigure(new)
+    listener.reconfigure(new.edge)
+    logger.info("device %s: configuration reloaded; applied: %s", config.device_id,
+                ", ".join(applied) or "nothing changed")  # fmt: skip
+    if waiting:
+        logger.warning("device %s: these keys take effect after a restart: %s",
+                       config.device_id, ", ".join(waiting))  # fmt: skip
+    return new
+
+
+async def _certificate(identity: Identity | None) -> bytes | None:
+    """The device certificate's bytes: pairing again under the same id replaces them."""
+    if identity is None:
+        return None
+    try:
+        return await asyncio.to_thread(identity.cert_path.read_bytes)
+    except OSError:
+        return None
 
 
 def _watch(
@@ -714,7 +791,7 @@ def main(argv: list[str] | None = None) -> int:
                 return devices_command(config, as_json=args.json)
             return asyncio.run(check_command(config, limit_s=args.timeout, audio=not args.no_audio))
         if args.command == "run":
-            return asyncio.run(run_agent(config, args.source, args.sink))
+            return asyncio.run(run_agent(config, args.source, args.sink, config_path(args.config)))
         if args.command == "analyze":
             return asyncio.run(analyze_wav(config, args.wav))
         if args.command == "pair":

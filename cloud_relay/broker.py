@@ -60,6 +60,8 @@ logger = logging.getLogger(__name__)
 
 RELOADED = "Reloading config."
 """What mosquitto logs when it handles SIGHUP, just before re-reading its files."""
+SERVICE_MANAGER_ENV = frozenset({"NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"})
+"""What systemd tells the relay's process alone."""
 REVOCATION_TIMEOUT = 5.0
 """Seconds ``apply_revocations`` may take: the reload, then ending the sessions."""
 
@@ -387,12 +389,16 @@ class EmbeddedBroker(BrokerFiles):
         # relay dies, even by SIGKILL: an orphan would hold the port the next relay needs.
         setpriv = shutil.which("setpriv")
         prefix = [setpriv, "--pdeathsig", "TERM"] if setpriv else []
+        # The relay is the service systemd watches: mosquitto (built with sd_notify) must
+        # not answer for it (READY, watchdog) on the relay's notify socket.
+        env = {k: v for k, v in os.environ.items() if k not in SERVICE_MANAGER_ENV}
         with (self.root / "mosquitto.out").open("ab") as out:
             process = await asyncio.create_subprocess_exec(
                 *prefix,
                 binary,
                 "-c",
                 str(self.config_path),
+                env=env,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=out,
                 stderr=asyncio.subprocess.STDOUT,

@@ -76,7 +76,7 @@ async def test_audio_loop_fails_when_the_microphone_hears_nothing(alsa_home: Pat
     result = await check_audio_loop(
         DeviceConfig(name="deadmic", queue_frames=200), DeviceConfig(name="spk"), LoopSettings()
     )
-    assert (result.status, result.detail.split(":")[0]) == ("fail", "test sweep not heard")
+    assert (result.status, result.detail.split(":")[0]) == ("fail", "test signal not heard")
 
 
 async def test_audio_loop_names_a_missing_device(alsa_home: Path) -> None:

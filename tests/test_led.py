@@ -28,8 +28,10 @@ async def test_steady_and_blinking_patterns_are_written(tmp_path: Path) -> None:
     (tmp_path / "brightness").write_text("x")
     await led.show(Indicator.LISTENING)  # the same pattern: nothing written
     assert (tmp_path / "brightness").read_text() == "x"
-    await led.show(Indicator.IDLE)
+    await led.close()  # the agent stops: off
     assert (attributes(tmp_path)["trigger"], attributes(tmp_path)["brightness"]) == ("none", "0")
+    await led.show(Indicator.IDLE)  # online: steady
+    assert (attributes(tmp_path)["trigger"], attributes(tmp_path)["brightness"]) == ("none", "1")
 
 
 async def test_a_missing_led_is_counted_not_raised(tmp_path: Path) -> None:

@@ -10,8 +10,11 @@ journal entries. The processes are the real ``edge-intercom-agent run`` and
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
+import re
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -24,11 +27,13 @@ import pytest
 from agent.audio.format import SAMPLE_RATE
 from agent.calls.machine import Indicator
 from agent.edge.outbox import OUTBOX_FILE
+from agent.service.config import AgentConfig
 from agent.service.notifier import ServiceNotifier, problems
 from agent.service.status import call_line, outage_line
+from agent.service.tomlconf import changed_keys
 from agent.signaling.mqtt import Outage
 from cloud_relay.store import Store
-from tools.lab.fleet import WAIT, fleet
+from tools.lab.fleet import AGENT_CMD, WAIT, fleet
 from tools.lab.sdnotify import JournalSocket, NotifySocket, parse_journal
 from tools.lab.virtual_audio import VirtualAudio, write_wav
 
@@ -256,7 +261,8 @@ async def test_agent_under_systemd_ready_status_watchdog_and_a_clean_shutdown(
     with sqlite3.connect(lab.state_dir(A) / OUTBOX_FILE) as db:
         (left,) = db.execute("SELECT count(*) FROM outbox").fetchone()
     assert left == 0, "alerts left unsent in the outbox"
-    assert "loud_noise" in [a.kind for a in stored], stored
+    loud_ids = {a.id for a in stored if a.kind == "loud_noise"}
+    assert alert.fields["ALERT_ID"] in loud_ids, (alert, stored)
     assert alert.fields["PRIORITY"] == "4" and alert.fields["DEVICE_ID"] == A
     entries = [e for e in journal.notices() if "LOGGER" in e.fields]
     assert all(e.fields.get("DEVICE_ID") == A for e in entries if e.at > ready.at)
@@ -267,3 +273,153 @@ async def test_agent_under_systemd_ready_status_watchdog_and_a_clean_shutdown(
 def _tone(hz: float, seconds: float, amplitude: float) -> np.ndarray:
     t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
     return (amplitude * 32767 * np.sin(2 * np.pi * hz * t)).astype(np.int16)
+
+
+def test_changed_keys_names_the_leaves_that_differ() -> None:
+    old = AgentConfig()
+    new = dataclasses.replace(
+        old,
+        calls=dataclasses.replace(old.calls, do_not_disturb=True),
+        media=dataclasses.replace(
+            old.media, opus=dataclasses.replace(old.media.opus, complexity=3)
+        ),
+    )
+    assert changed_keys(old, new) == ["media.opus.complexity", "calls.do_not_disturb"]
+    assert changed_keys(old, old) == []
+
+
+async def test_sighup_applies_the_policy_at_once_and_names_what_needs_a_restart(
+    tmp_path: Path,
+) -> None:
+    """The operator edits the agent's file and sends SIGHUP (``systemctl reload``): the
+    new do-not-disturb refuses the next call without a restart, and the Opus complexity,
+    which this version applies only at start, is named as waiting for a restart."""
+    with NotifySocket(tmp_path / "notify") as sock:
+        async with fleet(tmp_path, devices=(A, B), client_id="reload-test") as lab:
+            config = await lab.agent(
+                A, source="tone:700", sink="null", env={**os.environ, **sock.env}
+            )
+            await lab.agent(B, source="tone:1100", sink="null")
+            ready = await sock.until(lambda n: n.fields.get("READY") == "1", "READY", WAIT)
+            await lab.until_online(A, B)
+            text = config.read_text().replace("[calls]\n", "[calls]\ndo_not_disturb = true\n")
+            config.write_text(text + "\n[media.opus]\ncomplexity = 3\n")
+            lab.procs[A].send_signal(signal.SIGHUP)
+            reloading = await sock.until(
+                lambda n: n.fields.get("RELOADING") == "1", "RELOADING", WAIT
+            )
+            await sock.until(
+                lambda n: n.at > reloading.at and n.fields.get("READY") == "1", "READY", WAIT
+            )
+            assert reloading.at > ready.at
+            status = await lab.command(A, "config/get")
+            assert status["config"]["calls"]["do_not_disturb"] is True
+            call = (await lab.command(B, "call", peer=A))["call_id"]
+            ended = await lab.until_status(
+                B, lambda s: (s["last_call"] or {}).get("call_id") == call, "b's call refused"
+            )
+            assert ended["last_call"]["reason"] == "policy-refused", ended
+            assert lab.procs[A].returncode is None  # no restart
+            await lab.stop_agent(A)
+            log = lab.log(A)
+    assert "take effect after a restart: media.opus.complexity" in log
+    assert "applied: calls.do_not_disturb" in log
+
+
+async def test_status_names_an_unreachable_broker_and_there_is_no_ready(tmp_path: Path) -> None:
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+        port = held.getsockname()[1]
+        config = tmp_path / "agent.toml"
+        config.write_text(
+            f'device_id = "{A}"\nstate_dir = "{tmp_path / "state"}"\n'
+            f"[mqtt]\nport = {port}\nbackoff_min = 0.05\nbackoff_max = 0.2\n"
+            "connect_timeout = 1.0\n"
+        )
+        with NotifySocket(tmp_path / "notify") as sock:
+            proc = await asyncio.create_subprocess_exec(
+                *AGENT_CMD, "--config", str(config), "run", "--source", "tone:440",
+                "--sink", "null",
+                env={**os.environ, **sock.env, "WATCHDOG_USEC": WATCHDOG_USEC},
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+            try:
+                down = await sock.until(
+                    lambda n: "unreachable" in n.fields.get("STATUS", ""), "the outage", WAIT
+                )
+                proc.send_signal(signal.SIGTERM)
+                async with asyncio.timeout(WAIT):
+                    _, err = await proc.communicate()
+            finally:
+                if proc.returncode is None:
+                    proc.kill()
+                    await proc.wait()
+    assert proc.returncode == 0, err.decode()
+    assert re.fullmatch(
+        rf"broker 127\.0\.0\.1:{port} unreachable \(.*refused.*\), retrying in \d+ s",
+        down.fields["STATUS"],
+    ), down.fields
+    assert sock.count("READY") == 0
+    assert sock.count("WATCHDOG") > 0  # a board waiting for its broker is not stuck
+
+
+async def test_a_capture_stream_that_ends_stops_the_watchdog(tmp_path: Path) -> None:
+    """The microphone's stream ends (here a recording; on a board, a stream nobody can
+    re-open): the pings stop, so systemd restarts the agent, and STATUS says why."""
+    wav = write_wav(tmp_path / "short.wav", _tone(440.0, 1.0, 0.1))
+    with NotifySocket(tmp_path / "notify") as sock:
+        async with fleet(tmp_path, devices=(A,), client_id="dead-mic-test") as lab:
+            await lab.agent(
+                A, source=f"wav:{wav}", sink="null",
+                env={**os.environ, **sock.env, "WATCHDOG_USEC": WATCHDOG_USEC},
+            )  # fmt: skip
+            sick = await sock.until(
+                lambda n: "unhealthy" in n.fields.get("STATUS", ""), "the sick status", WAIT
+            )
+            # Absence takes time to show: five watchdog periods without a ping.
+            await asyncio.sleep(5 * int(WATCHDOG_USEC) / 1e6)
+            assert lab.procs[A].returncode is None  # alive: systemd is the one to restart it
+            await lab.stop_agent(A)
+    assert "unhealthy: microphone: capture ended" in sick.fields["STATUS"], sick
+    [stopping] = [n for n in sock.notices() if "STOPPING" in n.fields]
+    pinged = [n for n in sock.notices() if sick.at < n.at < stopping.at and "WATCHDOG" in n.fields]
+    assert not pinged, sock.notices()
+
+
+async def test_relay_is_ready_once_serving_and_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with NotifySocket(tmp_path / "notify") as sock:
+        monkeypatch.setenv("NOTIFY_SOCKET", str(sock.path))
+        async with fleet(tmp_path, devices=(), client_id="relay-notify") as lab:
+            ready = await sock.until(lambda n: n.fields.get("READY") == "1", "READY", WAIT)
+            await lab.stop_relay()
+        stopping = await sock.until(lambda n: n.fields.get("STOPPING") == "1", "STOPPING", WAIT)
+    assert ready.fields["STATUS"] == "serving: 0 device(s) online, 0 call(s) up"
+    assert stopping.at > ready.at
+    starting = [n.fields["STATUS"] for n in sock.notices() if n.at < ready.at]
+    assert starting and all(s.startswith("starting") for s in starting), starting
+
+
+def test_without_libsystemd_logs_go_to_stderr_and_notifications_are_dropped(
+    tmp_path: Path,
+) -> None:
+    """A machine without libsystemd (a laptop, a container): the agent runs the same, its
+    log lines on stderr, its notifications nowhere, even when told to use the journal."""
+    code = (
+        "import logging, sys\n"
+        "sys.modules['systemd'] = None  # as if systemd-python could not load libsystemd\n"
+        "from agent.service import systemd\n"
+        "systemd.setup_logging('INFO', 'journal')\n"
+        "logging.getLogger('probe').warning('still here')\n"
+        "print(systemd.notify('READY=1'))\n"
+    )
+    with NotifySocket(tmp_path / "notify") as sock:
+        done = subprocess.run(
+            [sys.executable, "-c", code],
+            env={**os.environ, **sock.env},
+            capture_output=True, text=True, check=True, timeout=60,
+        )  # fmt: skip
+    assert done.stdout.strip() == "False"
+    assert "WARNING probe: still here" in done.stderr
+    assert sock.notices() == []

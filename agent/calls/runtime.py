@@ -37,6 +37,14 @@ configuration with secrets redacted; ``config/set`` (``key``, ``value``) checks 
 with the TOML loader, saves it under the state directory (it overrides the agent file at
 every start), applies call-policy keys and ``audio.volume`` at once and says that any other
 key takes effect after a restart. Identity keys (``device_id``, ...) are refused.
+``selftest`` runs the audio self-test now (``agent.service.selftest``) and replies with its
+figures; it takes seconds, so it is answered from a task of its own
+and calls are handled meanwhile (one that comes aborts the test).
+
+``door/open`` (``by``: the device an operator client acts for, if any) pulses the door
+relay if ``agent.gpio.door`` allows it, then hangs up if ``gpio.hangup_after_door``. The
+board's own call button runs its commands through ``local_command``, in turn with the
+messages and commands from the session.
 
 Every call indicator change (``Notify``) is shown on the status LED and republished in
 the retained presence (``call``, and ``listener`` while someone listens in).
@@ -45,6 +53,7 @@ the retained presence (``call``, and ``listener`` while someone listens in).
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import re
@@ -95,6 +104,7 @@ from agent.calls.machine import (
     media_direction,
     media_end_event,
 )
+from agent.gpio.door import DoorOpener, DoorRefused
 from agent.media.peer import CallSetupError, MediaPeer
 from agent.media.sdp import Direction
 from agent.media.session import EndReason, MediaSession, MediaStats
@@ -102,9 +112,10 @@ from agent.net.candidate import Candidate, CandidateError
 from agent.net.ice import IceError, TurnServer, turn_servers_from_json
 from agent.net.transport import TransportClosed
 from agent.service.config import FIXED_KEYS, AgentConfig, save_override
-from agent.service.led import StatusLed
+from agent.service.led import Led
+from agent.service.selftest import Aborted
 from agent.service.systemd import journal_fields
-from agent.service.tomlconf import ConfigError, replace_key, to_plain
+from agent.service.tomlconf import ConfigError, changed_keys, replace_key, to_plain
 from agent.signaling.envelope import (
     AcceptBody,
     Body,
@@ -146,6 +157,10 @@ LIVE_KEYS = frozenset({
     )),
 })  # fmt: skip
 """``config/set`` keys that apply at once; every other key needs a restart."""
+SLOW_COMMANDS = frozenset({"selftest"})
+"""Commands answered from a task of their own: they take seconds, calls go on meanwhile."""
+LIVE_PREFIXES = ("edge.",)
+"""Tables a reload (SIGHUP) applies at once: the detectors are made anew with them."""
 _SECRET = re.compile(r"password|secret|credential|token|private", re.IGNORECASE)
 REDACTED = "***"
 
@@ -303,6 +318,15 @@ class _Media:
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
 
+@dataclass(eq=False, slots=True)
+class _Local:
+    """A command of the board itself (``CallRuntime.local_command``), for the worker."""
+
+    name: str
+    args: dict[str, Any]
+    reply: asyncio.Future[dict[str, Any]]
+
+
 @dataclass(slots=True)
 class TrickleOrder:
     """The peer's trickled candidates of one call, ends last.
@@ -347,8 +371,9 @@ class CallRuntime:
         speaker: AudioSink | None = None,
         config: AgentConfig | None = None,
         presence: Mapping[str, object] | None = None,
-        led: StatusLed | None = None,
+        led: Led | None = None,
         signing: Signing | None = None,
+        door: DoorOpener | None = None,
     ) -> None:
         """``controls``: the mute and volume the audio wrappers read; ``speaker``: where a
         test tone plays (None: ``test-tone`` is refused); ``config``: the effective config
@@ -357,7 +382,8 @@ class CallRuntime:
         (None: not republished); ``led``: the status LED showing the indicator;
         ``signing``: the paired device's key and CA: what it sends is signed, and what it
         receives must be signed by the device (or relay) it says it is from (None: an
-        unpaired lab board; nothing is signed or checked)."""
+        unpaired lab board; nothing is signed or checked); ``door``: the door relay that
+        ``door/open`` pulses (None: refused)."""
         self.device_id = session.device_id
         self._session = session
         self.machine = machine
@@ -373,7 +399,7 @@ class CallRuntime:
         """TURN servers with credentials for the next call, from the relay (``config``)."""
         self.on_config: Callable[[Mapping[str, Any]], None] | None = None
         """Who else reads the relay's desired config (the clip key: ``agent.edge.recorder``)."""
-        self._queue: asyncio.Queue[Incoming | Event] = asyncio.Queue()
+        self._queue: asyncio.Queue[Incoming | Event | _Local] = asyncio.Queue()
         self._timers: dict[tuple[Timer, str], asyncio.TimerHandle] = {}
         self._media: _Media | None = None
         self._offers: dict[str, tuple[str, str]] = {}
@@ -394,9 +420,14 @@ class CallRuntime:
         self._speaker = speaker
         self._presence = presence
         self._led = led
+        self._door = door
         self._indicator = Indicator.IDLE
         self._presence_tasks: set[asyncio.Task[None]] = set()
         self._tone: asyncio.Task[None] | None = None
+        self._slow: set[asyncio.Task[None]] = set()
+        self.selftest: Callable[[], Awaitable[dict[str, Any]]] | None = None
+        """Runs the audio self-test now, its record (``SelfTestScheduler.run_now``); None:
+        ``selftest`` is refused."""
         self._commands: dict[str, Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]] = {
             "call": self._cmd_call,
             "hangup": self._cmd_simple(HangupCommand, "hung up"),
@@ -407,8 +438,10 @@ class CallRuntime:
             "unmute": self._cmd_mute(False),
             "volume": self._cmd_volume,
             "test-tone": self._cmd_test_tone,
+            "selftest": self._cmd_selftest,
             "config/get": self._cmd_config_get,
             "config/set": self._cmd_config_set,
+            "door/open": self._cmd_door_open,
         }
 
     # --- lifetime ---
@@ -418,6 +451,8 @@ class CallRuntime:
         loop = asyncio.get_running_loop()
         self._worker = loop.create_task(self._work(), name=f"calls-{self.device_id}")
         self._reader = loop.create_task(self._read(), name=f"calls-read-{self.device_id}")
+        if self._led is not None:
+            await self._led.show(self._indicator)  # online
 
     async def end_calls(self) -> None:
         """Stop handling calls and commands: hang up any call (telling the peer it is a
@@ -426,7 +461,7 @@ class CallRuntime:
         if self._ending:
             return
         self._ending = True
-        tasks = [t for t in (self._worker, self._tone) if t is not None]
+        tasks = [t for t in (self._worker, self._tone, *self._slow) if t is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -480,6 +515,8 @@ class CallRuntime:
             try:
                 if isinstance(item, Incoming):
                     await self._on_incoming(item)
+                elif isinstance(item, _Local):
+                    await self._on_local(item)
                 else:
                     await self._handle(item)
             except Exception:
@@ -559,7 +596,9 @@ class CallRuntime:
                     "talk_s": summary.talk_s,
                     "media": None if stats is None else asdict(stats),
                 }
-                await self._telemetry({"event": "call-ended", **self.last_call})
+                await self.telemetry({"event": "call-ended", **self.last_call})
+                if self._door is not None and summary.answered_at is not None:
+                    self._door.call_ended(summary.peer, summary.ended_at)
             case Notify():
                 await self._indicate(action)
             case _:
@@ -684,7 +723,8 @@ class CallRuntime:
             ts=self._wall_ms(),
         )
 
-    async def _telemetry(self, record: Mapping[str, Any]) -> None:
+    async def telemetry(self, record: Mapping[str, Any]) -> None:
+        """Publish ``record`` on the device's telemetry topic (QoS 0: lost if offline)."""
         try:
             await self._session.publish(Kind.TELEMETRY, json.dumps(record).encode("utf-8"))
         except PublishFailed as exc:
@@ -811,7 +851,7 @@ class CallRuntime:
             return
         at_ms = self._wall_ms() - round(1000 * (loop.time() - first.result()))
         logger.info("device %s call %s: audio flowing", self.device_id, media.call_id)
-        await self._telemetry({
+        await self.telemetry({
             "event": "audio-flowing",
             "call_id": media.call_id,
             "peer": media.peer_id,
@@ -937,6 +977,25 @@ class CallRuntime:
             handler = self._commands.get(name)
             if handler is None:
                 raise CommandRejected(f"unknown command {name[:40]!r}")
+        except CommandRejected as exc:
+            name, args, handler = "", {}, functools.partial(_refused, exc)
+        if name not in SLOW_COMMANDS:
+            await self._answer(msg, name, handler, args)
+            return
+        task = asyncio.get_running_loop().create_task(
+            self._answer(msg, name, handler, args), name=f"command-{name}-{self.device_id}"
+        )
+        self._slow.add(task)
+        task.add_done_callback(self._slow.discard)
+
+    async def _answer(
+        self,
+        msg: Incoming,
+        name: str,
+        handler: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]],
+        args: dict[str, Any],
+    ) -> None:
+        try:
             reply = await handler(args)
         except CommandRejected as exc:
             logger.warning("device %s: command refused: %s", self.device_id, exc)
@@ -957,6 +1016,48 @@ class CallRuntime:
             )
         except PublishFailed as exc:
             logger.warning("device %s: reply not sent: %s", self.device_id, exc)
+
+    async def local_command(self, name: str, args: Mapping[str, Any]) -> dict[str, Any]:
+        """Run command ``name`` for the board itself (its call button), in turn with the
+        session's messages and commands; its reply (``ok``, ``message``, ...)."""
+        if self._ending:
+            return {"ok": False, "message": "the agent is stopping"}
+        item = _Local(name, dict(args), asyncio.get_running_loop().create_future())
+        self._queue.put_nowait(item)
+        return await item.reply
+
+    async def _on_local(self, item: _Local) -> None:
+        reply = {"ok": False, "message": f"{item.name} failed (see the log)"}
+        try:
+            reply = await self._commands[item.name](item.args)
+        except CommandRejected as exc:
+            reply = {"ok": False, "message": str(exc)}
+        finally:  # answered whatever happens: the button waits for it
+            if not item.reply.done():
+                item.reply.set_result(reply)
+
+    async def _cmd_door_open(self, args: dict[str, Any]) -> dict[str, Any]:
+        _check_args(args, frozenset({"by"}))
+        if self._door is None:
+            raise CommandRejected("this board has no door relay")
+        by = args.get("by")
+        if by is not None:
+            try:
+                by = check_device_id(by)
+            except TopicError as exc:
+                raise CommandRejected(f"by: {exc}") from None
+        live = self.machine.state.live
+        talking = None if live is None or live.answered_at is None else live.peer
+        try:
+            message = self._door.open(by, talking, asyncio.get_running_loop().time())
+        except DoorRefused as exc:
+            raise CommandRejected(f"door/open refused: {exc}") from None
+        hung_up = None
+        if live is not None and self._door.settings.hangup_after_door:
+            refusal = self._refusal(await self._handle(HangupCommand(live.call_id)))
+            hung_up = live.call_id if refusal is None else None
+            message += f"; call {live.call_id} hung up" if refusal is None else f"; {refusal}"
+        return {"ok": True, "message": message, "by": by, "hung_up": hung_up}
 
     def _refusal(self, actions: tuple[Action, ...]) -> str | None:
         for action in actions:
@@ -1024,6 +1125,7 @@ class CallRuntime:
             "volume": self.controls.volume,
             "test_tone": self._tone is not None and not self._tone.done(),
             "do_not_disturb": self.machine.policy.do_not_disturb,
+            "door": None if self._door is None else self._door.stats(),
         }
 
     def _cmd_mute(self, muted: bool) -> Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]:
@@ -1054,25 +1156,42 @@ class CallRuntime:
         _check_args(args, frozenset({"frequency", "seconds"}))
         frequency = _number(args, "frequency", 1000.0)
         seconds = _number(args, "seconds", 1.0)
-        if self._speaker is None:
-            raise CommandRejected("this agent has no speaker to play a tone on")
-        if self._media is not None or self.machine.state.live is not None:
-            raise CommandRejected("refused: a call is in progress and has the speaker")
-        if self._tone is not None and not self._tone.done():
-            raise CommandRejected("a test tone is already playing")
         try:
             frames = tone_frames(frequency, seconds)
         except ValueError as exc:
             raise CommandRejected(str(exc)) from None
-        self._tone = asyncio.get_running_loop().create_task(
-            self._play_tone(self._speaker, frames), name=f"test-tone-{self.device_id}"
-        )
+        self.play(frames)
         return {
             "ok": True,
             "message": f"playing {frequency:g} Hz for {seconds:g} s",
             "frequency": frequency,
             "seconds": seconds,
         }
+
+    def play(self, frames: list[bytes]) -> asyncio.Task[None]:
+        """Play ``frames`` on the speaker as the test tone (a call that starts stops it);
+        ``CommandRejected`` says why not now (no speaker, a call, a tone playing)."""
+        if self._speaker is None:
+            raise CommandRejected("this agent has no speaker to play a tone on")
+        if self._media is not None or self.machine.state.live is not None:
+            raise CommandRejected("refused: a call is in progress and has the speaker")
+        if self._tone is not None and not self._tone.done():
+            raise CommandRejected("a test tone is already playing")
+        self._tone = asyncio.get_running_loop().create_task(
+            self._play_tone(self._speaker, frames), name=f"test-tone-{self.device_id}"
+        )
+        return self._tone
+
+    async def _cmd_selftest(self, args: dict[str, Any]) -> dict[str, Any]:
+        _check_args(args, frozenset())
+        if self.selftest is None:
+            raise CommandRejected("this agent has no audio self-test")
+        try:
+            record = await self.selftest()
+        except Aborted as exc:
+            raise CommandRejected(f"self-test aborted: {exc}") from None
+        verdict = "passed" if record["pass"] else "failed: " + "; ".join(record["failures"])
+        return {"ok": True, "message": f"self-test {verdict}", **record}
 
     async def _play_tone(self, speaker: AudioSink, frames: list[bytes]) -> None:
         try:
@@ -1087,6 +1206,17 @@ class CallRuntime:
             tone.cancel()
             await asyncio.gather(tone, return_exceptions=True)
             logger.info("device %s: test tone stopped for a call", self.device_id)
+
+    def reconfigure(self, config: AgentConfig) -> tuple[list[str], list[str]]:
+        """A reloaded configuration (SIGHUP): the call policy and the volume change at once;
+        returns the changed keys applied here and those that wait for a restart (the
+        caller applies ``edge.`` itself)."""
+        changed = changed_keys(self.config, config)
+        self.config = config
+        self.machine.policy = config.calls.policy()
+        self.controls.set_volume(config.audio.volume)
+        live = [k for k in changed if k in LIVE_KEYS or k.startswith(LIVE_PREFIXES)]
+        return live, [k for k in changed if k not in live]
 
     async def _cmd_config_get(self, args: dict[str, Any]) -> dict[str, Any]:
         _check_args(args, frozenset())
@@ -1135,6 +1265,10 @@ class CallRuntime:
             "applied": False,
             "restart_required": True,
         }
+
+
+async def _refused(exc: CommandRejected, args: dict[str, Any]) -> dict[str, Any]:
+    raise exc
 
 
 def _lookup(config: Any, key: str) -> Any:

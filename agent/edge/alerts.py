@@ -56,6 +56,14 @@ MAX_TEXT: Final = 200
 OUTBOX_OVERFLOW: Final = "outbox_overflow"
 """``kind`` of the alert a board raises about alerts its full outbox dropped."""
 
+TAMPER: Final = "tamper"
+"""``kind`` of the alert a board's tamper switch raises when its enclosure is opened
+(detector ``gpio``, severity critical: ``agent.gpio.board``)."""
+
+SELFTEST_FAILED: Final = "selftest_failed"
+"""``kind`` of the alert a board raises when its audio self-test failed twice in a row
+(``agent.service.selftest``); severity warning."""
+
 _ID = re.compile(r"[0-9a-f]{32}")
 _NAME = re.compile(r"[a-z][a-z0-9_]{0,39}")
 _FIELDS: Final = frozenset(
@@ -106,7 +114,7 @@ class Alert:
     detector: str
     """Which detector raised it, e.g. ``alarm``, ``glass``, ``outbox``."""
     kind: str
-    """What it found, e.g. ``smoke``, ``co``, ``alarm_sound``, ``outbox_overflow``."""
+    """What it found, e.g. ``smoke``, ``co``, ``alarm_sound``, ``outbox_overflow``, ``tamper``."""
     severity: Severity
     start: int
     """When the event began, ms since the Unix epoch."""
@@ -298,6 +306,8 @@ __all__ = [
     "MAX_ACK_IDS",
     "MAX_ALERT_BYTES",
     "OUTBOX_OVERFLOW",
+    "SELFTEST_FAILED",
+    "TAMPER",
     "Alert",
     "AlertError",
     "Severity",

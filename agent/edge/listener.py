@@ -15,9 +15,11 @@ from collections.abc import Coroutine
 from typing import Any
 
 from agent.edge.alerts import Alert
+from agent.edge.base import Detection
 from agent.edge.pipeline import EdgeAnalyzer, EdgeSettings, to_alert
 from agent.edge.recorder import ClipRecorder
 from agent.edge.uplink import AlertUplink
+from agent.service.systemd import journal_fields
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +42,12 @@ class EdgeListener:
         self._stream_start_ms: int | None = None
         self._submits: set[asyncio.Task[object]] = set()
 
+    def reconfigure(self, settings: EdgeSettings) -> None:
+        """New detector settings (a reload): the detectors start afresh from the next
+        frame, which is their new time zero."""
+        self._analyzer = EdgeAnalyzer(settings)
+        self._stream_start_ms = None
+
     def on_frame(self, frame: bytes) -> None:
         if self._stream_start_ms is None:
             self._stream_start_ms = time.time_ns() // 1_000_000
@@ -47,19 +55,24 @@ class EdgeListener:
             self._recorder.on_frame(frame)
         for found in self._analyzer.feed(frame):
             alert = to_alert(found, self._stream_start_ms, time.time_ns() // 1_000_000)
-            logger.warning("device %s: %s (%s, confidence %.2f): alert %s", self._device_id,
-                           found.kind, found.detector, found.confidence, alert.id)  # fmt: skip
-            recorder = self._recorder
-            job: Coroutine[Any, Any, object]
-            if recorder is not None and recorder.wants(alert.kind):
-                job = self._submit_with_clip(alert, recorder)
-            else:
-                job = self._uplink.submit(alert)
-            task: asyncio.Task[object] = asyncio.get_running_loop().create_task(
-                job, name=f"alert-{alert.id[:8]}"
-            )
-            self._submits.add(task)
-            task.add_done_callback(self._submitted)
+            # Its lines (and its storing task's) carry its id in the journal.
+            with journal_fields(ALERT_ID=alert.id):
+                self._raise(found, alert)
+
+    def _raise(self, found: Detection, alert: Alert) -> None:
+        logger.warning("device %s: %s (%s, confidence %.2f): alert %s", self._device_id,
+                       found.kind, found.detector, found.confidence, alert.id)  # fmt: skip
+        recorder = self._recorder
+        job: Coroutine[Any, Any, object]
+        if recorder is not None and recorder.wants(alert.kind):
+            job = self._submit_with_clip(alert, recorder)
+        else:
+            job = self._uplink.submit(alert)
+        task: asyncio.Task[object] = asyncio.get_running_loop().create_task(
+            job, name=f"alert-{alert.id[:8]}"
+        )
+        self._submits.add(task)
+        task.add_done_callback(self._submitted)
 
     async def _submit_with_clip(self, alert: Alert, recorder: ClipRecorder) -> bool:
         await self._uplink.submit(alert, held=True)

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field, replace
 
 from agent.edge.alerts import Alert, AlertError, decode_ack
 from agent.edge.outbox import Outbox
+from agent.service.systemd import journal_fields
 from agent.signaling.mqtt import MqttError, MqttSession
 from agent.signaling.topics import Kind
 
@@ -230,9 +231,10 @@ class AlertUplink:
             logger.info("%s: alert %s not acknowledged: sending it again",
                         self._session.device_id, alert.id)  # fmt: skip
         self._sent_at[alert.id] = now
-        self._publishing[alert.id] = asyncio.get_running_loop().create_task(
-            self._publish(alert), name=f"alert-publish-{alert.id[:8]}"
-        )
+        with journal_fields(ALERT_ID=alert.id):  # the publish task's lines carry it
+            self._publishing[alert.id] = asyncio.get_running_loop().create_task(
+                self._publish(alert), name=f"alert-publish-{alert.id[:8]}"
+            )
 
     async def _publish(self, alert: Alert) -> None:
         try:

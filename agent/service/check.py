@@ -28,8 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
-import numpy.typing as npt
 from cryptography import x509
 
 import agent
@@ -42,6 +40,7 @@ from agent.audio.device import (
     survey,
 )
 from agent.audio.format import FRAME_SAMPLES, SAMPLE_RATE
+from agent.audio.looptest import LoopThresholds, analyse_loop, from_pcm, loop_signal, to_frames
 from agent.net.ice import parse_turn_url
 from agent.service.config import AgentConfig
 from agent.service.identity import Identity, IdentityError, load_identity
@@ -68,77 +67,27 @@ class CheckResult:
 
 
 @dataclass(frozen=True, slots=True)
-class LoopSettings:
-    """The audio loop test: a sweep played on the speaker, looked for in the microphone."""
+class LoopSettings(LoopThresholds):
+    """The audio loop test: a sweep played on the speaker, looked for in the microphone
+    (``agent.audio.looptest``)."""
 
     sweep_s: float = 0.5
     """Length of the sweep (300 Hz to 3 kHz, where any speaker and mic meet)."""
     amplitude: float = 0.3
     """Sweep amplitude, fraction of full scale (-10.5 dBFS)."""
-    max_delay_s: float = 1.0
-    """Longest speaker-to-microphone delay looked for (device buffers included)."""
-    min_level_dbfs: float = -55.0
-    """Quieter than this at the microphone is a fail (dead mic, muted or unplugged speaker)."""
-    min_correlation: float = 0.3
-    """Normalised correlation with the sweep below this is a fail (what was heard is
-    something else: noise, another sound)."""
+    listen_s: float = 1.0
+    """The microphone is recorded this long after the sweep: the longest delay found."""
     timeout_s: float = 10.0
     """Whole test, device opening included (a PulseAudio capture starts after ~2 s)."""
-
-
-def _sweep(settings: LoopSettings) -> npt.NDArray[np.float64]:
-    n = round(settings.sweep_s * SAMPLE_RATE)
-    t = np.arange(n) / SAMPLE_RATE
-    f0, f1 = 300.0, 3000.0
-    k = settings.sweep_s / math.log(f1 / f0)
-    sweep = settings.amplitude * np.sin(2 * np.pi * f0 * k * (np.exp(t / k) - 1))
-    fade = min(n // 2, SAMPLE_RATE // 200)  # 5 ms ramps: no click at either end
-    ramp = np.linspace(0.0, 1.0, fade)
-    sweep[:fade] *= ramp
-    sweep[n - fade :] *= ramp[::-1]
-    return sweep
-
-
-def _dbfs(samples: npt.NDArray[np.float64]) -> float:
-    rms = float(np.sqrt(np.mean(samples**2))) if len(samples) else 0.0
-    return 20 * math.log10(rms) if rms > 0 else -math.inf
-
-
-def analyse_loop(
-    heard: npt.NDArray[np.float64], played: npt.NDArray[np.float64], settings: LoopSettings
-) -> CheckResult:
-    """Where ``played`` (float, full scale 1.0) is in ``heard`` (recorded from when the
-    first sample was written): delay, level, and whether it was heard at all."""
-    n = len(played)
-    size = 1 << (len(heard) + n).bit_length()
-    corr = np.fft.irfft(np.fft.rfft(heard, size) * np.conj(np.fft.rfft(played, size)), size)
-    lags = corr[: len(heard) - n + 1]
-    lag = int(np.argmax(np.abs(lags)))
-    segment = heard[lag : lag + n]
-    norm = float(np.linalg.norm(segment) * np.linalg.norm(played))
-    correlation = abs(float(lags[lag])) / norm if norm > 0 else 0.0
-    level = _dbfs(segment)
-    gain = round(level - _dbfs(played), 1) + 0.0  # no "-0.0 dB"
-    figures = (
-        f"heard at {level:.1f} dBFS (loop gain {gain:+.1f} dB), "
-        f"delay {1000 * lag / SAMPLE_RATE:.0f} ms, correlation {correlation:.2f}"
-    )
-    if level < settings.min_level_dbfs:
-        return CheckResult("audio loop", "fail", f"test sweep not heard: {figures}")
-    if correlation < settings.min_correlation:
-        return CheckResult("audio loop", "fail", f"heard something else: {figures}")
-    return CheckResult("audio loop", "ok", figures)
 
 
 async def check_audio_loop(
     capture: DeviceConfig, playback: DeviceConfig, settings: LoopSettings = LoopSettings()
 ) -> CheckResult:
     """Play a sweep on ``playback`` and look for it on ``capture``."""
-    played = _sweep(settings)
-    pcm = (played * 32767).round().astype("<i2")
-    total = len(pcm) + round(settings.max_delay_s * SAMPLE_RATE)
-    frames = -(-total // FRAME_SAMPLES)
-    pcm = np.pad(pcm, (0, frames * FRAME_SAMPLES - len(pcm)))
+    played = loop_signal(settings.sweep_s, settings.amplitude)
+    pcm = to_frames(played.samples)
+    frames = len(pcm) + math.ceil(settings.listen_s * SAMPLE_RATE / FRAME_SAMPLES)
     mic, speaker = AlsaCapture(capture), AlsaPlayback(playback)
     try:
         async with asyncio.timeout(settings.timeout_s):
@@ -148,8 +97,8 @@ async def check_audio_loop(
             mic.discard_pending()
             recording = asyncio.ensure_future(_record(mic, frames))
             try:
-                for i in range(frames):
-                    await speaker.write(pcm[i * FRAME_SAMPLES : (i + 1) * FRAME_SAMPLES].tobytes())
+                for frame in pcm:
+                    await speaker.write(frame)
                 heard = await recording
             finally:
                 recording.cancel()
@@ -160,7 +109,8 @@ async def check_audio_loop(
     finally:
         await speaker.close()
         await mic.close()
-    return analyse_loop(np.frombuffer(heard, "<i2") / 32768.0, played, settings)
+    result = analyse_loop(from_pcm(heard), played, settings)
+    return CheckResult("audio loop", "ok" if result.passed else "fail", result.summary())
 
 
 async def _record(mic: AlsaCapture, frames: int) -> bytes:

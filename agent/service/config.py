@@ -27,11 +27,13 @@ from agent.edge.clip import ClipSettings
 from agent.edge.outbox import DEFAULT_CAPACITY
 from agent.edge.pipeline import SEVERITY, EdgeSettings
 from agent.edge.uplink import UplinkConfig
+from agent.gpio.settings import GpioSettings
 from agent.media.dtls import DtlsTimers
 from agent.media.session import MediaConfig
 from agent.net.ice import IceConfig
 from agent.service.files import write_atomic
 from agent.service.profile import BoardProfile
+from agent.service.selftest import SelfTestSettings
 from agent.service.tomlconf import ConfigError, from_dict, merge, read_toml, replace_key
 from agent.signaling.mqtt import MqttTimers
 
@@ -169,6 +171,10 @@ class AgentConfig:
     alerts: AlertSettings = field(default_factory=AlertSettings)
     """The detectors on the capture stream (``[edge]``) and their settings."""
     service: ServiceSettings = field(default_factory=ServiceSettings)
+    selftest: SelfTestSettings = field(default_factory=SelfTestSettings)
+    """``[selftest]``: the scheduled speaker-to-microphone test (``agent.service.selftest``)."""
+    gpio: GpioSettings = field(default_factory=GpioSettings)
+    """``[gpio]``: what the board profile's call button, door relay and tamper switch do."""
     status_led: str | None = None
     """The status LED's Linux LED class directory (``/sys/class/leds/NAME``); None: no LED."""
     profile: BoardProfile = field(default_factory=BoardProfile)

@@ -103,6 +103,19 @@ def to_plain(obj: Any) -> Any:
     return obj
 
 
+def changed_keys(old: Any, new: Any) -> list[str]:
+    """The dotted keys of the leaves (values that are not tables) that differ between two
+    trees of the same dataclass, in field order."""
+    return _changed(to_plain(old), to_plain(new), "")
+
+
+def _changed(old: Any, new: Any, where: str) -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = [*old, *(k for k in new if k not in old)]
+        return [c for k in keys for c in _changed(old.get(k), new.get(k), f"{where}{k}.")]
+    return [] if old == new else [where.rstrip(".")]
+
+
 def replace_key(obj: T, key: str, value: Any) -> T:
     """``obj`` with the dotted ``key`` (``calls.do_not_disturb``) set to ``value``, checked
     as if read from TOML (type conversion and each dataclass's own validation);
