@@ -10,6 +10,8 @@ to a device and print its reply (exit 1 on timeout, error reply or no broker).
 ``alerts clip ID --out FILE``: decrypt an alert's audio clip into a playable file.
 ``webhooks dead``: list the webhook deliveries given up on; ``webhooks retry``: send
 them (some or all) again, at once if the relay runs here.
+``token new``: mint an API token (shown once); ``token list``; ``token revoke ID``
+(takes effect at the next request: the relay checks the store each time).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from agent.service.files import write_atomic
 from agent.service.notifier import ServiceNotifier
 from agent.service.systemd import LOG_TARGETS, setup_logging
 from agent.signaling.mqtt import ConnectFailed, MqttClient, MqttConfig, PublishFailed
+from cloud_relay.api import Api
 from cloud_relay.broker import BrokerError, EmbeddedBroker
 from cloud_relay.clips import ClipKey, clip_file, open_clip
 from cloud_relay.commands import CommandError, reply_topic, send_command
@@ -46,7 +49,8 @@ from cloud_relay.pairing import AttemptLimiter, Enrollment, Pairing, mint_token
 from cloud_relay.pki import PkiError, RelayPki
 from cloud_relay.service import Relay
 from cloud_relay.signatures import Senders
-from cloud_relay.store import Store
+from cloud_relay.store import ApiTokenRecord, Store
+from cloud_relay.tokens import Authenticator, mint_api_token
 from cloud_relay.turn import read_secret
 from cloud_relay.web import WebServer, tls_context
 from cloud_relay.webhooks import Webhooks
@@ -118,6 +122,20 @@ def build_parser() -> argparse.ArgumentParser:
     which = retry.add_mutually_exclusive_group(required=True)
     which.add_argument("ids", nargs="*", default=[], metavar="ID", help="dead letters' ids")
     which.add_argument("--all", action="store_true", help="every dead letter")
+    token = sub.add_parser("token", help="API tokens")
+    token_sub = token.add_subparsers(dest="token_command", required=True)
+    token_new = token_sub.add_parser("new", help="mint an API token (shown once)")
+    _common(token_new)
+    token_new.add_argument("--name", required=True, help="who or what uses it")
+    token_new.add_argument("--expires", type=parse_duration,
+                           help="lifetime: 12h, 30d (default: until revoked)")  # fmt: skip
+    token_new.add_argument("--json", action="store_true", help="one JSON line, for scripts")
+    token_list = token_sub.add_parser("list", help="list API tokens, oldest first")
+    _common(token_list)
+    token_list.add_argument("--json", action="store_true", help="one JSON object per line")
+    token_revoke = token_sub.add_parser("revoke", help="revoke an API token")
+    _common(token_revoke)
+    token_revoke.add_argument("token_id", metavar="ID", help="the token's id (token list)")
     return parser
 
 
@@ -235,7 +253,8 @@ async def serve(config: RelayConfig) -> int:
             )
             if config.broker.secure:  # paired boards need a broker that checks them
                 upkeep.https = tls_context(creds.https.cert, creds.https.key)
-                web = WebServer(pairing, p.host, p.port, upkeep.https)
+                api = Api(store, Authenticator(store), clip_key)
+                web = WebServer(pairing, p.host, p.port, upkeep.https, api)
                 await web.start()
             loop.add_signal_handler(signal.SIGHUP, upkeep.schedule)
             upkeep.start()
@@ -564,6 +583,71 @@ async def webhooks_command(config: RelayConfig, ns: argparse.Namespace) -> int:
     return 0
 
 
+async def token_command(config: RelayConfig, ns: argparse.Namespace) -> int:
+    """``token new``, ``token list`` and ``token revoke``."""
+    if ns.token_command == "new":
+        await asyncio.to_thread(Path(config.data_dir).mkdir, parents=True, exist_ok=True)
+        opened: Store | None = await Store.open(config.store_url())
+    else:
+        opened = await _existing_store(config)
+    if (store := opened) is None:
+        return 1
+    now = datetime.now(UTC)
+    try:
+        if ns.token_command == "new":
+            text, record = await mint_api_token(store, ns.name, ttl_s=ns.expires, now=now)
+        elif ns.token_command == "revoke":
+            revoked = await store.run(store.revoke_api_token, ns.token_id, now)
+        else:
+            tokens = await store.run(store.api_tokens)
+    finally:
+        await store.close()
+    if ns.token_command == "new":
+        logger.info("minted API token %s (%s)", record.id, record.name)
+        if ns.json:
+            print(json.dumps({"token": text, **_token_json(record, now)}, sort_keys=True))
+            return 0
+        until = _when(record.expires) if record.expires else "until revoked"
+        print(f"API token {record.id} ({record.name}), valid {until}. Shown once, keep it "
+              f"now:\n\n{text}\n\nUse it as: Authorization: Bearer TOKEN")  # fmt: skip
+        return 0
+    if ns.token_command == "revoke":
+        if not revoked:
+            print(f"error: no API token {ns.token_id}", file=sys.stderr)
+            return 1
+        print(f"API token {ns.token_id} revoked")
+        return 0
+    if ns.json:
+        for t in tokens:
+            print(json.dumps(_token_json(t, now), sort_keys=True))
+        return 0
+    print(f"{'id':<12}  {'state':<7}  {'created (UTC)':<19}  {'expires':<19}  "
+          f"{'last used':<19}  name")  # fmt: skip
+    for t in tokens:
+        print(f"{t.id:<12}  {_token_state(t, now):<7}  {_when(t.created):<19}  "
+              f"{_when(t.expires):<19}  {_when(t.last_used):<19}  {t.name}")  # fmt: skip
+    if not tokens:
+        print("(no API tokens)")
+    return 0
+
+
+def _when(at: datetime | None) -> str:
+    return "-" if at is None else at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _token_state(t: ApiTokenRecord, now: datetime) -> str:
+    if t.revoked is not None:
+        return "revoked"
+    return "active" if t.usable(now) else "expired"
+
+
+def _token_json(t: ApiTokenRecord, now: datetime) -> dict[str, Any]:
+    times = {"created": t.created, "expires": t.expires, "last_used": t.last_used,
+             "revoked": t.revoked}  # fmt: skip
+    return {"id": t.id, "name": t.name, "state": _token_state(t, now),
+            **{k: v.isoformat() if v else None for k, v in times.items()}}  # fmt: skip
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
@@ -582,6 +666,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(list_alerts(config, ns))
         if ns.command == "webhooks":
             return asyncio.run(webhooks_command(config, ns))
+        if ns.command == "token":
+            return asyncio.run(token_command(config, ns))
         args = parse_args_kv(ns.args)
         return asyncio.run(cmd(config, ns.device, ns.name, args, ns.timeout))
     except (ConfigError, ValueError, BrokerError, PkiError, OSError) as exc:

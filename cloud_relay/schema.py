@@ -111,6 +111,10 @@ alerts = Table(
     # The alert's audio clip, sealed to the relay's clip key (``agent.edge.clip``): only
     # ciphertext at rest.
     Column("clip", LargeBinary, nullable=True),
+    # Acknowledged (the dashboard, the API): when, and by which API token's name. The
+    # first acknowledgement stands.
+    Column("acked", DateTime(timezone=True), nullable=True),
+    Column("acked_by", String(200), nullable=True),
     Index("ix_alerts_received", "received"),
     Index("ix_alerts_device_received", "device", "received"),
 )
@@ -134,4 +138,19 @@ webhook_deliveries = Table(
     Column("reason", String(300), nullable=True),
     Column("dead_at", DateTime(timezone=True), nullable=True),
     Index("ix_webhook_deliveries_state_worker", "state", "worker", "created"),
+)
+
+api_tokens = Table(
+    "api_tokens",
+    metadata,
+    # Short and public: what ``token list`` shows and ``token revoke`` takes.
+    Column("id", String(16), primary_key=True),
+    # SHA-256 of the token (``cloud_relay.tokens``): the store never holds a usable token,
+    # and a request's token is found by its digest.
+    Column("digest", String(64), nullable=False, unique=True),
+    Column("name", String(200), nullable=False),
+    Column("created", DateTime(timezone=True), nullable=False),
+    Column("expires", DateTime(timezone=True), nullable=True),
+    Column("last_used", DateTime(timezone=True), nullable=True),
+    Column("revoked", DateTime(timezone=True), nullable=True),
 )

@@ -55,6 +55,7 @@ from agent.edge.alerts import Alert
 from cloud_relay.clips import ClipInfo
 from cloud_relay.schema import (
     alerts,
+    api_tokens,
     calls,
     commands,
     devices,
@@ -150,6 +151,29 @@ class AlertRecord:
     body: dict[str, Any]
     has_clip: bool = False
     """An encrypted audio clip is stored with it (``Store.alert_clip``)."""
+    acked: datetime | None = None
+    """When it was acknowledged (the first time)."""
+    acked_by: str | None = None
+    """Who acknowledged it: the API token's name."""
+
+
+AlertCursor = tuple[datetime, str]
+"""Where a page of ``Store.alerts`` ended: its last alert's ``received`` and ``id``."""
+
+
+@dataclass(frozen=True, slots=True)
+class ApiTokenRecord:
+    """An API token as the store keeps it: never the token itself (``cloud_relay.tokens``)."""
+
+    id: str
+    name: str
+    created: datetime
+    expires: datetime | None
+    last_used: datetime | None = None
+    revoked: datetime | None = None
+
+    def usable(self, now: datetime) -> bool:
+        return self.revoked is None and (self.expires is None or now < self.expires)
 
 
 @dataclass(frozen=True, slots=True)
@@ -682,23 +706,49 @@ class Store:
         self,
         *,
         device: str | None = None,
+        kind: str | None = None,
+        severity: str | None = None,
         since: datetime | None = None,
+        until: datetime | None = None,
+        after: AlertCursor | None = None,
         limit: int = 100,
     ) -> list[AlertRecord]:
-        """Stored alerts, newest (by ``received``) first: of one device, received at or
-        after ``since``, at most ``limit``."""
-        columns = [c for c in alerts.c if c.name != "clip"]
-        has_clip = alerts.c.clip.is_not(None).label("has_clip")
-        query = (
-            select(*columns, has_clip).order_by(alerts.c.received.desc(), alerts.c.id).limit(limit)
-        )
-        if device is not None:
-            query = query.where(alerts.c.device == device)
+        """Stored alerts, newest (by ``received``, then ``id``) first: of one device, kind
+        and severity, received at or after ``since`` and before ``until``, past the cursor
+        ``after`` (the previous page's last alert), at most ``limit``."""
+        a = alerts.c
+        query = _ALERT_ROWS.order_by(a.received.desc(), a.id).limit(limit)
+        for column, value in ((a.device, device), (a.kind, kind), (a.severity, severity)):
+            if value is not None:
+                query = query.where(column == value)
+        # SQLite keeps times as text without their offset: compare in UTC.
         if since is not None:
-            query = query.where(alerts.c.received >= since)
+            query = query.where(a.received >= since.astimezone(UTC))
+        if until is not None:
+            query = query.where(a.received < until.astimezone(UTC))
+        if after is not None:
+            at = after[0].astimezone(UTC)
+            query = query.where(or_(a.received < at, and_(a.received == at, a.id > after[1])))
         with self._engine.connect() as conn:
             rows = conn.execute(query).mappings().all()
         return [_alert(r) for r in rows]
+
+    def alert(self, alert_id: str) -> AlertRecord | None:
+        with self._engine.connect() as conn:
+            row = conn.execute(_ALERT_ROWS.where(alerts.c.id == alert_id)).mappings().first()
+        return None if row is None else _alert(row)
+
+    def ack_alert(self, alert_id: str, by: str, at: datetime) -> AlertRecord | None:
+        """Acknowledge the alert (the first acknowledgement stands: acking again changes
+        nothing); the alert as stored now, None if there is no such alert."""
+        with self._transaction() as conn:
+            conn.execute(
+                update(alerts)
+                .where(alerts.c.id == alert_id, alerts.c.acked.is_(None))
+                .values(acked=at, acked_by=by[:200])
+            )
+            row = conn.execute(_ALERT_ROWS.where(alerts.c.id == alert_id)).mappings().first()
+        return None if row is None else _alert(row)
 
     def alert_clip(self, alert_id: str) -> tuple[str, bytes] | None:
         """(device, sealed clip) of the alert ``alert_id``; None if no such alert has one."""
@@ -708,6 +758,42 @@ class Store:
         with self._engine.connect() as conn:
             row = conn.execute(query).first()
         return None if row is None else (row[0], bytes(row[1]))
+
+    def add_api_token(self, token: ApiTokenRecord, digest: str) -> None:
+        with self._transaction() as conn:
+            conn.execute(
+                insert(api_tokens).values(
+                    id=token.id, digest=digest, name=token.name, created=token.created,
+                    expires=token.expires,
+                )
+            )  # fmt: skip
+
+    def api_token(self, digest: str) -> ApiTokenRecord | None:
+        """The token whose digest this is (revoked and expired ones too), or None."""
+        query = select(api_tokens).where(api_tokens.c.digest == digest)
+        with self._engine.connect() as conn:
+            row = conn.execute(query).mappings().first()
+        return None if row is None else _api_token(row)
+
+    def api_tokens(self) -> list[ApiTokenRecord]:
+        """Every API token, oldest first."""
+        query = select(api_tokens).order_by(api_tokens.c.created, api_tokens.c.id)
+        with self._engine.connect() as conn:
+            rows = conn.execute(query).mappings().all()
+        return [_api_token(r) for r in rows]
+
+    def api_token_used(self, token_id: str, at: datetime) -> None:
+        with self._transaction() as conn:
+            conn.execute(update(api_tokens).where(api_tokens.c.id == token_id).values(last_used=at))
+
+    def revoke_api_token(self, token_id: str, at: datetime) -> bool:
+        """Revoke the token (a revoked one keeps its first revocation); False if unknown."""
+        t = api_tokens.c
+        with self._transaction() as conn:
+            conn.execute(
+                update(api_tokens).where(t.id == token_id, t.revoked.is_(None)).values(revoked=at)
+            )
+            return conn.execute(select(t.id).where(t.id == token_id)).first() is not None
 
     def webhook_queued(self, d: DeliveryRecord) -> None:
         with self._transaction() as conn:
@@ -823,6 +909,12 @@ def stored_body(alert: Alert, clip: ClipInfo | None) -> dict[str, Any]:
     return body
 
 
+_ALERT_ROWS = select(
+    *(c for c in alerts.c if c.name != "clip"), alerts.c.clip.is_not(None).label("has_clip")
+)
+"""Alerts without their clips (only whether they have one)."""
+
+
 def _alert(r: RowMapping) -> AlertRecord:
     return AlertRecord(
         id=r["id"],
@@ -837,6 +929,19 @@ def _alert(r: RowMapping) -> AlertRecord:
         received=_utc(r["received"]) or r["received"],
         body=r["body"],
         has_clip=bool(r["has_clip"]),
+        acked=_utc(r["acked"]),
+        acked_by=r["acked_by"],
+    )
+
+
+def _api_token(r: RowMapping) -> ApiTokenRecord:
+    return ApiTokenRecord(
+        id=r["id"],
+        name=r["name"],
+        created=_utc(r["created"]) or r["created"],
+        expires=_utc(r["expires"]),
+        last_used=_utc(r["last_used"]),
+        revoked=_utc(r["revoked"]),
     )
 
 

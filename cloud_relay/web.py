@@ -1,4 +1,4 @@
-"""The relay's HTTPS endpoint (aiohttp): pairing now, the dashboard's JSON API later.
+"""The relay's HTTPS endpoint (aiohttp): pairing, and the JSON API (``cloud_relay.api``).
 
 HTTPS only, with the relay's own certificate (``pki.Role.HTTPS``), whose fingerprint
 pairing tokens pin, so boards need no public CA. ``POST /api/v1/pair`` takes
@@ -6,6 +6,9 @@ pairing tokens pin, so boards need no public CA. ``POST /api/v1/pair`` takes
 enrollment, 400 for a bad request or CSR, 403 for an unknown, used or expired token,
 429 (with ``Retry-After``) when rate-limited or locked. Bodies over
 ``MAX_REQUEST_BYTES`` are refused by aiohttp before any handler runs.
+
+Given an ``Api``, the server also serves its routes, and every request but pairing
+must then carry an API token (``Api.middleware``).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from cloud_relay.api import Api
 from cloud_relay.pairing import MAX_REQUEST_BYTES, Pairing
 
 logger = logging.getLogger(__name__)
@@ -34,13 +38,18 @@ def tls_context(cert: Path, key: Path) -> ssl.SSLContext:
 class WebServer:
     """The HTTPS listener; ``start()`` binds, ``close()`` stops it and its connections."""
 
-    def __init__(self, pairing: Pairing, host: str, port: int, tls: ssl.SSLContext) -> None:
+    def __init__(
+        self, pairing: Pairing, host: str, port: int, tls: ssl.SSLContext, api: Api | None = None
+    ) -> None:
         self._pairing = pairing
         self._host = host
         self._port = port
         self._tls = tls
         app = web.Application(client_max_size=MAX_REQUEST_BYTES)
         app.router.add_post(PAIR_PATH, self._pair)
+        if api is not None:
+            app.middlewares.append(api.middleware(open_paths={PAIR_PATH}))
+            api.add_routes(app.router)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
 
     @property
@@ -53,7 +62,7 @@ class WebServer:
         await self._runner.setup()
         site = web.TCPSite(self._runner, self._host, self._port, ssl_context=self._tls)
         await site.start()
-        logger.info("pairing endpoint on https://%s:%d%s", self._host, self.port, PAIR_PATH)
+        logger.info("HTTPS endpoint on https://%s:%d", self._host, self.port)
 
     async def close(self) -> None:
         await self._runner.cleanup()
