@@ -29,6 +29,7 @@ from pathlib import Path
 
 from agent.audio.base import AudioSink, AudioSource, EndOfStream
 from agent.audio.device import AlsaCapture, AlsaPlayback, DeviceNotFound
+from agent.audio.frontend import AudioFrontend
 from agent.audio.gain import AudioControls, GainSink, MutableSource
 from agent.audio.tee import CaptureTee
 from agent.calls.machine import CallConfig, CallMachine, Indicator
@@ -114,6 +115,18 @@ async def _open_sink(spec: str, config: AgentConfig) -> AudioSink:
     if kind == "null":
         return NullSink(paced=True)
     raise ConfigError(f"unknown sink {spec!r}: use device, wav:PATH or null")
+
+
+def _frontend(
+    config: AgentConfig, source_spec: str, stack: contextlib.AsyncExitStack
+) -> AudioFrontend | None:
+    """The call's microphone front end (echo cancellation, ...) for a real microphone;
+    files and tones are clean already."""
+    if source_spec != "device" or not config.audio.frontend.enabled:
+        return None
+    frontend = AudioFrontend(config.audio.frontend)
+    stack.callback(frontend.close)
+    return frontend
 
 
 async def _stdin() -> asyncio.StreamReader:
@@ -233,6 +246,8 @@ async def run_call(config: AgentConfig, opts: CallOptions) -> EndReason:
         stack.push_async_callback(source.close)
         sink = await _open_sink(opts.sink, config)
         stack.push_async_callback(sink.close)
+        if (frontend := _frontend(config, opts.source, stack)) is not None:
+            source, sink = frontend.source(source), frontend.tap(sink)
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, hangup.set)
             stack.callback(loop.remove_signal_handler, sig)
@@ -456,7 +471,9 @@ async def _serve(
         device = await _open_source(source_spec, config)
         stack.push_async_callback(device.close)
         speaker = await _open_sink(sink_spec, config)
-        sink = GainSink(speaker, controls)
+        frontend = _frontend(config, source_spec, stack)
+        # The front end's echo reference is what the speaker plays: after the volume.
+        sink = GainSink(speaker if frontend is None else frontend.tap(speaker), controls)
         stack.push_async_callback(sink.close)
         presence = {"state": "online", "board": config.board, "version": "0.1.0"}
         session = MqttSession(mqtt_config(config, identity), presence)
@@ -497,7 +514,7 @@ async def _serve(
                 await connected
             return await ending
         # Mute and volume act on these wrappers, so they hold in and between calls.
-        source = MutableSource(tee, controls)
+        source = MutableSource(tee if frontend is None else frontend.source(tee), controls)
 
         def make_peer(
             call_id: str, direction: sdp.Direction, turn: tuple[TurnServer, ...]

@@ -3,7 +3,9 @@
 Microphone (ALSA via PulseAudio, real time) -> Opus -> RED -> SRTP -> UDP ->
 impairment proxy -> jitter buffer -> Opus/FEC/PLC -> speaker (ALSA). What a's
 microphone heard and what b's speaker played are recorded sample-aligned
-from the virtual boards' probe and compared with PESQ (ITU-T P.862 wideband).
+from the virtual boards' probe and compared with PESQ (ITU-T P.862 wideband). The
+agents run their audio front end (echo cancellation, noise suppression) as a board
+does; ``test_frontend_e2e`` checks that it removes a board's echo.
 """
 
 from __future__ import annotations
@@ -46,7 +48,8 @@ async def _speak_through(
 ) -> tuple[float, float, list[dict[str, Any]]]:
     """PESQ a->b of the speech, the peak frequency b->a of a tone, and both ended records."""
     length = len(read_wav(speech)[0]) / SAMPLE_RATE
-    call = AgentCall(boards, work, impairment)
+    # Both boards clean their microphones as a board does: echo cancellation on.
+    call = AgentCall(boards, work, impairment, frontend={"aec": True})
     await call.start(length + 5.0)
     await asyncio.sleep(2.5)  # PulseAudio's first capture callback comes ~2 s after opening
     player = boards.play(speech, "a_mic")

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.audio.device import DeviceConfig
+from agent.audio.frontend import FrontendSettings
 from agent.calls.policy import CallPolicy
 from agent.edge.clip import ClipSettings
 from agent.edge.outbox import DEFAULT_CAPACITY
@@ -48,6 +49,9 @@ class AudioConfig:
     """Speaker, matched by device name."""
     volume: int = 100
     """Speaker gain in percent, 0..100 (attenuation only); the ``volume`` command sets it."""
+    frontend: FrontendSettings = field(default_factory=FrontendSettings)
+    """``[audio.frontend]``: echo cancellation, noise suppression and gain control of the
+    microphone in calls (``agent.audio.frontend``)."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.volume <= 100:

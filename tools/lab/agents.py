@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -85,8 +85,12 @@ class AgentCall:
         impairment: Impairment = Impairment(),
         opus: OpusConfig = OpusConfig(),
         on_line: LineHandler | None = None,
+        *,
+        frontend: Mapping[str, bool | int | float] | None = None,
     ) -> None:
         self.audio, self.work, self.impairment, self.opus = audio, work, impairment, opus
+        self.frontend = frontend or {}
+        """Both agents' ``[audio.frontend]`` keys (echo cancellation, ...)."""
         self.on_line = on_line
         self.procs: list[asyncio.subprocess.Process] = []
         self._readers: list[asyncio.Task[dict[str, Any]]] = []
@@ -103,6 +107,8 @@ class AgentCall:
             f'[audio.capture]\nname = "^{b.mic}$"\n[audio.playback]\nname = "^{b.speaker}$"\n'
             f"[media.opus]\ncomplexity = {self.opus.complexity}\nbitrate = {self.opus.bitrate}\n"
             '[ice]\nhost_addresses = ["127.0.0.1"]\n'
+            "[audio.frontend]\n"
+            + "".join(f"{k} = {json.dumps(v)}\n" for k, v in self.frontend.items())
         )
         return path
 

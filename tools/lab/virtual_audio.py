@@ -213,6 +213,21 @@ class VirtualAudio:
         """Start playing a WAV file into a sink (a microphone); the caller waits or kills it."""
         return self.daemon.play(wav, sink)
 
+    @contextlib.contextmanager
+    def echo(self, board: str, latency_ms: int = 40) -> Iterator[None]:
+        """While in the block, ``board``'s speaker plays into its own microphone
+        (``module-loopback``, ``latency_ms`` late, at unit gain, clock drift and all): a
+        speaker next to a microphone."""
+        b = next(x for x in self.boards if x.name == board)
+        module = self.daemon.pactl(
+            "load-module", "module-loopback", f"source={b.speaker}.monitor", f"sink={b.mic}",
+            f"latency_msec={latency_ms}", "source_dont_move=true", "sink_dont_move=true",
+        ).strip()  # fmt: skip
+        try:
+            yield
+        finally:
+            self.daemon.pactl("unload-module", module)
+
     def record_probe(self, seconds: float) -> np.ndarray:
         """Record every virtual device at once, sample-aligned: shape (samples, len(devices))."""
         channels = len(self.devices)

@@ -1,0 +1,199 @@
+"""The microphone's front end for calls: echo cancellation, noise suppression, automatic gain.
+
+An intercom's speaker sits next to its microphone; without echo cancellation the caller
+hears themselves. ``AudioFrontend`` cleans each 20 ms, 48 kHz microphone frame with
+SpeexDSP (``agent.audio.speexdsp``): its echo canceller removes what the speaker played,
+given the frames the speaker was fed as reference, and its preprocessor suppresses the
+echo the filter left, the noise, and evens out the level. It works at ``rate`` (16 kHz:
+a third of the CPU of 48 kHz, and all a voice call's wideband needs), resampling in and
+out with SpeexDSP's resampler (frame in, frame out: soxr's block-wise output costs up to
+four frames of delay once re-chunked into 20 ms frames). The speaker-to-microphone
+delay is measured and followed as it drifts by ``agent.audio.delay.ReferenceAligner``.
+
+Wiring: ``source(capture)`` is the call's microphone (``FrontendSource``) and
+``tap(speaker)`` the speaker (``ReferenceTap``: it hands each frame it plays to the front
+end). Both run on the event loop, in the call's own reader and writer: the PortAudio
+callbacks only move buffers. The detectors keep hearing the untouched microphone.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from agent.audio.base import AudioSink, AudioSource
+from agent.audio.delay import AlignerSettings, ReferenceAligner
+from agent.audio.format import FRAME_SAMPLES, SAMPLE_RATE
+from agent.audio.speexdsp import EchoCanceller, Preprocessor, Resampler
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class FrontendSettings:
+    """``[audio.frontend]``: what cleans the microphone during a call (each part switchable)."""
+
+    aec: bool = True
+    """Acoustic echo cancellation, with what the speaker plays as reference."""
+    noise_suppression: bool = True
+    """Stationary noise suppression (fans, hum, street rumble)."""
+    agc: bool = False
+    """Automatic gain control of the microphone."""
+    rate: Literal[8000, 16000, 32000, 48000] = 16_000
+    """Processing rate in Hz (16 kHz: wideband voice at a third of 48 kHz's CPU)."""
+    frame_ms: Literal[10, 20] = 20
+    """Processing frame length."""
+    tail_ms: int = 150
+    """Echo tail the canceller's filter covers, after the measured delay (the room's
+    reverberation as the microphone hears it)."""
+    max_delay_ms: int = 250
+    """Longest speaker-to-microphone delay searched (device buffers plus the air)."""
+    initial_delay_ms: int = 40
+    """Delay assumed until the first measurement (the first second of far-end speech)."""
+    track_delay: bool = True
+    """Measure the delay and follow its drift (off: ``initial_delay_ms`` throughout)."""
+    echo_suppress_db: int = -40
+    """Residual echo suppression while only the far end talks (dB, negative)."""
+    echo_suppress_active_db: int = -15
+    """Residual echo suppression while both ends talk (dB, negative; gentler, so the near
+    end's words survive)."""
+    noise_suppress_db: int = -15
+    """Largest noise attenuation (dB, negative)."""
+    agc_level: float = 8000.0
+    """AGC target RMS in int16 units (8000: about -12 dBFS)."""
+    agc_max_gain_db: int = 20
+    """Most the AGC amplifies."""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.tail_ms <= 500 or not 0 < self.max_delay_ms <= 1000:
+            raise ValueError("tail_ms must be 1..500 and max_delay_ms 1..1000")
+        if not 0 <= self.initial_delay_ms <= self.max_delay_ms:
+            raise ValueError("initial_delay_ms must be 0..max_delay_ms")
+        if max(self.echo_suppress_db, self.echo_suppress_active_db, self.noise_suppress_db) > 0:
+            raise ValueError("suppression levels are attenuations: 0 dB or less")
+        if not 0 < self.agc_level <= 32767 or not 0 <= self.agc_max_gain_db <= 60:
+            raise ValueError("agc_level must be 1..32767 and agc_max_gain_db 0..60")
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any part is on (else the microphone goes to the call untouched)."""
+        return self.aec or self.noise_suppression or self.agc
+
+
+class AudioFrontend:
+    """The processing itself, frame by frame, without I/O (module docstring)."""
+
+    def __init__(self, settings: FrontendSettings) -> None:
+        self.settings = s = settings
+        ms = s.rate // 1000
+        self._chunk = 2 * ms * s.frame_ms  # bytes the canceller takes at a time
+        self._down = self._up = self._ref_down = None
+        if s.rate != SAMPLE_RATE:
+            self._down = Resampler(SAMPLE_RATE, s.rate, FRAME_SAMPLES)
+            self._up = Resampler(s.rate, SAMPLE_RATE, FRAME_SAMPLES * s.rate // SAMPLE_RATE)
+        self._echo: EchoCanceller | None = None
+        self._aligner: ReferenceAligner | None = None
+        if s.aec:
+            self._echo = EchoCanceller(self._chunk // 2, ms * s.tail_ms, s.rate)
+            if s.rate != SAMPLE_RATE:
+                self._ref_down = Resampler(SAMPLE_RATE, s.rate, FRAME_SAMPLES)
+            self._aligner = ReferenceAligner(
+                AlignerSettings(
+                    max_lag=ms * s.max_delay_ms,
+                    initial_lag=ms * s.initial_delay_ms,
+                    window=s.rate,  # one second of speech gives a clear peak
+                    interval=s.rate // 2,
+                    lead=ms * 5,
+                    tolerance=ms,
+                    track=s.track_delay,
+                )
+            )
+        self._pre = Preprocessor(self._chunk // 2, s.rate)
+        # SpeexDSP suppresses residual echo inside its denoiser: with echo cancellation on,
+        # the denoiser runs, suppressing no noise unless noise suppression is on too.
+        self._pre.set_denoise(s.noise_suppression or s.aec,
+                              s.noise_suppress_db if s.noise_suppression else 0)  # fmt: skip
+        self._pre.set_agc(s.agc, s.agc_level, s.agc_max_gain_db)
+        if self._echo is not None:
+            self._pre.attach_echo(self._echo, s.echo_suppress_db, s.echo_suppress_active_db)
+
+    @property
+    def delay_ms(self) -> float | None:
+        """The speaker-to-microphone delay in use (None without echo cancellation)."""
+        return None if self._aligner is None else self._aligner.lag * 1000 / self.settings.rate
+
+    def reference(self, frame: bytes) -> None:
+        """A 48 kHz frame the speaker was given."""
+        if self._aligner is not None:
+            low = frame if self._ref_down is None else self._ref_down.process(frame)
+            self._aligner.push_reference(np.frombuffer(low, np.int16))
+
+    def process(self, frame: bytes) -> bytes:
+        """The 48 kHz microphone frame, cleaned (and delayed by the resamplers' ~5 ms)."""
+        low = frame if self._down is None else self._down.process(frame)
+        out = bytearray()
+        for i in range(0, len(low), self._chunk):
+            chunk = low[i : i + self._chunk]
+            if self._echo is not None and self._aligner is not None:
+                reference = self._aligner.align(np.frombuffer(chunk, np.int16))
+                chunk = self._echo.cancel(chunk, reference.tobytes())
+            out += self._pre.run(chunk)
+        return bytes(out) if self._up is None else self._up.process(bytes(out))
+
+    def restart(self) -> None:
+        """Both streams resume after a pause (a call starts): measure the delay again; the
+        learnt echo path stays (the room has not moved)."""
+        if self._aligner is not None:
+            self._aligner.restart()
+
+    def source(self, capture: AudioSource) -> FrontendSource:
+        return FrontendSource(capture, self)
+
+    def tap(self, speaker: AudioSink) -> ReferenceTap:
+        return ReferenceTap(speaker, self)
+
+    def close(self) -> None:
+        self._pre.close()  # first: it points at the echo state
+        for part in (self._echo, self._down, self._up, self._ref_down):
+            if part is not None:
+                part.close()
+
+
+class FrontendSource:
+    """An ``AudioSource``: the microphone's frames through the front end."""
+
+    def __init__(self, source: AudioSource, frontend: AudioFrontend) -> None:
+        self._source = source
+        self._frontend = frontend
+
+    async def read(self) -> bytes:
+        return self._frontend.process(await self._source.read())
+
+    def discard_pending(self) -> int:
+        self._frontend.restart()  # a call starts: the streams resume from now
+        return self._source.discard_pending()
+
+    async def close(self) -> None:
+        await self._source.close()
+
+
+class ReferenceTap:
+    """An ``AudioSink`` that hands each frame, once the speaker took it, to the front end
+    as the echo reference."""
+
+    def __init__(self, sink: AudioSink, frontend: AudioFrontend) -> None:
+        self._sink = sink
+        self._frontend = frontend
+
+    async def write(self, frame: bytes) -> None:
+        await self._sink.write(frame)
+        self._frontend.reference(frame)
+
+    async def close(self) -> None:
+        await self._sink.close()
+
+
+__all__ = ["AudioFrontend", "FrontendSettings", "FrontendSource", "ReferenceTap"]

@@ -1,0 +1,306 @@
+"""The audio front end: the SpeexDSP binding for real, the delay estimator, the wiring.
+
+Signals are seeded noise and tones, and a simulated echo path (``tools.lab.echo``); the
+checks are on what comes out (echo power, recovered delays, frequencies), not on bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+
+import numpy as np
+import pytest
+
+from agent.audio.base import EndOfStream
+from agent.audio.delay import AlignerSettings, ReferenceAligner, gcc_phat
+from agent.audio.format import FRAME_BYTES, FRAME_SAMPLES, SAMPLE_RATE
+from agent.audio.frontend import AudioFrontend, FrontendSettings
+from agent.audio.gain import AudioControls, GainSink, scale_frame
+from agent.audio.speexdsp import EchoCanceller, Preprocessor, Resampler, available
+from agent.service.config import AudioConfig, ConfigError, from_dict
+from tools.lab.echo import EchoPath
+
+pytestmark = pytest.mark.skipif(not available(), reason="libspeexdsp1 is not installed")
+
+RATE = 16_000
+N = 320  # 20 ms at 16 kHz
+
+
+def _db(a: np.ndarray, b: np.ndarray) -> float:
+    return float(10 * np.log10(np.mean(a.astype(float) ** 2) / np.mean(b.astype(float) ** 2)))
+
+
+def _noise(rng: np.random.Generator, n: int, level: float = 3000.0) -> np.ndarray:
+    return np.clip(rng.standard_normal(n) * level, -32768, 32767).astype(np.int16)
+
+
+def _room(rng: np.random.Generator, delay: int) -> np.ndarray:
+    """A 16 kHz impulse response: direct sound after ``delay`` samples, then a 60 ms tail."""
+    h = np.zeros(delay + 1000)
+    h[delay] = 0.7
+    h[delay + 1 :] = rng.standard_normal(999) * 0.05 * np.exp(-np.arange(999) / 150)
+    return h
+
+
+# -- the binding -----------------------------------------------------------------------
+
+
+def _cancel(canceller: EchoCanceller, mic: np.ndarray, far: np.ndarray) -> np.ndarray:
+    return np.concatenate([
+        np.frombuffer(canceller.cancel(mic[i : i + N].tobytes(), far[i : i + N].tobytes()),
+                      np.int16)
+        for i in range(0, len(far), N)
+    ])  # fmt: skip
+
+
+def test_the_echo_canceller_removes_an_echo_it_has_learnt() -> None:
+    rng = np.random.default_rng(1)
+    far = _noise(rng, RATE * 5)
+    echo = np.convolve(far.astype(float), _room(rng, 40))[: len(far)].astype(np.int16)
+    canceller = EchoCanceller(N, RATE // 10, RATE)
+    out = _cancel(canceller, echo, far)
+    canceller.close()
+    assert _db(echo[: RATE // 4], out[: RATE // 4]) < 15  # not learnt yet
+    assert _db(echo[-2 * RATE :], out[-2 * RATE :]) >= 25  # learnt: 25 dB and more
+
+
+def test_the_canceller_cannot_remove_what_its_reference_does_not_explain() -> None:
+    rng = np.random.default_rng(2)
+    far, near = _noise(rng, RATE * 3), _noise(rng, RATE * 3)
+    canceller = EchoCanceller(N, RATE // 10, RATE)
+    out = _cancel(canceller, near, far)
+    assert abs(_db(near[RATE:], out[RATE:])) < 1.5  # the near end passes untouched
+
+
+def test_the_preprocessor_suppresses_stationary_noise_and_keeps_a_tone() -> None:
+    rng = np.random.default_rng(3)
+    pre = Preprocessor(N, RATE)
+    pre.set_denoise(True, -20)
+    noise = _noise(rng, RATE * 4, 300.0)
+    out = np.concatenate(
+        [
+            np.frombuffer(pre.run(noise[i : i + N].tobytes()), np.int16)
+            for i in range(0, len(noise), N)
+        ]
+    )
+    assert _db(noise[-RATE:], out[-RATE:]) >= 10
+    t = np.arange(RATE) / RATE
+    tone = (8000 * np.sin(2 * np.pi * 1000 * t)).astype(np.int16)
+    kept = np.concatenate(
+        [np.frombuffer(pre.run(tone[i : i + N].tobytes()), np.int16) for i in range(0, RATE, N)]
+    )
+    assert abs(_db(tone[RATE // 2 :], kept[RATE // 2 :])) < 2
+    pre.close()
+    with pytest.raises(OSError, match="closed"):
+        pre.run(tone[:N].tobytes())
+
+
+def test_the_resampler_is_frame_in_frame_out_and_keeps_a_tone() -> None:
+    down, up = Resampler(SAMPLE_RATE, RATE, FRAME_SAMPLES), Resampler(RATE, SAMPLE_RATE, N)
+    t = np.arange(SAMPLE_RATE) / SAMPLE_RATE
+    tone = (8000 * np.sin(2 * np.pi * 700 * t)).astype(np.int16)
+    out = []
+    for i in range(0, SAMPLE_RATE, FRAME_SAMPLES):
+        low = down.process(tone[i : i + FRAME_SAMPLES].tobytes())
+        assert len(low) == 2 * N
+        out.append(up.process(low))
+    back = np.frombuffer(b"".join(out), np.int16).astype(float)
+    assert all(len(f) == FRAME_BYTES for f in out)
+    spectrum = np.abs(np.fft.rfft(back[SAMPLE_RATE // 2 :]))
+    assert np.fft.rfftfreq(SAMPLE_RATE // 2, 1 / SAMPLE_RATE)[int(np.argmax(spectrum))] == 700
+    with pytest.raises(ValueError, match="no whole number"):
+        Resampler(SAMPLE_RATE, 44_100, 100)
+
+
+# -- the delay estimator ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("lag", [0, 17, 160, 1280, 3999])
+def test_gcc_phat_finds_a_known_delay_through_a_room(lag: int) -> None:
+    rng = np.random.default_rng(lag)
+    max_lag, n = 4000, RATE
+    ref = rng.standard_normal(n + max_lag + 2000)
+    heard = np.convolve(ref, _room(rng, 0))[: len(ref)]
+    # mic[i] = heard[max_lag + i - lag]: the reference leads by ``lag``.
+    mic = heard[max_lag - lag : max_lag - lag + n] + 0.3 * rng.standard_normal(n)
+    found = gcc_phat(mic, ref[: n + max_lag], max_lag)
+    assert found.lag == lag and found.prominence > 10
+
+
+def test_gcc_phat_sees_no_peak_in_unrelated_signals() -> None:
+    rng = np.random.default_rng(9)
+    found = gcc_phat(rng.standard_normal(RATE), rng.standard_normal(RATE + 800), 800)
+    assert found.prominence < 6
+
+
+def _aligner(initial: int = 0) -> ReferenceAligner:
+    return ReferenceAligner(AlignerSettings(
+        max_lag=4000, initial_lag=initial, window=RATE, interval=RATE // 2, lead=0, tolerance=16,
+    ))  # fmt: skip
+
+
+def _stream(aligner: ReferenceAligner, far: np.ndarray, delay: int, start: int, stop: int) -> float:
+    """Feed frames start..stop of ``far`` (the microphone hears it ``delay`` late); the
+    mean correlation of the aligned reference with the microphone over the last second."""
+    scores = []
+    for i in range(start, stop, N):
+        aligner.push_reference(far[i : i + N])
+        mic = far[i - delay : i - delay + N] if i >= delay else np.zeros(N, np.int16)
+        ref = aligner.align(mic)
+        if i >= stop - RATE and mic.any():
+            scores.append(np.corrcoef(ref.astype(float), mic.astype(float))[0, 1])
+    return float(np.mean(scores)) if scores else 0.0
+
+
+def test_the_aligner_measures_the_delay_and_follows_a_change() -> None:
+    rng = np.random.default_rng(4)
+    far = _noise(rng, RATE * 8)
+    aligner = _aligner()
+    assert _stream(aligner, far, 1000, 0, RATE * 3) > 0.99
+    assert aligner.lag == 1000 and aligner.changes == 1
+    # The playback buffer grew by 30 ms: two measurements agree, then it is followed.
+    assert _stream(aligner, far, 1480, RATE * 3, RATE * 8) > 0.99
+    assert aligner.lag == 1480 and aligner.changes == 2
+
+
+def test_the_aligner_keeps_its_delay_while_the_far_end_is_silent() -> None:
+    aligner = _aligner(initial=640)
+    silent = np.zeros(RATE * 3, np.int16)
+    _stream(aligner, silent, 200, 0, RATE * 3)
+    assert aligner.estimates == 0 and aligner.lag == 640
+
+
+def test_the_aligner_gives_zeros_for_reference_it_does_not_have() -> None:
+    assert not _aligner().align(np.ones(N, np.int16)).any()  # nothing played yet
+    aligner = _aligner()
+    aligner.push_reference(np.full(N, 5, np.int16))
+    assert (aligner.align(np.ones(N, np.int16)) == 5).all()
+    assert not aligner.align(np.ones(N, np.int16)).any()  # not played yet
+
+
+# -- the front end and its wiring ------------------------------------------------------
+
+
+class _Room:
+    """A speaker and a microphone in one room: what the speaker is given comes back to
+    the microphone through ``EchoPath`` (48 kHz), frame by frame."""
+
+    def __init__(self, seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        self.path = EchoPath(delay_ms=35.0, rt60_s=0.15, drive=1.5, gain_db=-3.0)
+        self._rng = rng
+
+    def echo_of(self, frames: list[bytes]) -> list[bytes]:
+        far = np.frombuffer(b"".join(frames), np.int16).astype(float) / 32768
+        echo = np.round(self.path.apply(self._rng, far) * 32768).astype(np.int16)
+        return [echo[i : i + FRAME_SAMPLES].tobytes() for i in range(0, len(echo), FRAME_SAMPLES)]
+
+
+class _Speaker:
+    def __init__(self) -> None:
+        self.frames: list[bytes] = []
+
+    async def write(self, frame: bytes) -> None:
+        self.frames.append(frame)
+
+    async def close(self) -> None:
+        pass
+
+
+class _Microphone:
+    def __init__(self, frames: list[bytes]) -> None:
+        self.frames = deque(frames)
+        self.discarded = 0
+
+    async def read(self) -> bytes:
+        if not self.frames:
+            raise EndOfStream("done")
+        return self.frames.popleft()
+
+    def discard_pending(self) -> int:
+        self.discarded += 1
+        return 0
+
+    async def close(self) -> None:
+        pass
+
+
+def _far_speech(seconds: float, seed: int) -> list[bytes]:
+    """Noise bursts shaped like speech (syllables at 4 Hz) at -20 dBFS."""
+    rng = np.random.default_rng(seed)
+    n = int(seconds * SAMPLE_RATE)
+    envelope = 0.5 + 0.5 * np.sin(2 * np.pi * 4 * np.arange(n) / SAMPLE_RATE) ** 2
+    x = np.convolve(rng.standard_normal(n), np.ones(6) / 6, "same") * envelope * 0.15
+    samples = np.round(x * 32768).astype(np.int16)
+    return [samples[i : i + FRAME_SAMPLES].tobytes() for i in range(0, n, FRAME_SAMPLES)]
+
+
+async def test_the_front_end_removes_what_the_speaker_put_into_the_microphone() -> None:
+    """The wiring as ``agent.app`` builds it: the call writes to a ``GainSink`` over the
+    front end's tap; the microphone, which hears the speaker (after the volume), is read
+    through the front end's source. After convergence the echo is 25 dB down and more."""
+    room = _Room(5)
+    far = _far_speech(6.0, 6)
+    played = [scale_frame(f, 80) for f in far]
+    heard = room.echo_of(played)
+    frontend = AudioFrontend(FrontendSettings())
+    speaker = _Speaker()
+    sink = GainSink(frontend.tap(speaker), AudioControls(volume=80))
+    source = frontend.source(_Microphone(heard))
+    assert source.discard_pending() == 0
+    out = []
+    for frame in far:
+        await sink.write(frame)
+        out.append(await source.read())
+    with pytest.raises(EndOfStream):
+        await source.read()
+    assert speaker.frames == played
+    mic = np.frombuffer(b"".join(heard), np.int16)
+    cleaned = np.frombuffer(b"".join(out), np.int16)
+    last = 2 * SAMPLE_RATE
+    assert _db(mic[-last:], cleaned[-last:]) >= 25
+    assert frontend.delay_ms == pytest.approx(35.0, abs=1.0)
+    frontend.close()
+
+
+async def test_the_tap_feeds_the_reference_in_step_with_the_microphone() -> None:
+    """Tap and source on one front end, a call's writer and reader side by side."""
+    room = _Room(7)
+    far = _far_speech(5.0, 8)
+    heard = room.echo_of(far)
+    frontend = AudioFrontend(FrontendSettings())
+    mic = _Microphone(heard)
+    source, sink = frontend.source(mic), frontend.tap(_Speaker())
+    source.discard_pending()
+    assert mic.discarded == 1
+    out = []
+
+    async def writer() -> None:
+        for frame in far:
+            await sink.write(frame)
+            await asyncio.sleep(0)
+
+    async def reader() -> None:
+        for _ in far:
+            out.append(await source.read())
+            await asyncio.sleep(0)
+
+    await asyncio.gather(writer(), reader())
+    mic_samples = np.frombuffer(b"".join(heard), np.int16)
+    cleaned = np.frombuffer(b"".join(out), np.int16)
+    assert _db(mic_samples[-SAMPLE_RATE:], cleaned[-SAMPLE_RATE:]) >= 20
+    frontend.close()
+
+
+def test_frontend_settings_come_from_audio_frontend_and_are_checked() -> None:
+    config = from_dict(AudioConfig, {"frontend": {"aec": False, "agc": True, "tail_ms": 100}})
+    assert not config.frontend.aec and config.frontend.agc and config.frontend.enabled
+    off = from_dict(AudioConfig, {"frontend": {"aec": False, "noise_suppression": False}})
+    assert not off.frontend.enabled
+    with pytest.raises(ConfigError, match="rate"):
+        from_dict(AudioConfig, {"frontend": {"rate": 44100}})
+    with pytest.raises(ConfigError, match="attenuations"):
+        from_dict(AudioConfig, {"frontend": {"noise_suppress_db": 10}})
+    with pytest.raises(ConfigError, match="unknown"):
+        from_dict(AudioConfig, {"frontend": {"echo": True}})

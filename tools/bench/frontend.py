@@ -1,0 +1,266 @@
+"""Audio front end benchmark: echo cancellation, double talk, noise suppression, CPU.
+
+Everything is generated from ``--seed``, so a run is reproduced exactly. Clips go through
+the agent's own ``AudioFrontend`` (SpeexDSP, ``[audio.frontend]`` defaults) 20 ms frame by
+frame at 48 kHz, as on a board: each far-end frame is handed over as the speaker's
+reference, then the microphone frame is cleaned.
+
+- Echo (``--echo-clips``, far end only): far-end speech (espeak-ng, ``sounds.VOICES``)
+  played through a simulated echo path (``tools.lab.echo``: 5-80 ms delay, a room of
+  RT60 0.15-0.3 s, a speaker's soft clipping, 0 to -6 dB), over a -80 dBFS microphone
+  noise floor. ``erle_db``: echo return loss enhancement (microphone power over output
+  power) in 250 ms windows where the far end talks, the median after convergence, the
+  median over clips. ``convergence_s``: from the far end's first words to the end of the
+  first window at ``CONVERGED_DB`` or more. ``delay_error_ms``: the measured delay against
+  the path's. Baseline: the same clips with the delay fixed at ``initial_delay_ms`` (no
+  measurement), ``erle_db_fixed_delay``; no processing is 0 dB by definition.
+- Double talk (``--doubletalk-clips``): the far end alone for ``CONVERGE_S``, then a
+  near-end talker too. ``pesq_wb_near_doubletalk``: PESQ (P.862 wideband) of the front
+  end's output over the double-talk part against the clean near-end speech; baseline
+  ``pesq_wb_near_doubletalk_unprocessed``, the microphone itself (speech plus echo).
+- Noise (``--noise-clips`` per SNR in ``--snrs``): speech after 2 s of fan noise (pink
+  noise and blade tones) or street noise (brown rumble and passing bursts), SNR of the
+  speech's active power over the noise's mean. ``pesq_gain_ns``: PESQ of the output minus
+  PESQ of the noisy input (the baseline, ``pesq_wb_noisy``), noise suppression alone.
+- ``cpu_per_audio_s``: CPU time of the whole front end (defaults: echo cancellation,
+  residual echo and noise suppression, resampling both ways, delay tracking) per second
+  of audio; baseline ``opus_encode_cpu_per_audio_s``, encoding the same audio.
+
+The last line printed is a JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import soxr
+from pesq import pesq
+
+from agent.audio.format import FRAME_SAMPLES, SAMPLE_RATE
+from agent.audio.frontend import AudioFrontend, FrontendSettings
+from agent.codec.opus import OpusConfig, OpusEncoder
+from tools.bench.args import machine, positive_int
+from tools.lab import sounds
+from tools.lab.echo import EchoPath
+
+CONVERGED_DB = 20.0
+"""ERLE at which the canceller counts as converged."""
+CONVERGE_S = 6.0
+"""Far end alone before the double talk starts."""
+WINDOW = SAMPLE_RATE // 4
+"""ERLE window: 250 ms."""
+FLOOR_DBFS = -80.0
+"""The microphone's own noise."""
+ECHO_S = 12.0
+DOUBLETALK_S = 8.0
+NOISE_LEAD_S = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class EchoOutcome:
+    erle_db: float
+    convergence_s: float
+    delay_error_ms: float
+    erle_fixed_db: float
+    cpu_s: float
+    audio_s: float
+
+
+def _int16(x: np.ndarray) -> np.ndarray:
+    return np.clip(np.round(x * 32768), -32768, 32767).astype(np.int16)
+
+
+def run(
+    settings: FrontendSettings, mic: np.ndarray, ref: np.ndarray | None
+) -> tuple[np.ndarray, float, AudioFrontend]:
+    """The front end's output for int16 ``mic`` (with ``ref`` played), and its CPU time."""
+    frontend = AudioFrontend(settings)
+    out = np.zeros(len(mic) // FRAME_SAMPLES * FRAME_SAMPLES, np.int16)
+    began = time.process_time()
+    for i in range(0, len(out), FRAME_SAMPLES):
+        if ref is not None:
+            frontend.reference(ref[i : i + FRAME_SAMPLES].tobytes())
+        frame = frontend.process(mic[i : i + FRAME_SAMPLES].tobytes())
+        out[i : i + FRAME_SAMPLES] = np.frombuffer(frame, np.int16)
+    cpu = time.process_time() - began
+    frontend.close()
+    return out, cpu, frontend
+
+
+def _power(x: np.ndarray) -> np.ndarray:
+    m = len(x) // WINDOW * WINDOW
+    power: np.ndarray = np.mean(x[:m].astype(np.float64).reshape(-1, WINDOW) ** 2, axis=1)
+    return power + 1e-3
+
+
+def erle(mic: np.ndarray, out: np.ndarray, echo: np.ndarray) -> tuple[float, float]:
+    """(median ERLE after convergence, convergence time) over the far-active windows."""
+    active = _power(echo)
+    active = active >= active.max() / 100  # within 20 dB of the loudest window
+    per_window = 10 * np.log10(_power(mic) / _power(out))
+    windows = np.flatnonzero(active[: len(per_window)])
+    converged = [w for w in windows if per_window[w] >= CONVERGED_DB]
+    if not converged:
+        return float(np.median(per_window[windows])), float("inf")
+    after = [w for w in windows if w >= converged[0]]
+    return (
+        float(np.median(per_window[after])),
+        (converged[0] + 1 - windows[0]) * WINDOW / SAMPLE_RATE,
+    )
+
+
+def echo_clip(seed: int, work: Path, settings: FrontendSettings) -> EchoOutcome:
+    rng = np.random.default_rng(seed)
+    path = EchoPath.draw(rng)
+    far = sounds.speech(work, rng, ECHO_S, sounds.VOICES)
+    far *= 0.5 / (np.max(np.abs(far)) or 1.0)
+    echo = path.apply(rng, far)
+    floor = rng.standard_normal(len(far)) * 10 ** (FLOOR_DBFS / 20)
+    mic, ref = _int16(echo + floor), _int16(far)
+    out, cpu, frontend = run(settings, mic, ref)
+    measured = frontend.delay_ms
+    assert measured is not None
+    db, converged = erle(mic, out, _int16(echo))
+    fixed, _, _ = run(dataclasses.replace(settings, track_delay=False), mic, ref)
+    db_fixed, _ = erle(mic, fixed, _int16(echo))
+    return EchoOutcome(
+        db, converged, abs(measured - path.delay_ms), db_fixed, cpu, len(mic) / SAMPLE_RATE
+    )
+
+
+def _to16k(x: np.ndarray) -> np.ndarray:
+    return np.asarray(soxr.resample(x.astype(np.float32) / 32768, SAMPLE_RATE, 16_000))
+
+
+def _pesq(clean: np.ndarray, degraded: np.ndarray) -> float:
+    return float(pesq(16_000, _to16k(clean), _to16k(degraded), "wb"))
+
+
+def doubletalk_clip(seed: int, work: Path, settings: FrontendSettings) -> tuple[float, float]:
+    """PESQ of the near end through the front end during double talk, and unprocessed."""
+    rng = np.random.default_rng(seed)
+    path = EchoPath.draw(rng)
+    far = sounds.speech(work, rng, CONVERGE_S + DOUBLETALK_S, sounds.VOICES)
+    far *= 0.5 / (np.max(np.abs(far)) or 1.0)
+    near = sounds.speech(work, rng, DOUBLETALK_S, sounds.VOICES)
+    echo = path.apply(rng, far)
+    start = round(CONVERGE_S * SAMPLE_RATE)
+    near_level = np.sqrt(sounds.active_power(echo[start:]) / (sounds.active_power(near) or 1.0))
+    near = _int16(near * near_level)  # as loud as the echo: hard double talk
+    mic = echo + rng.standard_normal(len(far)) * 10 ** (FLOOR_DBFS / 20)
+    mic[start : start + len(near)] += near / 32768
+    mic16 = _int16(mic)
+    out, _, _ = run(settings, mic16, _int16(far))
+    part = slice(start, start + len(near))
+    return _pesq(near, out[part]), _pesq(near, mic16[part])
+
+
+def _noise(rng: np.random.Generator, kind: str, seconds: float) -> np.ndarray:
+    n = round(seconds * SAMPLE_RATE)
+    if kind == "fan":
+        t = np.arange(n) / SAMPLE_RATE
+        blade = float(rng.uniform(80, 160))
+        hum = sum(np.sin(2 * np.pi * h * blade * t + rng.uniform(0, 6.3)) / h for h in (1, 2, 3))
+        return sounds.noise(rng, seconds, "pink")[:n] + 0.3 * hum
+    rumble = sounds.noise(rng, seconds, "brown")[:n]
+    return rumble + 0.5 * sounds.household(rng, seconds)[:n]
+
+
+def noise_clip(
+    seed: int, work: Path, settings: FrontendSettings, kind: str, snr_db: float
+) -> tuple[float, float]:
+    """PESQ of speech in noise after noise suppression, and of the noisy speech."""
+    rng = np.random.default_rng(seed)
+    clean = sounds.speech(work, rng, 6.0, sounds.VOICES)
+    lead = round(NOISE_LEAD_S * SAMPLE_RATE)
+    noise = _noise(rng, kind, NOISE_LEAD_S + len(clean) / SAMPLE_RATE)
+    speech_power = sounds.active_power(clean)
+    noise *= np.sqrt(speech_power / np.mean(noise**2) / 10 ** (snr_db / 10))
+    noisy = noise.copy()
+    noisy[lead : lead + len(clean)] += clean
+    scale = 10 ** (-26 / 20) / np.sqrt(speech_power or 1.0)  # speech at -26 dBFS
+    clean16 = _int16(clean * scale)
+    noisy16 = _int16(noisy * scale)
+    ns = dataclasses.replace(settings, aec=False, noise_suppression=True, agc=False)
+    out, _, _ = run(ns, noisy16, None)
+    return _pesq(clean16, out[lead:]), _pesq(clean16, noisy16[lead:])
+
+
+def opus_cpu_per_audio_s(samples: np.ndarray) -> float:
+    encoder = OpusEncoder(OpusConfig())
+    usable = len(samples) // FRAME_SAMPLES * FRAME_SAMPLES
+    began = time.process_time()
+    for i in range(0, usable, FRAME_SAMPLES):
+        encoder.encode(samples[i : i + FRAME_SAMPLES].tobytes())
+    return (time.process_time() - began) / (usable / SAMPLE_RATE)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, object]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seed", type=int, default=2026)
+    parser.add_argument("--echo-clips", type=positive_int, default=12)
+    parser.add_argument("--doubletalk-clips", type=positive_int, default=8)
+    parser.add_argument("--noise-clips", type=positive_int, default=4, help="per kind and SNR")
+    parser.add_argument("--snrs", type=float, nargs="+", default=[0.0, 5.0, 10.0])
+    parser.add_argument("--rate", type=int, choices=(16_000, 48_000), default=16_000,
+                        help="processing rate")  # fmt: skip
+    parser.add_argument("--dir", type=Path, help="work directory (default: a temporary one)")
+    args = parser.parse_args(argv)
+    settings = FrontendSettings(rate=args.rate)
+    seeds = np.random.SeedSequence(args.seed).generate_state(3)
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="bench-frontend-") as tmp:
+        work = args.dir or Path(tmp)
+        sounds.prepare_speech(work)
+        noise_clips = args.noise_clips * 2 * len(args.snrs)
+        print(f"frontend: {args.echo_clips} echo, {args.doubletalk_clips} double-talk, "
+              f"{noise_clips} noise clips at {args.rate} Hz", flush=True)  # fmt: skip
+        echoes = [echo_clip(int(seeds[0]) + i, work, settings) for i in range(args.echo_clips)]
+        talks = [
+            doubletalk_clip(int(seeds[1]) + i, work, settings) for i in range(args.doubletalk_clips)
+        ]
+        noisy = [
+            noise_clip(int(seeds[2]) + i, work, settings, kind, snr)
+            for kind in ("fan", "street")
+            for snr in args.snrs
+            for i in range(args.noise_clips)
+        ]
+        opus = opus_cpu_per_audio_s(
+            _int16(sounds.speech(work, np.random.default_rng(args.seed), 10.0))
+        )
+    audio_s = sum(e.audio_s for e in echoes)
+    result: dict[str, object] = {
+        "machine": machine(),
+        "seed": args.seed,
+        "rate": args.rate,
+        "clips": {"echo": len(echoes), "doubletalk": len(talks), "noise": len(noisy)},
+        "erle_db": round(statistics.median(e.erle_db for e in echoes), 1),
+        "erle_db_min": round(min(e.erle_db for e in echoes), 1),
+        "erle_db_fixed_delay": round(statistics.median(e.erle_fixed_db for e in echoes), 1),
+        "convergence_s": round(statistics.median(e.convergence_s for e in echoes), 2),
+        "convergence_s_max": round(max(e.convergence_s for e in echoes), 2),
+        "delay_error_ms_max": round(max(e.delay_error_ms for e in echoes), 2),
+        "pesq_wb_near_doubletalk": round(statistics.fmean(p for p, _ in talks), 2),
+        "pesq_wb_near_doubletalk_unprocessed": round(statistics.fmean(b for _, b in talks), 2),
+        "pesq_wb_ns": round(statistics.fmean(p for p, _ in noisy), 2),
+        "pesq_wb_noisy": round(statistics.fmean(b for _, b in noisy), 2),
+        "pesq_gain_ns": round(statistics.fmean(p - b for p, b in noisy), 2),
+        "cpu_per_audio_s": round(sum(e.cpu_s for e in echoes) / audio_s, 5),
+        "opus_encode_cpu_per_audio_s": round(opus, 5),
+        "wall_s": round(time.monotonic() - started, 1),
+    }
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
