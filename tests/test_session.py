@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from agent.audio.format import SAMPLE_RATE
 from agent.audio.sources import MemorySink, ToneSource, WavSource
 from agent.codec.opus import OpusConfig, OpusEncoder
+from agent.media import rtcp
 from agent.media.rtp import RtpPacket
 from agent.media.session import EndReason, MediaConfig, MediaSession
 from agent.media.srtp import PresharedKeying, SrtpContext, SrtpProfile
@@ -269,3 +270,33 @@ async def test_close_is_idempotent_and_safe_before_start() -> None:
     assert await asyncio.wait_for(session.ended(), 2) is EndReason.TRANSPORT_CLOSED
     assert await session.close() is EndReason.TRANSPORT_CLOSED
     assert await session.close(EndReason.LOCAL_HANGUP) is EndReason.TRANSPORT_CLOSED
+
+
+async def test_only_a_bye_for_the_peers_source_ends_the_session() -> None:
+    """RFC 3550: a BYE says the sources it lists have left. One that lists none, or
+    another source, is counted (``wrong_ssrc``) and the call goes on; the peer's own
+    ends it, and its reason for leaving is kept."""
+    transport = QueueTransport()
+    session = MediaSession(
+        transport, KEYS, ToneSource(300.0, paced=True), MemorySink(paced=True), FAST
+    )
+    await session.start()
+    sealer = SrtpContext(KEYS.reversed().pair)
+    peer = 0x1234ABCD
+    encoder = OpusEncoder(OpusConfig())
+    frame = encoder.encode(bytes(1920))
+    transport.inbox.put(sealer.protect(RtpPacket(111, 1, 960, peer, frame).to_bytes()))
+    await asyncio.sleep(0)
+    for bye in (rtcp.Bye(()), rtcp.Bye((peer ^ 1,), "shutdown")):
+        report = rtcp.ReceiverReport(ssrc=peer, reports=())  # compound RTCP starts with one
+        transport.inbox.put(sealer.protect_rtcp(rtcp.serialize_compound([report, bye])))
+        await asyncio.sleep(0)
+    assert session.running
+    assert session.stats.wrong_ssrc == 2
+    leaving = rtcp.serialize_compound(
+        [rtcp.ReceiverReport(ssrc=peer, reports=()), rtcp.Bye((peer,), "shutdown")]
+    )
+    transport.inbox.put(sealer.protect_rtcp(leaving))
+    assert await asyncio.wait_for(session.ended(), 5) is EndReason.REMOTE_BYE
+    assert session.bye_reason == "shutdown"
+    await session.close()

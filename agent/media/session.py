@@ -386,8 +386,19 @@ class MediaSession:
                     if block.ssrc == self.ssrc:
                         self._on_report(block, arrival32)
             elif isinstance(p, rtcp.Bye):
-                self.bye_reason = p.reason
-                self._end(EndReason.REMOTE_BYE)
+                self._on_bye(p)
+
+    def _on_bye(self, bye: rtcp.Bye) -> None:
+        """The peer leaves if the BYE names the source we hear (any source, before we
+        hear one); a BYE for another source, or for none, changes nothing."""
+        ours = self._remote_ssrc
+        if not bye.ssrcs or (ours is not None and ours not in bye.ssrcs):
+            self._wrong_ssrc += 1
+            if self._log.isEnabledFor(logging.DEBUG):
+                self._log.debug("ignored a BYE for %s", [f"{s:08x}" for s in bye.ssrcs])
+            return
+        self.bye_reason = bye.reason
+        self._end(EndReason.REMOTE_BYE)
 
     def _on_report(self, block: rtcp.ReportBlock, arrival32: int) -> None:
         rtt = rtcp.rtt_from_report(block, arrival32)
