@@ -2,7 +2,13 @@
 
 from setuptools import find_packages, setup
 
-RELAY = ["aiohttp>=3.9", "alembic>=1.13", "segno>=1.5", "sqlalchemy>=2.0"]
+RELAY = [
+    "aiohttp>=3.9",
+    "alembic>=1.13",
+    "prometheus-client>=0.20",  # cloud_relay.metrics: /metrics
+    "segno>=1.5",
+    "sqlalchemy>=2.0",
+]
 POSTGRES = ["psycopg[binary]>=3.1"]
 
 setup(
@@ -11,7 +17,11 @@ setup(
     description="Voice intercom for Raspberry-class boards: agent and cloud relay",
     python_requires=">=3.11",
     packages=find_packages(include=["agent", "agent.*", "cloud_relay", "cloud_relay.*"]),
-    package_data={"agent": ["py.typed"], "cloud_relay.migrations": ["script.py.mako"]},
+    package_data={
+        "agent": ["py.typed"],
+        "cloud_relay": ["static/*"],  # the dashboard (cloud_relay.pages)
+        "cloud_relay.migrations": ["script.py.mako"],
+    },
     install_requires=[
         "aioice>=0.10",
         "cryptography>=42",
@@ -27,6 +37,8 @@ setup(
         "soxr>=0.3",
         # sd_notify and the journal; built against libsystemd (libsystemd-dev, pkg-config).
         "systemd-python>=235; sys_platform == 'linux'",
+        # agent.audio.webrtc_ns: WebRTC's noise suppressor; abi3 wheels for aarch64 and armv7.
+        "webrtc-noise-gain>=1.3,<2",
         "webrtcvad-wheels>=2.0.14",  # voice activity on the board: tiny C, no model file
     ],
     extras_require={
@@ -42,6 +54,7 @@ setup(
             "hypothesis>=6.90",
             "mypy>=1.8",
             "pesq>=0.0.4",
+            "playwright>=1.40",  # drives Debian's chromium: the dashboard and web call tests
             "pytest>=8",
             "pytest-asyncio>=0.23",
             "pytest-timeout>=2.2",

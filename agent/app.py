@@ -55,6 +55,7 @@ from agent.service.notifier import ServiceNotifier
 from agent.service.selftest import SelfTestScheduler
 from agent.service.status import AgentStatus
 from agent.service.systemd import LOG_TARGETS, journal_fields, setup_logging
+from agent.service.telemetry import TelemetryReporter
 from agent.signaling.messages import (
     MAX_MESSAGE_BYTES,
     Description,
@@ -563,6 +564,16 @@ async def _serve(
         runtime.selftest = selftest.run_now
         selftest.start()
         stack.push_async_callback(selftest.close)
+        telemetry = TelemetryReporter(
+            config.device_id,
+            config.telemetry,
+            session,
+            sound=listener.take_levels,
+            media=runtime.live_media,
+            pending=outbox.count,
+        )
+        telemetry.start()
+        stack.push_async_callback(telemetry.close)
         _watch(service, config.service.stall_s, tee=tee, outbox=outbox, audio=(device, speaker))
         stack.callback(service.notifier.clear_checks)
         service.status.session = session

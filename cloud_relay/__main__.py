@@ -12,6 +12,9 @@ to a device and print its reply (exit 1 on timeout, error reply or no broker).
 them (some or all) again, at once if the relay runs here.
 ``token new``: mint an API token (shown once); ``token list``; ``token revoke ID``
 (takes effect at the next request: the relay checks the store each time).
+``user add NAME`` (password typed twice, or ``--password-file``), ``user passwd NAME``,
+``user remove NAME``, ``user list``: the dashboard's administrators; a new password or
+a removal ends the user's sessions at once.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import argparse
 import asyncio
 import contextlib
 import gc
+import getpass
 import json
 import logging
 import os
@@ -45,14 +49,21 @@ from cloud_relay.clips import ClipKey, clip_file, open_clip
 from cloud_relay.commands import CommandError, reply_topic, send_command
 from cloud_relay.config import ConfigError, RelayConfig, load_config
 from cloud_relay.credentials import RelayCredentials, open_credentials
+from cloud_relay.events import EventBus, RelayEvents
+from cloud_relay.fleet_api import FleetApi
+from cloud_relay.homeassistant import HomeAssistant
+from cloud_relay.metrics import RelayMetrics
 from cloud_relay.pairing import AttemptLimiter, Enrollment, Pairing, mint_token
 from cloud_relay.pki import PkiError, RelayPki
 from cloud_relay.service import Relay
+from cloud_relay.sessions import Sessions
 from cloud_relay.signatures import Senders
 from cloud_relay.store import ApiTokenRecord, Store
 from cloud_relay.tokens import Authenticator, mint_api_token
 from cloud_relay.turn import read_secret
+from cloud_relay.users import PasswordError, check_password, check_user_name, hash_password
 from cloud_relay.web import WebServer, tls_context
+from cloud_relay.webcall import WebCalls
 from cloud_relay.webhooks import Webhooks
 
 logger = logging.getLogger("cloud_relay")
@@ -136,6 +147,22 @@ def build_parser() -> argparse.ArgumentParser:
     token_revoke = token_sub.add_parser("revoke", help="revoke an API token")
     _common(token_revoke)
     token_revoke.add_argument("token_id", metavar="ID", help="the token's id (token list)")
+    user = sub.add_parser("user", help="dashboard administrators")
+    user_sub = user.add_subparsers(dest="user_command", required=True)
+    user_commands = (
+        ("add", "add a user (asks the password twice)"),
+        ("passwd", "set a user's password (ends its sessions)"),
+        ("remove", "remove a user (ends its sessions)"),
+        ("list", "list users"),
+    )
+    for name, what in user_commands:
+        one = user_sub.add_parser(name, help=what)
+        _common(one)
+        if name != "list":
+            one.add_argument("user_name", metavar="NAME", help="the user's name")
+        if name in ("add", "passwd"):
+            one.add_argument("--password-file", type=Path,
+                             help="read the password from this file's first line")  # fmt: skip
     return parser
 
 
@@ -202,6 +229,8 @@ async def serve(config: RelayConfig) -> int:
     store = await Store.open(config.store_url())
     broker: EmbeddedBroker | None = None
     web: WebServer | None = None
+    webcalls: WebCalls | None = None
+    home: HomeAssistant | None = None
     upkeep = Upkeep(config, creds)
     try:
         if config.broker.url is None:
@@ -223,11 +252,19 @@ async def serve(config: RelayConfig) -> int:
             webhooks = Webhooks(config.webhooks, store, worker=config.mqtt.client_id)
             upkeep.webhooks = webhooks
         clip_key = await asyncio.to_thread(ClipKey.load, config.pki_directory(), create=True)
+        events = EventBus()
+        metrics = RelayMetrics() if config.metrics.enabled else None
+        if config.home_assistant.enabled:
+            home = upkeep.home_assistant = HomeAssistant(config, tls)
+        addons = [o for o in (metrics, home) if o is not None]
         relay = Relay(config, store, tls=tls, senders=senders, turn_secret=turn_secret,
-                      webhooks=webhooks, clip_key=clip_key)  # fmt: skip
+                      webhooks=webhooks, clip_key=clip_key,
+                      observers=[RelayEvents(events), *addons])  # fmt: skip
         attempt = 0
         while not stop.is_set():
             try:
+                if home is not None:  # first: it publishes what the relay takes in
+                    await home.start(relay)
                 await relay.start()
                 break
             except ConnectFailed as exc:
@@ -240,6 +277,8 @@ async def serve(config: RelayConfig) -> int:
                     async with asyncio.timeout(delay):
                         await stop.wait()
         if not stop.is_set():
+            if home is not None:
+                home.revoked(await asyncio.to_thread(creds.pki.revoked_devices))
             p = config.pairing
             limiter = AttemptLimiter(p.per_source, p.overall, p.window_s, p.lockout_after,
                                      p.lockout_s)  # fmt: skip
@@ -253,8 +292,18 @@ async def serve(config: RelayConfig) -> int:
             )
             if config.broker.secure:  # paired boards need a broker that checks them
                 upkeep.https = tls_context(creds.https.cert, creds.https.key)
-                api = Api(store, Authenticator(store), clip_key)
-                web = WebServer(pairing, p.host, p.port, upkeep.https, api)
+                fleet = FleetApi(
+                    store, relay, events, creds.pki, pairing_url=config.pairing_url(),
+                    fingerprint=lambda: upkeep.https_fingerprint, on_revoked=upkeep.schedule,
+                    pairing_ttl_s=p.token_ttl_s,
+                )  # fmt: skip
+                webcalls = WebCalls(relay)
+                api = Api(store, Authenticator(store), clip_key, sessions=Sessions(store),
+                          fleet=fleet, webcalls=webcalls)  # fmt: skip
+                if metrics is not None:
+                    hooks = webhooks.stats if webhooks is not None else None
+                    metrics.watch(relay, webhooks=hooks, refusals=api.refusals)
+                web = WebServer(pairing, p.host, p.port, upkeep.https, api, metrics=metrics)
                 await web.start()
             loop.add_signal_handler(signal.SIGHUP, upkeep.schedule)
             upkeep.start()
@@ -275,6 +324,10 @@ async def serve(config: RelayConfig) -> int:
         await upkeep.close()
         if web is not None:
             await web.close()
+        if webcalls is not None:
+            webcalls.close()  # before the relay: the hang-ups go out through it
+        if home is not None:
+            await home.close()  # its presses wait for the relay's replies
         if relay is not None:
             await relay.close()
             logger.info("relay stopped: %s", relay.stats.summary())
@@ -314,6 +367,13 @@ class Upkeep:
         self._repaired: set[str] = set()
         self.webhooks: Webhooks | None = None
         """Takes up the dead letters ``webhooks retry`` sent again (SIGHUP)."""
+        self.home_assistant: HomeAssistant | None = None
+        """Removes revoked devices from Home Assistant."""
+
+    @property
+    def https_fingerprint(self) -> str:
+        """The HTTPS certificate's, which new pairing tokens pin."""
+        return self._https_fingerprint
 
     def start(self) -> None:
         self._timer = asyncio.create_task(self._every_hour(), name="relay-upkeep")
@@ -363,6 +423,8 @@ class Upkeep:
                 except (OSError, ValueError, PkiError) as exc:
                     logger.error("renewing the relay's certificates or CRL failed: %s", exc)
             revoked = await asyncio.to_thread(self._pki.revoked_devices)
+            if self.home_assistant is not None:  # before the broker ends their sessions
+                self.home_assistant.revoked(revoked)
             targets = (revoked - self._applied) | self._repaired
             self._repaired.clear()
             if not targets and not reload:
@@ -496,6 +558,15 @@ async def _existing_store(config: RelayConfig) -> Store | None:
     return await Store.open(config.store_url())
 
 
+async def _store(config: RelayConfig, *, create: bool) -> Store | None:
+    """The relay's store, made if ``create`` (what adds the first token or user may run
+    before the relay ever did), else only an existing one (``_existing_store``)."""
+    if not create:
+        return await _existing_store(config)
+    await asyncio.to_thread(Path(config.data_dir).mkdir, parents=True, exist_ok=True)
+    return await Store.open(config.store_url())
+
+
 async def list_alerts(config: RelayConfig, ns: argparse.Namespace) -> int:
     """Print the stored alerts: a table, or with ``--json`` one object per line."""
     if ns.limit < 1:
@@ -585,12 +656,7 @@ async def webhooks_command(config: RelayConfig, ns: argparse.Namespace) -> int:
 
 async def token_command(config: RelayConfig, ns: argparse.Namespace) -> int:
     """``token new``, ``token list`` and ``token revoke``."""
-    if ns.token_command == "new":
-        await asyncio.to_thread(Path(config.data_dir).mkdir, parents=True, exist_ok=True)
-        opened: Store | None = await Store.open(config.store_url())
-    else:
-        opened = await _existing_store(config)
-    if (store := opened) is None:
+    if (store := await _store(config, create=ns.token_command == "new")) is None:
         return 1
     now = datetime.now(UTC)
     try:
@@ -648,6 +714,55 @@ def _token_json(t: ApiTokenRecord, now: datetime) -> dict[str, Any]:
             **{k: v.isoformat() if v else None for k, v in times.items()}}  # fmt: skip
 
 
+def read_password(password_file: Path | None) -> str:
+    """The new password: the file's first line, or typed twice at a terminal."""
+    if password_file is not None:
+        lines = password_file.read_text().splitlines()
+        return check_password(lines[0] if lines else "")
+    if not sys.stdin.isatty():
+        raise PasswordError("no terminal to ask the password at: use --password-file")
+    first = check_password(getpass.getpass("Password: "))
+    if getpass.getpass("Again: ") != first:
+        raise PasswordError("the passwords differ")
+    return first
+
+
+async def user_command(config: RelayConfig, ns: argparse.Namespace) -> int:
+    """``user add``, ``user passwd``, ``user remove`` and ``user list``."""
+    name = check_user_name(ns.user_name) if ns.user_command != "list" else ""
+    hashed = None
+    if ns.user_command in ("add", "passwd"):
+        hashed = await asyncio.to_thread(hash_password, read_password(ns.password_file))
+    if (store := await _store(config, create=ns.user_command == "add")) is None:
+        return 1
+    now = datetime.now(UTC)
+    try:
+        if ns.user_command == "add":
+            done = await store.run(store.add_user, name, hashed, now)
+        elif ns.user_command == "passwd":
+            done = await store.run(store.set_password, name, hashed, now)
+        elif ns.user_command == "remove":
+            done = await store.run(store.remove_user, name)
+        else:
+            found = await store.run(store.users)
+    finally:
+        await store.close()
+    if ns.user_command == "list":
+        for u in found:
+            print(f"{u.name}  created {_when(u.created)}  password set {_when(u.changed)}")
+        if not found:
+            print("(no users)")
+        return 0
+    if not done:
+        problem = "exists already" if ns.user_command == "add" else "does not exist"
+        print(f"error: user {name} {problem}", file=sys.stderr)
+        return 1
+    past = {"add": "added", "passwd": "has a new password", "remove": "removed"}
+    logger.info("user %s %s", name, past[ns.user_command])
+    print(f"user {name} {past[ns.user_command]}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
@@ -668,6 +783,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(webhooks_command(config, ns))
         if ns.command == "token":
             return asyncio.run(token_command(config, ns))
+        if ns.command == "user":
+            return asyncio.run(user_command(config, ns))
         args = parse_args_kv(ns.args)
         return asyncio.run(cmd(config, ns.device, ns.name, args, ns.timeout))
     except (ConfigError, ValueError, BrokerError, PkiError, OSError) as exc:

@@ -8,7 +8,9 @@ nothing. Command-line flags (``--data-dir``, ``--broker-url``) override the file
 from __future__ import annotations
 
 import dataclasses
+import re
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -229,6 +231,46 @@ class PairingSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class MetricsSettings:
+    """Prometheus metrics (``cloud_relay.metrics``), at ``GET /metrics`` on the HTTPS
+    listener; like the API, a scrape needs an API token (``token new``)."""
+
+    enabled: bool = True
+    """Serve ``/metrics``."""
+
+
+HA_STATE_ROOT = "edge-intercom"
+"""Root of the states the relay publishes for Home Assistant, and of its buttons' presses."""
+_TOPIC_LEVELS = re.compile(r"[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*")
+
+
+@dataclass(frozen=True, slots=True)
+class HomeAssistantSettings:
+    """Home Assistant MQTT discovery (``cloud_relay.homeassistant``): entities per device
+    on the relay's broker, which Home Assistant reads as an operator client."""
+
+    enabled: bool = False
+    """Publish discovery configs and states, and take the entities' button presses."""
+    discovery_prefix: str = "homeassistant"
+    """Home Assistant's discovery prefix (its MQTT integration's setting)."""
+    call_targets: Mapping[str, str] = field(default_factory=dict)
+    """The peer each device's Call button calls (``{door-a = "hall"}``); a device without
+    one gets no Call button."""
+
+    def __post_init__(self) -> None:
+        if _TOPIC_LEVELS.fullmatch(self.discovery_prefix) is None:
+            raise ValueError("discovery_prefix: topic levels of A-Z, a-z, 0-9, '_', '-'")
+        if not isinstance(self.call_targets, Mapping):
+            raise ValueError("call_targets: expected a table of device = peer")
+        for device, peer in self.call_targets.items():
+            for value in (device, peer):
+                try:
+                    check_device_id(value)
+                except TopicError as exc:
+                    raise ValueError(f"call_targets: {exc}") from None
+
+
+@dataclass(frozen=True, slots=True)
 class RelayConfig:
     """The whole relay."""
 
@@ -250,6 +292,8 @@ class RelayConfig:
     Relay workers on one machine share it."""
     webhooks: tuple[WebhookSettings, ...] = ()
     """Receivers of new alerts (``[[webhooks]]`` tables), each with its own URL."""
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    home_assistant: HomeAssistantSettings = field(default_factory=HomeAssistantSettings)
 
     def __post_init__(self) -> None:
         urls = [w.url for w in self.webhooks]
@@ -319,9 +363,12 @@ def load_config(
 
 __all__ = [
     "ANY_GROUP",
+    "HA_STATE_ROOT",
     "BrokerSettings",
     "ConfigError",
     "GroupSettings",
+    "HomeAssistantSettings",
+    "MetricsSettings",
     "MqttSettings",
     "PairingSettings",
     "PolicySettings",

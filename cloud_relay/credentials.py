@@ -47,7 +47,7 @@ def open_credentials(config: RelayConfig) -> RelayCredentials:
         server = pki.server_certificate(Role.BROKER, hosts)
         renewed |= server.renewed
         acl = Path(config.data_dir) / ACL_FILE
-        write_atomic(acl, acl_text().encode(), 0o644)
+        write_atomic(acl, acl_text(config.home_assistant).encode(), 0o644)
         relay = RelayListener(config.broker.relay_port, mqtt_tls)
         broker_tls = BrokerTls(pki.ca_path, server.cert, server.key, pki.crl_path, acl, relay)
     return RelayCredentials(pki, mqtt_tls, broker_tls, https, renewed)

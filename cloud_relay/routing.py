@@ -21,6 +21,14 @@ Rules:
   the callee, ``cancel`` by the caller). ``decline``/``busy``/``cancel``/``hangup``
   end the call; what still comes for it (both sides hanging up at once) is dropped
   as ``finished-call``, not as an unknown call.
+
+Web peers (``topics.WEB_PEER_PREFIX``, browsers the relay itself speaks for:
+``cloud_relay.webcall``) come in through ``originate`` instead of a device's ``out``; only
+a web peer's messages may, so that door stays shut to anything claiming a device. They
+pass the same rules: a web peer is never present, so an invite to one is ``unreachable``
+like one to an unknown device, and what a device sends in a web peer's call is forwarded
+to it (the service hands it to the bridge instead of the broker). The relay's groups never
+name a web peer: only rules whose caller is ``*`` let one call.
 """
 
 from __future__ import annotations
@@ -46,7 +54,7 @@ from agent.signaling.envelope import (
     make,
     with_sender,
 )
-from agent.signaling.topics import RELAY_ID
+from agent.signaling.topics import RELAY_ID, is_web_peer
 from cloud_relay.config import PolicySettings, RoutingSettings
 from cloud_relay.presence import PresenceTable
 
@@ -202,6 +210,13 @@ class Router:
         if isinstance(env.body, InviteBody):
             return self._invite(env, env.body, now_ms, forged)
         return self._in_call(env, forged)
+
+    def originate(self, env: Envelope, now_ms: int) -> Route:
+        """``route_envelope`` for a message the relay sends for a web peer (its ``from``);
+        anything from another sender is dropped as ``not-web-peer``."""
+        if not is_web_peer(env.from_):
+            return Route(Action.DROP, env, reason="not-web-peer")
+        return self.route_envelope(env.from_, env, now_ms)
 
     def _invite(self, env: Envelope, body: InviteBody, now_ms: int, forged: bool) -> Route:
         caller, callee = env.from_, env.to

@@ -154,3 +154,40 @@ api_tokens = Table(
     Column("last_used", DateTime(timezone=True), nullable=True),
     Column("revoked", DateTime(timezone=True), nullable=True),
 )
+
+users = Table(
+    "users",
+    metadata,
+    # Dashboard administrators (``edge-intercom-relay user add``).
+    Column("name", String(64), primary_key=True),
+    # ``scrypt$n$r$p$salt$hash`` (``cloud_relay.users``): never the password.
+    Column("password", String(300), nullable=False),
+    Column("created", DateTime(timezone=True), nullable=False),
+    Column("changed", DateTime(timezone=True), nullable=False),
+)
+
+sessions = Table(
+    "sessions",
+    metadata,
+    # SHA-256 of the session cookie (``cloud_relay.sessions``): the store never holds one.
+    Column("digest", String(64), primary_key=True),
+    Column("user", String(64), ForeignKey("users.name"), nullable=False),
+    # The synchronizer CSRF token: useless without the cookie, so kept as it is.
+    Column("csrf", String(64), nullable=False),
+    Column("created", DateTime(timezone=True), nullable=False),
+    Column("last_seen", DateTime(timezone=True), nullable=False),
+    Column("expires", DateTime(timezone=True), nullable=False),
+    Index("ix_sessions_user", "user"),
+)
+
+telemetry = Table(
+    "telemetry",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("device", String(63), nullable=False),
+    Column("at", DateTime(timezone=True), nullable=False),
+    # The record's ``event`` (``call-ended``, ``selftest``, ...), "" when it has none.
+    Column("event", String(40), nullable=False),
+    Column("record", JSON, nullable=False),
+    Index("ix_telemetry_device_at", "device", "at"),
+)

@@ -27,7 +27,7 @@ import logging
 import secrets
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -35,7 +35,7 @@ from agent.edge.alerts import Alert, AlertError, decode_alert, encode_ack
 from agent.edge.clip import ClipError, public_key_text
 from agent.service.status import outage_line
 from agent.signaling import topics
-from agent.signaling.envelope import EnvelopeError, InviteBody, from_json, to_json
+from agent.signaling.envelope import Envelope, EnvelopeError, InviteBody, from_json, to_json
 from agent.signaling.mqtt import Message, MqttClient, MqttConfig, MqttTls, PublishFailed
 from agent.signaling.signing import SignatureError
 from agent.signaling.topics import Kind, TopicError
@@ -55,6 +55,7 @@ from cloud_relay.routing import (
 from cloud_relay.signatures import FORGED_FROM, Senders
 from cloud_relay.store import Store, stored_body, utc_from_ms
 from cloud_relay.sync import RELAY_SYNC_TOPIC, SyncError, decode, encode
+from cloud_relay.telemetry import TelemetryError, parse_telemetry
 from cloud_relay.turn import call_credentials
 from cloud_relay.webhooks import Webhooks
 
@@ -94,15 +95,42 @@ class RelayStats:
     """Alerts whose id was stored already (a resend, or another worker's copy): acked again."""
     alerts_with_clip: int = 0
     """Alerts received with a clip that opened (bad clips: ``dropped[clip-<label>]``)."""
+    commands_finished: Counter[str] = field(default_factory=Counter)
+    """Commands this worker recorded, by outcome (``ok``, ``error``, ``timeout``)."""
     dropped: Counter[str] = field(default_factory=Counter)
     """Dropped messages by reason (``malformed-<field>``, ``stale``, ``unknown-call``, ...)."""
 
     def summary(self) -> str:
         """One line for the log: every counter that is not zero."""
-        counts = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "dropped"}
-        parts = [f"{k}={v}" for k, v in counts.items() if v]
-        parts += [f"dropped[{k}]={v}" for k, v in sorted(self.dropped.items())]
+        counts = {f.name: getattr(self, f.name) for f in fields(self)}
+        parts = [f"{k}={v}" for k, v in counts.items() if v and not isinstance(v, Counter)]
+        parts += [f"{k}[{label}]={n}" for k, v in counts.items() if isinstance(v, Counter)
+                  for label, n in sorted(v.items())]  # fmt: skip
         return " ".join(parts) or "nothing"
+
+
+class RelayObserver:
+    """Told what the relay takes in, as it happens (``cloud_relay.metrics``,
+    ``cloud_relay.homeassistant``). The reader calls these, so each must return at once;
+    the defaults ignore it."""
+
+    def presence(self, device: str, presence: Presence) -> None:
+        """A presence report the relay took (after the offline grace), changed or not."""
+
+    def alert(self, device: str, alert: Alert) -> None:
+        """An alert stored for the first time (not its resends)."""
+
+    def call(self, event: CallEvent) -> None:
+        """A call event of a message this worker routed."""
+
+    def routed(self, seconds: float) -> None:
+        """A forward handed to the broker ``seconds`` (loop clock) after the reader took
+        its message in (a wait for the sender's certificate included); not for messages
+        parked until another worker's sync message."""
+
+    def command_reply(self, device: str, cmd_id: str, status: str, reply: dict[str, Any]) -> None:
+        """A device's reply to a command (``status``: ``ok`` or ``error``), seen by every
+        worker."""
 
 
 def mqtt_config(config: RelayConfig, tls: MqttTls | None = None) -> MqttConfig:
@@ -141,6 +169,8 @@ SUBSCRIPTIONS = (
     RELAY_SYNC_TOPIC,
     # Alerts: one worker takes each; the store drops the copies of resends by alert id.
     topics.shared(topics.all_devices(Kind.ALERT)),
+    # Telemetry: one worker stores each record.
+    topics.shared(topics.all_devices(Kind.TELEMETRY)),
 )
 
 
@@ -158,13 +188,15 @@ class Relay:
         turn_secret: str | None = None,
         webhooks: Webhooks | None = None,
         clip_key: ClipKey | None = None,
+        observers: Sequence[RelayObserver] = (),
     ) -> None:
         """``tls``: the relay's client certificate, for a broker that takes only those;
         ``senders``: signatures required (paired devices), checked with these;
         ``turn_secret``: coturn's shared secret, to mint TURN credentials with (None: the
         devices get none); ``webhooks``: where new alerts are forwarded (started and
         closed with the relay); ``clip_key``: the relay's clip key, which devices get on
-        their ``config`` and seal their alerts' clips to (None: clips are dropped)."""
+        their ``config`` and seal their alerts' clips to (None: clips are dropped);
+        ``observers``: told of presence, alerts, calls and routing as they happen."""
         self.config = config
         self.worker = config.mqtt.client_id
         self.store = store
@@ -178,8 +210,12 @@ class Relay:
         self._pending: set[asyncio.Future[Any]] = set()
         self._sync_events: list[CallEvent] = []
         """Call events of the messages routed since the last flush, for the other workers."""
-        self._outbox: list[tuple[str, bytes]] = []
-        """(topic, payload) routed since the last flush, in routing order."""
+        self._outbox: list[tuple[str, bytes, float | None]] = []
+        """(topic, payload, when its message was taken in) routed since the last flush, in
+        routing order; the time (loop clock) only for a forward of a message taken in."""
+        self._taken_at: float | None = None
+        """When the reader took in the ``out`` message being routed now (loop clock)."""
+        self._observers = tuple(observers)
         self._flush_handle: asyncio.Handle | None = None
         self._retries: dict[int, asyncio.TimerHandle] = {}
         """Call and command updates waiting to be written again (``_write_to_record``)."""
@@ -198,9 +234,11 @@ class Relay:
         self._turn_refresher: asyncio.Task[None] | None = None
         self.webhooks = webhooks
         self._clip_key = clip_key
-        self._fetching: dict[str, list[bytes]] = {}
+        self._fetching: dict[str, list[tuple[bytes, float]]] = {}
         """Devices whose certificate is being read from the store, with their messages
-        meanwhile (routed in order once it is there)."""
+        meanwhile and when they were taken in (routed in order once it is there)."""
+        self.web_peers: Callable[[Envelope], None] | None = None
+        """Takes what is routed to a web peer (``cloud_relay.webcall``) instead of the broker."""
 
     def describe(self) -> str:
         """The STATUS line while serving: the broker's state, devices online, calls up."""
@@ -262,6 +300,14 @@ class Relay:
         if (current := asyncio.current_task()) is not None and current.cancelling():
             raise asyncio.CancelledError
 
+    def originate(self, env: Envelope) -> None:
+        """Route a message of a web peer (``cloud_relay.webcall``) as if it had come in on an
+        ``out`` topic, signed with the relay's key (``Router.originate``)."""
+        if self._senders is not None:
+            env = self._senders.sign(env)
+        now = self._clock_ms()
+        self._after_route(env.from_, self.router.originate(env, now), now)
+
     async def send_command(
         self,
         device: str,
@@ -304,6 +350,8 @@ class Relay:
             self._on_reply(device, msg)
         elif kind is Kind.ALERT:
             self._on_alert(device, msg.payload)
+        elif kind is Kind.TELEMETRY:
+            self._on_telemetry(device, msg.payload)
         else:
             self.stats.dropped["bad-topic"] += 1
 
@@ -326,6 +374,7 @@ class Relay:
 
     def _command_expired(self, cmd_id: str) -> None:
         del self._expiries[cmd_id]
+        self.stats.commands_finished["timeout"] += 1
         self._write(self.store.command_finished, cmd_id, "timeout")
 
     def _on_reply(self, device: str, msg: Message) -> None:
@@ -341,7 +390,23 @@ class Relay:
         cmd_id = msg.correlation_data.hex()[:32]
         if (expiry := self._expiries.pop(cmd_id, None)) is not None:
             expiry.cancel()
+            self.stats.commands_finished[status] += 1  # here: this worker recorded it
         self._write_to_record(0, self.store.command_finished, cmd_id, status, reply)
+        for observer in self._observers:
+            observer.command_reply(device, cmd_id, status, reply)
+
+    def _on_telemetry(self, device: str, payload: bytes) -> None:
+        """Store the record; a call's media statistics also become its quality."""
+        try:
+            record = parse_telemetry(payload)
+        except TelemetryError as exc:
+            self.stats.dropped["telemetry-malformed"] += 1
+            logger.warning("%s: dropped telemetry: %s", device, exc)
+            return
+        at = utc_from_ms(self._clock_ms())
+        self._write(self.store.record_telemetry, device, at, record.event, record.record)
+        if (stats := record.call_stats()) is not None:
+            self._write_to_record(0, self.store.call_quality, stats[0], device, stats[1])
 
     def _on_alert(self, device: str, payload: bytes) -> None:
         """Store the alert, then (once committed) acknowledge it to the device, duplicates
@@ -382,6 +447,8 @@ class Relay:
             return  # counted and logged by ``_write_done``; the device sends it again
         if fut.result():
             self.stats.alerts_stored += 1
+            for observer in self._observers:
+                observer.alert(device, alert)
             logger.info("%s: alert %s stored%s", device, alert_id, " with a clip" if clip else "")
             if self.webhooks is not None:  # once per alert: only the first store is new
                 self.webhooks.submit(device, stored_body(alert, clip))
@@ -421,6 +488,8 @@ class Relay:
             logger.info("%s: presence %s", device, presence.state)
             if presence.reachable:
                 self._send_config(device)
+        for observer in self._observers:
+            observer.presence(device, presence)
         groups = sorted(self.config.policy.groups_of(device))
         self._write(
             self.store.record_presence,
@@ -451,10 +520,18 @@ class Relay:
 
     def _on_out(self, device: str, payload: bytes) -> None:
         self.stats.received += 1
+        taken_at = asyncio.get_running_loop().time()
         if (waiting := self._fetching.get(device)) is not None:
-            waiting.append(payload)  # behind the certificate lookup, in order
+            waiting.append((payload, taken_at))  # behind the certificate lookup, in order
             return
-        self._route_signed(device, payload, refetch=True)
+        self._route_taken(device, payload, taken_at, refetch=True)
+
+    def _route_taken(self, device: str, payload: bytes, taken_at: float, *, refetch: bool) -> None:
+        self._taken_at = taken_at
+        try:
+            self._route_signed(device, payload, refetch=refetch)
+        finally:
+            self._taken_at = None
 
     def _route_signed(self, device: str, payload: bytes, *, refetch: bool) -> None:
         now = self._clock_ms()
@@ -486,7 +563,8 @@ class Relay:
         self._after_route(device, self.router.route_envelope(device, env, now), now)
 
     def _fetch_certificate(self, device: str, payload: bytes) -> None:
-        self._fetching[device] = [payload]
+        assert self._taken_at is not None  # only for a message being taken in
+        self._fetching[device] = [(payload, self._taken_at)]
         fut = self.store.submit(self.store.device_certificate, device)
         fut.add_done_callback(functools.partial(self._certificate_read, device))
 
@@ -498,11 +576,11 @@ class Relay:
         assert self._senders is not None
         changed = cert is not None and self._senders.learn(device, cert)
         now = self._clock_ms()
-        for payload in waiting:
+        for payload, taken_at in waiting:
             if not self._senders.knows(device):
                 self._after_route(device, Route(Action.DROP, reason="unpaired-sender"), now)
                 continue
-            self._route_signed(device, payload, refetch=False)
+            self._route_taken(device, payload, taken_at, refetch=False)
         if cert is None:
             logger.warning("%s: no certificate in the store (not paired here?)", device)
         elif changed:
@@ -553,7 +631,13 @@ class Relay:
                 # the invite (for this call), the caller's for its next one.
                 self._send_turn(env.to)
                 self._send_turn(env.from_)
-        self._outbox.append((topics.device_topic(env.to, Kind.IN), to_json(env).encode()))
+        if topics.is_web_peer(env.to):  # the relay is its endpoint: no topic, no broker
+            if self.web_peers is not None:
+                self.web_peers(env)
+        else:
+            taken_at = self._taken_at if route.action is Action.FORWARD else None
+            topic = topics.device_topic(env.to, Kind.IN)
+            self._outbox.append((topic, to_json(env).encode(), taken_at))
         if self._flush_handle is None:
             # After the reader has taken every message waiting now (it does not yield
             # while the receive queue has more).
@@ -570,13 +654,21 @@ class Relay:
         for start in range(0, len(events), SYNC_EVENTS_PER_MESSAGE):
             chunk = events[start : start + SYNC_EVENTS_PER_MESSAGE]
             self._publish(RELAY_SYNC_TOPIC, encode(self.worker, chunk))
-        for topic, payload in outbox:
+        for topic, payload, _ in outbox:
             self._publish(topic, payload)
+        if self._observers:
+            now = asyncio.get_running_loop().time()
+            for *_, taken_at in outbox:
+                if taken_at is not None:
+                    for observer in self._observers:
+                        observer.routed(now - taken_at)
 
     def _record(self, route: Route, now_ms: int) -> None:
         at = utc_from_ms(now_ms)
         for event in route.events:
             self._record_event(event, at)
+            for observer in self._observers:
+                observer.call(event)
 
     def _record_event(self, event: CallEvent, at: Any) -> None:
         match event:
@@ -621,7 +713,7 @@ class Relay:
 
     def _send_turn(self, device: str) -> None:
         """Fresh TURN credentials on the device's retained ``config`` (if there are any)."""
-        if self._turn_secret is not None:
+        if self._turn_secret is not None and topics.is_device_id(device):  # not a web peer
             self._send_config(device)
 
     def _send_config(self, device: str) -> None:
@@ -650,6 +742,10 @@ class Relay:
                 if stale and self.presence.reachable(device):
                     self._send_turn(device)
             await asyncio.sleep(half / 4)
+
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+        """``_publish`` for the relay's add-ons (``cloud_relay.homeassistant``)."""
+        self._publish(topic, payload, retain=retain)
 
     def _publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
         """Publish at QoS 1 without waiting; a failure is counted and logged."""

@@ -61,6 +61,9 @@ from cloud_relay.schema import (
     devices,
     pairing_tokens,
     presence_events,
+    sessions,
+    telemetry,
+    users,
     webhook_deliveries,
 )
 
@@ -194,6 +197,55 @@ class DeliveryRecord:
     reason: str | None = None
     """Dead letters: why the last attempt failed (``HTTP 500``, ``timed out``, ...)."""
     dead_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class UserRecord:
+    """A dashboard administrator (its password hash stays in the store: ``user_password``)."""
+
+    name: str
+    created: datetime
+    changed: datetime
+    """When its password was last set."""
+
+
+@dataclass(frozen=True, slots=True)
+class SessionRecord:
+    """A dashboard login (``cloud_relay.sessions``): never the cookie itself."""
+
+    user: str
+    csrf: str
+    created: datetime
+    last_seen: datetime
+    expires: datetime
+    """The absolute end, whatever the activity."""
+
+
+@dataclass(frozen=True, slots=True)
+class TelemetryRecord:
+    """One record a device published on its ``telemetry`` topic."""
+
+    device: str
+    at: datetime
+    """When the relay received it."""
+    event: str
+    record: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class PendingToken:
+    """A pairing token not yet used (its secret is not kept: ``id`` is its digest)."""
+
+    id: str
+    device: str
+    name: str | None
+    site: str | None
+    created: datetime
+    expires: datetime
+
+
+DEVICE_FIELDS = ("name", "site", "group")
+"""What an operator may change of a device (``Store.update_device``)."""
 
 
 class TokenRefused(Exception):
@@ -733,6 +785,23 @@ class Store:
             rows = conn.execute(query).mappings().all()
         return [_alert(r) for r in rows]
 
+    def alert_day_counts(
+        self, since: datetime, *, device: str | None = None
+    ) -> list[tuple[str, str, int]]:
+        """(UTC day as YYYY-MM-DD, kind, alerts) received at or after ``since``, by day."""
+        a = alerts.c
+        day = func.date(a.received)
+        query = (
+            select(day, a.kind, func.count())
+            .where(a.received >= since.astimezone(UTC))
+            .group_by(day, a.kind)
+            .order_by(day, a.kind)
+        )
+        if device is not None:
+            query = query.where(a.device == device)
+        with self._engine.connect() as conn:
+            return [(str(d)[:10], k, n) for d, k, n in conn.execute(query).all()]
+
     def alert(self, alert_id: str) -> AlertRecord | None:
         with self._engine.connect() as conn:
             row = conn.execute(_ALERT_ROWS.where(alerts.c.id == alert_id)).mappings().first()
@@ -794,6 +863,182 @@ class Store:
                 update(api_tokens).where(t.id == token_id, t.revoked.is_(None)).values(revoked=at)
             )
             return conn.execute(select(t.id).where(t.id == token_id)).first() is not None
+
+    def device(self, device: str) -> DeviceRecord | None:
+        with self._engine.connect() as conn:
+            row = conn.execute(select(devices).where(devices.c.id == device)).mappings().first()
+        return None if row is None else _device(row)
+
+    def update_device(self, device: str, values: Mapping[str, str | None]) -> DeviceRecord | None:
+        """Set some of ``DEVICE_FIELDS``; the device as stored now, None if unknown."""
+        changes = {k: v for k, v in values.items() if k in DEVICE_FIELDS}
+        with self._transaction() as conn:
+            if changes:
+                conn.execute(update(devices).where(devices.c.id == device).values(changes))
+            row = conn.execute(select(devices).where(devices.c.id == device)).mappings().first()
+        return None if row is None else _device(row)
+
+    def record_telemetry(
+        self, device: str, at: datetime, event: str, record: Mapping[str, Any]
+    ) -> None:
+        with self._transaction() as conn:
+            conn.execute(
+                insert(telemetry).values(device=device, at=at, event=event, record=dict(record))
+            )
+
+    def telemetry(
+        self, device: str, *, since: datetime | None = None, limit: int = 500
+    ) -> list[TelemetryRecord]:
+        """``device``'s newest ``limit`` records received at or after ``since``, oldest first."""
+        t = telemetry.c
+        query = select(telemetry).where(t.device == device).order_by(t.id.desc()).limit(limit)
+        if since is not None:
+            query = query.where(t.at >= since.astimezone(UTC))
+        with self._engine.connect() as conn:
+            rows = conn.execute(query).mappings().all()
+        return [_telemetry(r) for r in reversed(rows)]
+
+    def latest_telemetry(self, event: str) -> dict[str, TelemetryRecord]:
+        """Each device's newest record of ``event``, by device."""
+        t = telemetry.c
+        newest = select(func.max(t.id)).where(t.event == event).group_by(t.device)
+        query = select(telemetry).where(t.id.in_(newest.scalar_subquery()))
+        with self._engine.connect() as conn:
+            rows = conn.execute(query).mappings().all()
+        return {r["device"]: _telemetry(r) for r in rows}
+
+    def call_quality(self, call: str, device: str, stats: Mapping[str, Any]) -> bool:
+        """Keep ``device``'s media statistics of ``call`` (each side reports its own);
+        False if the store has no such call (yet)."""
+        with self._transaction() as conn:
+            row = conn.execute(select(calls.c.quality).where(calls.c.id == call)).first()
+            if row is None:
+                return False
+            quality = {**(row[0] or {}), device: dict(stats)}
+            conn.execute(update(calls).where(calls.c.id == call).values(quality=quality))
+        return True
+
+    def recent_calls(
+        self,
+        *,
+        open_only: bool = False,
+        device: str | None = None,
+        since: datetime | None = None,
+        limit: int = 100,
+    ) -> list[CallRecord]:
+        """Calls newest first: only open ones, only ``device``'s (either side), started at
+        or after ``since``; at most ``limit``."""
+        c = calls.c
+        query = select(calls).order_by(c.started.desc(), c.id).limit(limit)
+        if open_only:
+            query = query.where(c.ended.is_(None))
+        if device is not None:
+            query = query.where(or_(c.caller == device, c.callee == device))
+        if since is not None:
+            query = query.where(c.started >= since.astimezone(UTC))
+        with self._engine.connect() as conn:
+            rows = conn.execute(query).mappings().all()
+        return [_call(r) for r in rows]
+
+    def pending_pairing_tokens(self, now: datetime) -> list[PendingToken]:
+        """Tokens neither used nor expired, oldest first."""
+        tok = pairing_tokens.c
+        query = (
+            select(pairing_tokens)
+            .where(tok.used.is_(None), tok.expires > now)
+            .order_by(tok.created, tok.digest)
+        )
+        with self._engine.connect() as conn:
+            rows = conn.execute(query).mappings().all()
+        return [
+            PendingToken(r["digest"], r["device"], r["name"], r["site"],
+                         _utc(r["created"]) or r["created"], _utc(r["expires"]) or r["expires"])
+            for r in rows
+        ]  # fmt: skip
+
+    def cancel_pairing_token(self, digest: str) -> bool:
+        """Delete a token not yet used; False if there is none such."""
+        tok = pairing_tokens.c
+        with self._transaction() as conn:
+            query = pairing_tokens.delete().where(tok.digest == digest, tok.used.is_(None))
+            return bool(conn.execute(query).rowcount)
+
+    def add_user(self, name: str, password: str, at: datetime) -> bool:
+        """Create the user with this password hash; False if the name is taken."""
+        try:
+            with self._transaction() as conn:
+                conn.execute(insert(users).values(name=name, password=password, created=at,
+                                                  changed=at))  # fmt: skip
+        except IntegrityError:
+            return False
+        return True
+
+    def users(self) -> list[UserRecord]:
+        with self._engine.connect() as conn:
+            rows = conn.execute(select(users).order_by(users.c.name)).mappings().all()
+        return [
+            UserRecord(r["name"], _utc(r["created"]) or r["created"],
+                       _utc(r["changed"]) or r["changed"])
+            for r in rows
+        ]  # fmt: skip
+
+    def user_password(self, name: str) -> str | None:
+        """The user's password hash, None if there is no such user."""
+        with self._engine.connect() as conn:
+            value: str | None = conn.execute(
+                select(users.c.password).where(users.c.name == name)
+            ).scalar()
+        return value
+
+    def set_password(self, name: str, password: str, at: datetime) -> bool:
+        """Replace the user's password hash and end its sessions; False if no such user."""
+        with self._transaction() as conn:
+            conn.execute(sessions.delete().where(sessions.c.user == name))
+            query = update(users).where(users.c.name == name)
+            return bool(conn.execute(query.values(password=password, changed=at)).rowcount)
+
+    def remove_user(self, name: str) -> bool:
+        """Delete the user and its sessions; False if no such user."""
+        with self._transaction() as conn:
+            conn.execute(sessions.delete().where(sessions.c.user == name))
+            return bool(conn.execute(users.delete().where(users.c.name == name)).rowcount)
+
+    def add_session(self, digest: str, session: SessionRecord) -> None:
+        with self._transaction() as conn:
+            conn.execute(
+                insert(sessions).values(
+                    digest=digest, user=session.user, csrf=session.csrf,
+                    created=session.created, last_seen=session.last_seen,
+                    expires=session.expires,
+                )
+            )  # fmt: skip
+
+    def session(self, digest: str) -> SessionRecord | None:
+        with self._engine.connect() as conn:
+            row = (
+                conn.execute(select(sessions).where(sessions.c.digest == digest)).mappings().first()
+            )
+        if row is None:
+            return None
+        return SessionRecord(row["user"], row["csrf"], _utc(row["created"]) or row["created"],
+                             _utc(row["last_seen"]) or row["last_seen"],
+                             _utc(row["expires"]) or row["expires"])  # fmt: skip
+
+    def session_seen(self, digest: str, at: datetime) -> None:
+        with self._transaction() as conn:
+            conn.execute(update(sessions).where(sessions.c.digest == digest).values(last_seen=at))
+
+    def end_session(self, digest: str) -> bool:
+        with self._transaction() as conn:
+            query = sessions.delete().where(sessions.c.digest == digest)
+            return bool(conn.execute(query).rowcount)
+
+    def end_stale_sessions(self, now: datetime, idle_before: datetime) -> int:
+        """Delete sessions past their end or idle since before ``idle_before``; how many."""
+        s = sessions.c
+        query = sessions.delete().where(or_(s.expires <= now, s.last_seen < idle_before))
+        with self._transaction() as conn:
+            return int(conn.execute(query).rowcount)
 
     def webhook_queued(self, d: DeliveryRecord) -> None:
         with self._transaction() as conn:
@@ -961,6 +1206,10 @@ def _device(r: RowMapping) -> DeviceRecord:
         board=r["board"],
         version=r["version"],
     )
+
+
+def _telemetry(r: RowMapping) -> TelemetryRecord:
+    return TelemetryRecord(r["device"], _utc(r["at"]) or r["at"], r["event"], r["record"])
 
 
 def _call(r: RowMapping) -> CallRecord:

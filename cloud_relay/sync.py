@@ -22,7 +22,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from agent.signaling.topics import ROOT, is_device_id
+from agent.signaling.topics import ROOT, is_device_id, is_web_peer
 from cloud_relay.routing import CallAnswered, CallEnded, CallEvent, CallStarted
 
 RELAY_SYNC_TOPIC = f"{ROOT}/relay/calls"
@@ -60,8 +60,8 @@ def _text(raw: dict[str, Any], key: str, *, device: bool = False) -> str:
     value = raw.get(key)
     if not isinstance(value, str) or not 0 < len(value) <= 128:
         raise SyncError(f"{key}: must be a string of 1-128 characters")
-    if device and not is_device_id(value):
-        raise SyncError(f"{key}: not a device id")
+    if device and not (is_device_id(value) or is_web_peer(value)):
+        raise SyncError(f"{key}: not a device id (nor a web peer's)")
     return value
 
 

@@ -7,8 +7,9 @@ enrollment, 400 for a bad request or CSR, 403 for an unknown, used or expired to
 429 (with ``Retry-After``) when rate-limited or locked. Bodies over
 ``MAX_REQUEST_BYTES`` are refused by aiohttp before any handler runs.
 
-Given an ``Api``, the server also serves its routes, and every request but pairing
-must then carry an API token (``Api.middleware``).
+Given an ``Api``, the server also serves its routes, and every request but pairing and
+login must then carry an API token or a session cookie (``Api.middleware``); at close
+its event streams end first (``Api.shutdown``), so that closing waits for none.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from pathlib import Path
 
 from aiohttp import web
 
+from cloud_relay import pages
 from cloud_relay.api import Api
+from cloud_relay.metrics import METRICS_PATH, RelayMetrics
 from cloud_relay.pairing import MAX_REQUEST_BYTES, Pairing
 
 logger = logging.getLogger(__name__)
@@ -39,8 +42,16 @@ class WebServer:
     """The HTTPS listener; ``start()`` binds, ``close()`` stops it and its connections."""
 
     def __init__(
-        self, pairing: Pairing, host: str, port: int, tls: ssl.SSLContext, api: Api | None = None
+        self,
+        pairing: Pairing,
+        host: str,
+        port: int,
+        tls: ssl.SSLContext,
+        api: Api | None = None,
+        *,
+        metrics: RelayMetrics | None = None,
     ) -> None:
+        """``metrics``: served at ``/metrics``, only with an ``api`` (whose tokens it takes)."""
         self._pairing = pairing
         self._host = host
         self._port = port
@@ -48,8 +59,12 @@ class WebServer:
         app = web.Application(client_max_size=MAX_REQUEST_BYTES)
         app.router.add_post(PAIR_PATH, self._pair)
         if api is not None:
-            app.middlewares.append(api.middleware(open_paths={PAIR_PATH}))
+            open_pages = pages.install(app)  # the dashboard's pages (cloud_relay.pages)
+            app.middlewares.append(api.middleware(open_paths={PAIR_PATH, *open_pages}))
             api.add_routes(app.router)
+            app.on_shutdown.append(api.shutdown)
+            if metrics is not None:
+                app.router.add_get(METRICS_PATH, metrics.handle)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
 
     @property

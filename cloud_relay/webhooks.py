@@ -32,6 +32,7 @@ import random
 import secrets
 import stat
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -150,6 +151,8 @@ class WebhookStats:
     resumed: int = 0
     """Pending deliveries taken up again at start (from before a restart), and dead letters
     sent again (``retry``)."""
+    failed: Counter[str] = field(default_factory=Counter)
+    """Failed attempts by class: ``timeout``, ``connection``, ``http-4xx`` and so on."""
 
 
 @dataclass(slots=True)
@@ -161,10 +164,12 @@ class _Hook:
 
 
 class _Failed(Exception):
-    def __init__(self, reason: str, *, retry: bool) -> None:
+    def __init__(self, reason: str, *, retry: bool, label: str) -> None:
         super().__init__(reason)
         self.reason = reason
         self.retry = retry
+        self.label = label
+        """The class of failure, for ``WebhookStats.failed`` (no URL: it may hold a key)."""
 
 
 class Webhooks:
@@ -306,6 +311,7 @@ class Webhooks:
             try:
                 await self._attempt(hook, d.id, body)
             except _Failed as exc:
+                self.stats.failed[exc.label] += 1
                 if not exc.retry or tries >= s.max_tries:
                     self._dead(d, tries, exc.reason)
                     return
@@ -341,12 +347,13 @@ class Webhooks:
                     status = resp.status
                     await resp.content.read(4096)  # the answer is not used; bounded
         except TimeoutError:
-            raise _Failed("timed out", retry=True) from None
+            raise _Failed("timed out", retry=True, label="timeout") from None
         except aiohttp.ClientError as exc:
-            raise _Failed(f"{type(exc).__name__}: {exc}", retry=True) from None
+            raise _Failed(f"{type(exc).__name__}: {exc}", retry=True, label="connection") from None
         if 200 <= status < 300:
             return
-        raise _Failed(f"HTTP {status}", retry=status >= 500 or status in RETRIED_STATUSES)
+        retry = status >= 500 or status in RETRIED_STATUSES
+        raise _Failed(f"HTTP {status}", retry=retry, label=f"http-{status // 100}xx")
 
     def _dead(self, d: DeliveryRecord, tries: int, reason: str) -> None:
         self.stats.dead += 1

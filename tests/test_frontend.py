@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -15,13 +16,12 @@ import pytest
 from agent.audio.base import EndOfStream
 from agent.audio.delay import AlignerSettings, ReferenceAligner, gcc_phat
 from agent.audio.format import FRAME_BYTES, FRAME_SAMPLES, SAMPLE_RATE
-from agent.audio.frontend import AudioFrontend, FrontendSettings
+from agent.audio.frontend import AudioFrontend, Denoiser, FrontendSettings
 from agent.audio.gain import AudioControls, GainSink, scale_frame
-from agent.audio.speexdsp import EchoCanceller, Preprocessor, Resampler, available
+from agent.audio.speexdsp import EchoCanceller, Preprocessor, Resampler
+from agent.audio.webrtc_ns import NoiseSuppressor
 from agent.service.config import AudioConfig, ConfigError, from_dict
 from tools.lab.echo import EchoPath
-
-pytestmark = pytest.mark.skipif(not available(), reason="libspeexdsp1 is not installed")
 
 RATE = 16_000
 N = 320  # 20 ms at 16 kHz
@@ -73,27 +73,42 @@ def test_the_canceller_cannot_remove_what_its_reference_does_not_explain() -> No
     assert abs(_db(near[RATE:], out[RATE:])) < 1.5  # the near end passes untouched
 
 
-def test_the_preprocessor_suppresses_stationary_noise_and_keeps_a_tone() -> None:
-    rng = np.random.default_rng(3)
-    pre = Preprocessor(N, RATE)
-    pre.set_denoise(True, -20)
-    noise = _noise(rng, RATE * 4, 300.0)
-    out = np.concatenate(
-        [
-            np.frombuffer(pre.run(noise[i : i + N].tobytes()), np.int16)
-            for i in range(0, len(noise), N)
-        ]
+def _through(run: Callable[[bytes], bytes], x: np.ndarray, n: int = N) -> np.ndarray:
+    return np.concatenate(
+        [np.frombuffer(run(x[i : i + n].tobytes()), np.int16) for i in range(0, len(x), n)]
     )
-    assert _db(noise[-RATE:], out[-RATE:]) >= 10
+
+
+def _suppresses_noise_and_keeps_a_tone(run: Callable[[bytes], bytes], noise_db: float) -> None:
+    """Four seconds of stationary noise come out ``noise_db`` down and more; a 1 kHz tone
+    then passes within 2 dB."""
+    noise = _noise(np.random.default_rng(3), RATE * 4, 300.0)
+    out = _through(run, noise)
+    assert _db(noise[-RATE:], out[-RATE:]) >= noise_db
     t = np.arange(RATE) / RATE
     tone = (8000 * np.sin(2 * np.pi * 1000 * t)).astype(np.int16)
-    kept = np.concatenate(
-        [np.frombuffer(pre.run(tone[i : i + N].tobytes()), np.int16) for i in range(0, RATE, N)]
-    )
+    kept = _through(run, tone)
     assert abs(_db(tone[RATE // 2 :], kept[RATE // 2 :])) < 2
+
+
+def test_the_preprocessor_suppresses_stationary_noise_and_keeps_a_tone() -> None:
+    pre = Preprocessor(N, RATE)
+    pre.set_denoise(True, -20)
+    _suppresses_noise_and_keeps_a_tone(pre.run, 10)
     pre.close()
     with pytest.raises(OSError, match="closed"):
-        pre.run(tone[:N].tobytes())
+        pre.run(bytes(2 * N))
+
+
+def test_webrtc_noise_suppression_suppresses_stationary_noise_and_keeps_a_tone() -> None:
+    _suppresses_noise_and_keeps_a_tone(NoiseSuppressor(3).run, 15)
+    weak, strong = NoiseSuppressor(1), NoiseSuppressor(4)
+    noise = _noise(np.random.default_rng(4), RATE * 3, 300.0)
+    assert _db(_through(weak.run, noise)[-RATE:], _through(strong.run, noise)[-RATE:]) >= 3
+    with pytest.raises(ValueError, match="multiple of 320"):
+        strong.run(bytes(100))  # 10 ms at 16 kHz at a time, or nothing
+    with pytest.raises(ValueError, match="level"):
+        NoiseSuppressor(5)  # type: ignore[arg-type]
 
 
 def test_the_resampler_is_frame_in_frame_out_and_keeps_a_tone() -> None:
@@ -293,6 +308,16 @@ async def test_the_tap_feeds_the_reference_in_step_with_the_microphone() -> None
     frontend.close()
 
 
+@pytest.mark.parametrize("denoiser", ["webrtc", "speex"])
+def test_the_front_end_suppresses_noise_with_either_denoiser(denoiser: Denoiser) -> None:
+    """Noise suppression alone (no echo cancellation), 48 kHz in and out."""
+    frontend = AudioFrontend(FrontendSettings(aec=False, denoiser=denoiser))
+    noise = _noise(np.random.default_rng(9), SAMPLE_RATE * 4, 300.0)
+    out = _through(frontend.process, noise, FRAME_SAMPLES)
+    assert _db(noise[-SAMPLE_RATE:], out[-SAMPLE_RATE:]) >= 10
+    frontend.close()
+
+
 def test_frontend_settings_come_from_audio_frontend_and_are_checked() -> None:
     config = from_dict(AudioConfig, {"frontend": {"aec": False, "agc": True, "tail_ms": 100}})
     assert not config.frontend.aec and config.frontend.agc and config.frontend.enabled
@@ -302,5 +327,9 @@ def test_frontend_settings_come_from_audio_frontend_and_are_checked() -> None:
         from_dict(AudioConfig, {"frontend": {"rate": 44100}})
     with pytest.raises(ConfigError, match="attenuations"):
         from_dict(AudioConfig, {"frontend": {"noise_suppress_db": 10}})
+    with pytest.raises(ConfigError, match="16 kHz"):
+        from_dict(AudioConfig, {"frontend": {"rate": 48000}})  # WebRTC's denoiser
+    wide = from_dict(AudioConfig, {"frontend": {"rate": 48000, "denoiser": "speex"}})
+    assert wide.frontend.denoiser == "speex"
     with pytest.raises(ConfigError, match="unknown"):
         from_dict(AudioConfig, {"frontend": {"echo": True}})

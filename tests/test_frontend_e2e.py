@@ -14,14 +14,10 @@ import asyncio
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from agent.audio.format import SAMPLE_RATE
-from agent.audio.speexdsp import available
 from tools.lab.agents import AgentCall
 from tools.lab.virtual_audio import VirtualAudio, read_wav, speech_wav
-
-pytestmark = pytest.mark.skipif(not available(), reason="libspeexdsp1 is not installed")
 
 SENTENCES = (
     "The parcel is at the front door. Could you come down and sign for it please. "

@@ -6,6 +6,9 @@ do-not-disturb and privacy switches live here, not on the relay).
 
 The rules, in order:
 
+* a web peer (a browser the relay speaks for, ``web.<name>``) not in ``web_allowed``:
+  refused, whatever the mode. The other lists name web peers like devices, and
+  ``web.*`` in a list stands for every web peer (never for a device).
 * ``listen``: refused in privacy mode, refused for callers not in ``listen_allowed``,
   otherwise answered at once (nobody is expected to pick up; the listened-to board shows
   it). Do-not-disturb does not refuse it: nothing rings.
@@ -22,6 +25,7 @@ import enum
 from dataclasses import dataclass
 
 from agent.signaling.envelope import CallMode
+from agent.signaling.topics import WEB_PEERS, is_web_peer
 
 
 class Verdict(enum.Enum):
@@ -37,6 +41,7 @@ class Refusal(enum.StrEnum):
     PRIVACY = "privacy"
     LISTEN_NOT_ALLOWED = "listen-not-allowed"
     FORCE_NOT_ALLOWED = "force-not-allowed"
+    WEB_NOT_ALLOWED = "web-not-allowed"
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,9 +69,13 @@ class CallPolicy:
     """Device ids that may listen in (receive-only calls); nobody else may."""
     force_allowed: frozenset[str] = frozenset()
     """Device ids that may place force calls (answered even in do-not-disturb)."""
+    web_allowed: frozenset[str] = frozenset({WEB_PEERS})
+    """Web peers that may call this board at all (then as the other lists say). By default
+    every one: the relay authenticated them, and listening in or forcing a call still
+    needs ``listen_allowed``/``force_allowed``. Empty: no calls from browsers."""
 
     def __post_init__(self) -> None:
-        for name in ("auto_answer", "listen_allowed", "force_allowed"):
+        for name in ("auto_answer", "listen_allowed", "force_allowed", "web_allowed"):
             ids = getattr(self, name)
             if not isinstance(ids, frozenset):
                 raise TypeError(f"{name} must be a frozenset of device ids")
@@ -78,25 +87,34 @@ DEFAULT_POLICY = CallPolicy()
 """Every normal call rings, announcements play at once, nobody may listen in or force calls."""
 
 
+def listed(ids: frozenset[str], caller: str) -> bool:
+    """``caller`` is in ``ids``, by name or (a web peer) through ``web.*``."""
+    return caller in ids or (WEB_PEERS in ids and is_web_peer(caller))
+
+
 def decide(policy: CallPolicy, caller: str, mode: CallMode) -> Decision:
     """What to do with an invite from ``caller`` in ``mode``."""
+    if is_web_peer(caller) and not listed(policy.web_allowed, caller):
+        return Decision(
+            Verdict.REFUSE, Refusal.WEB_NOT_ALLOWED, f"{caller} may not call from a browser"
+        )
     if mode is CallMode.LISTEN:
         if policy.privacy:
             return Decision(Verdict.REFUSE, Refusal.PRIVACY, "privacy mode refuses listening")
-        if caller not in policy.listen_allowed:
+        if not listed(policy.listen_allowed, caller):
             return Decision(
                 Verdict.REFUSE, Refusal.LISTEN_NOT_ALLOWED, f"{caller} may not listen in"
             )
         return Decision(Verdict.AUTO_ANSWER, why=f"{caller} may listen in")
     if mode is CallMode.FORCE:
-        if caller not in policy.force_allowed:
+        if not listed(policy.force_allowed, caller):
             return Decision(
                 Verdict.REFUSE, Refusal.FORCE_NOT_ALLOWED, f"{caller} may not force calls"
             )
         return Decision(Verdict.AUTO_ANSWER, why=f"force call from {caller}")
     if policy.do_not_disturb:
         return Decision(Verdict.REFUSE, Refusal.DO_NOT_DISTURB, "do-not-disturb is on")
-    if caller in policy.auto_answer:
+    if listed(policy.auto_answer, caller):
         return Decision(Verdict.AUTO_ANSWER, why=f"{caller} is on the auto-answer list")
     if mode is CallMode.ANNOUNCE and policy.announce_auto_answer:
         return Decision(Verdict.AUTO_ANSWER, why="announcements play at once")

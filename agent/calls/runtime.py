@@ -153,7 +153,7 @@ LIVE_KEYS = frozenset({
     "audio.volume",
     *(f"calls.{k}" for k in (
         "do_not_disturb", "privacy", "auto_answer",
-        "announce_auto_answer", "listen_allowed", "force_allowed",
+        "announce_auto_answer", "listen_allowed", "force_allowed", "web_allowed",
     )),
 })  # fmt: skip
 """``config/set`` keys that apply at once; every other key needs a restart."""
@@ -1100,9 +1100,15 @@ class CallRuntime:
 
         return run
 
+    def live_media(self) -> tuple[str, MediaStats] | None:
+        """The call whose media is up now and its statistics (periodic telemetry)."""
+        media = self._media
+        session = None if media is None else media.peer.session
+        return None if media is None or session is None else (media.call_id, session.stats)
+
     def _live_stats(self) -> dict[str, Any] | None:
-        session = None if self._media is None else self._media.peer.session
-        return None if session is None else asdict(session.stats)
+        live = self.live_media()
+        return None if live is None else asdict(live[1])
 
     async def _cmd_status(self, args: dict[str, Any]) -> dict[str, Any]:
         _check_args(args, frozenset())

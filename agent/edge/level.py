@@ -3,7 +3,8 @@
 ``LoudNoiseDetector`` reports an A-weighted level above a threshold for a while (a party,
 a smashed shelf, a dog barking for minutes); ``MicFaultDetector`` reports a microphone that
 delivers nothing useful (digital silence, a stuck value, persistent clipping), since a dead
-microphone silently disables every other detector.
+microphone silently disables every other detector. ``LevelMeter``, the loud-noise detector's
+level, also keeps the Leq and maximum that telemetry reports.
 
 Levels are RMS re full scale (dBFS): a full-scale square wave reads 0 dBFS and a
 full-scale sine -3.01 dBFS.
@@ -93,6 +94,68 @@ class AWeightedMeter:
         self._previous = np.zeros(self.frame_samples)
 
 
+@dataclass(frozen=True, slots=True)
+class SoundLevel:
+    """The A-weighted sound level over an interval (``LevelMeter.take``), for telemetry."""
+
+    leq_dbfs: float
+    """Equivalent continuous level (the mean A-weighted power), dBFS(A)."""
+    max_dbfs: float
+    """The loudest time-weighted level ("fast" by default), dBFS(A)."""
+    seconds: float
+    """Audio the figures cover."""
+
+
+class LevelMeter:
+    """The time-weighted A-weighted level of successive frames (``feed``), and their Leq
+    and maximum since the last ``take``. Beyond ``AWeightedMeter``'s FFT a frame costs a
+    few float operations, so the level the loud-noise detector measures anyway is also
+    what telemetry reports."""
+
+    def __init__(self, time_constant_s: float = 0.125) -> None:
+        """``time_constant_s``: exponential averaging; 0.125 s is a sound level meter's
+        "fast", 0 none."""
+        self.time_constant_s = time_constant_s
+        self._meters: dict[int, AWeightedMeter] = {}
+        self._alphas: dict[int, float] = {}
+        self.smoothed = 0.0
+        """The time-weighted A-weighted mean square (int16 units squared)."""
+        self._energy = 0.0
+        self._samples = 0
+        self._max = 0.0
+
+    def reset(self) -> None:
+        """Restart the time weighting (a new stream); what ``take`` returns is kept."""
+        self.smoothed = 0.0
+        for meter in self._meters.values():
+            meter.reset()
+
+    def feed(self, frame: np.ndarray) -> float:
+        """The time-weighted mean square after ``frame`` (1-D int16)."""
+        n = len(frame)
+        meter = self._meters.get(n)
+        if meter is None:
+            meter = self._meters[n] = AWeightedMeter(n)
+            tau = self.time_constant_s
+            self._alphas[n] = 1.0 if tau <= 0 else 1.0 - math.exp(-n / SAMPLE_RATE / tau)
+        mean_square = meter.mean_square(frame)
+        self.smoothed += self._alphas[n] * (mean_square - self.smoothed)
+        self._energy += mean_square * n
+        self._samples += n
+        self._max = max(self._max, self.smoothed)
+        return self.smoothed
+
+    def take(self) -> SoundLevel | None:
+        """Leq and maximum since the last ``take`` (None: no audio since), and start anew."""
+        if self._samples == 0:
+            return None
+        level = SoundLevel(
+            dbfs(self._energy / self._samples), dbfs(self._max), self._samples / SAMPLE_RATE
+        )
+        self._energy, self._samples, self._max = 0.0, 0, 0.0
+        return level
+
+
 def _as_frame(frame: np.ndarray) -> np.ndarray:
     if frame.ndim != 1 or frame.dtype != np.int16 or len(frame) == 0:
         raise ValueError(f"expected a 1-D int16 frame, got {frame.dtype} {frame.shape}")
@@ -143,39 +206,31 @@ class LoudNoiseDetector:
 
     def __init__(self, settings: LoudNoiseSettings | None = None) -> None:
         self.settings = settings or LoudNoiseSettings()
-        self._meters: dict[int, AWeightedMeter] = {}
+        self.meter = LevelMeter(self.settings.time_constant_s)
         self.reset()
 
     def reset(self) -> None:
         self._samples = 0
-        self._smoothed = 0.0
         self._above_since: float | None = None
         self._peak_db = FLOOR_DBFS
         self._active = False
         self._reported = False
         self._below_since: float | None = None
         self._quiet_until = 0.0
-        for meter in self._meters.values():
-            meter.reset()
+        self.meter.reset()
 
     @property
     def level_dbfs(self) -> float:
         """The current smoothed A-weighted level, dBFS(A)."""
-        return dbfs(self._smoothed)
+        return dbfs(self.meter.smoothed)
 
     def feed(self, frame: np.ndarray) -> list[Detection]:
         frame = _as_frame(frame)
-        meter = self._meters.get(len(frame))
-        if meter is None:
-            meter = self._meters[len(frame)] = AWeightedMeter(len(frame))
         s = self.settings
         start = self._samples / SAMPLE_RATE
         self._samples += len(frame)
         now = self._samples / SAMPLE_RATE
-        step = len(frame) / SAMPLE_RATE
-        alpha = 1.0 if s.time_constant_s <= 0 else 1.0 - math.exp(-step / s.time_constant_s)
-        self._smoothed += alpha * (meter.mean_square(frame) - self._smoothed)
-        level = dbfs(self._smoothed)
+        level = dbfs(self.meter.feed(frame))
 
         if self._active:
             if level < s.threshold_dbfs - s.hysteresis_db:

@@ -16,6 +16,7 @@ from typing import Any
 
 from agent.edge.alerts import Alert
 from agent.edge.base import Detection
+from agent.edge.level import SoundLevel
 from agent.edge.pipeline import EdgeAnalyzer, EdgeSettings, to_alert
 from agent.edge.recorder import ClipRecorder
 from agent.edge.uplink import AlertUplink
@@ -47,6 +48,11 @@ class EdgeListener:
         frame, which is their new time zero."""
         self._analyzer = EdgeAnalyzer(settings)
         self._stream_start_ms = None
+
+    def take_levels(self) -> SoundLevel | None:
+        """The microphone's A-weighted level since the last call (telemetry); None: no
+        audio since (a reload starts the count afresh)."""
+        return self._analyzer.levels.take()
 
     def on_frame(self, frame: bytes) -> None:
         if self._stream_start_ms is None:

@@ -18,6 +18,7 @@ from agent.edge.alerts import MAX_TEXT, Alert, Severity, new_alert_id
 from agent.edge.base import Detection, Detector
 from agent.edge.glass import GlassBreakDetector, GlassBreakSettings
 from agent.edge.level import (
+    LevelMeter,
     LoudNoiseDetector,
     LoudNoiseSettings,
     MicFaultDetector,
@@ -71,15 +72,22 @@ class EdgeSettings:
 
 
 class EdgeAnalyzer:
-    """Every enabled detector on one stream of 20 ms frames."""
+    """Every enabled detector on one stream of 20 ms frames, and its sound level."""
 
     def __init__(self, settings: EdgeSettings) -> None:
         self.detectors = settings.detectors()
+        loud = next((d for d in self.detectors if isinstance(d, LoudNoiseDetector)), None)
+        # The loud-noise detector A-weights every frame anyway: its meter is the level.
+        self._own_meter = loud is None
+        self.levels = LevelMeter() if loud is None else loud.meter
+        """The stream's A-weighted level; ``levels.take()`` is its Leq (telemetry)."""
 
     def feed(self, frame: bytes) -> list[Detection]:
         if len(frame) != FRAME_BYTES:
             raise ValueError(f"expected a {FRAME_BYTES}-byte frame, got {len(frame)} bytes")
         samples = np.frombuffer(frame, "<i2")
+        if self._own_meter:
+            self.levels.feed(samples)
         found: list[Detection] = []
         for detector in self.detectors:
             found += detector.feed(samples)

@@ -214,6 +214,7 @@ class MediaPeer:
         self._session = MediaSession(
             self._demux.media, self._dtls, self._source, self._sink, media,
             remote_red=negotiated.red, send=negotiated.direction.sends, call_id=self._call_id,
+            ssrc=self._ssrc,
         )  # fmt: skip
         try:
             await self._session.start()  # awaits the DTLS keys

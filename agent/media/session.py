@@ -119,7 +119,11 @@ class MediaSession:
         remote_red: bool = True,
         send: bool = True,
         call_id: str = "-",
+        ssrc: int | None = None,
     ) -> None:
+        """``ssrc``: what we send with, the one our SDP announced (None: a random one).
+        Browsers demultiplex by it: RTP from another SSRC than the answer's ``a=ssrc``
+        is counted but played as silence by Chromium."""
         self._transport = transport
         self._keying = keying
         self._source = source
@@ -144,7 +148,7 @@ class MediaSession:
         self._jitter.set_recovery_frames(1)
         self._peer_red_distance = 0
         self._rx_stats = ReceiverStats(SAMPLE_RATE)
-        self.ssrc = struct.unpack("!I", os.urandom(4))[0]
+        self.ssrc = struct.unpack("!I", os.urandom(4))[0] if ssrc is None else ssrc
         self._seq = struct.unpack("!H", os.urandom(2))[0]
         self._ts = struct.unpack("!I", os.urandom(4))[0]
         self._remote_ssrc: int | None = None

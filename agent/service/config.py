@@ -35,8 +35,10 @@ from agent.net.ice import IceConfig
 from agent.service.files import write_atomic
 from agent.service.profile import BoardProfile
 from agent.service.selftest import SelfTestSettings
+from agent.service.telemetry import TelemetrySettings
 from agent.service.tomlconf import ConfigError, from_dict, merge, read_toml, replace_key
 from agent.signaling.mqtt import MqttTimers
+from agent.signaling.topics import WEB_PEERS
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +122,9 @@ class CallSettings:
     """Device ids that may listen in."""
     force_allowed: tuple[str, ...] = ()
     """Device ids that may place force calls."""
+    web_allowed: tuple[str, ...] = (WEB_PEERS,)
+    """Web peers (``web.<name>``: a browser the relay speaks for) that may call at all;
+    ``web.*`` is all of them (also in the lists above); empty: none."""
 
     def policy(self) -> CallPolicy:
         """The incoming-call policy these settings describe."""
@@ -130,6 +135,7 @@ class CallSettings:
             announce_auto_answer=self.announce_auto_answer,
             listen_allowed=frozenset(self.listen_allowed),
             force_allowed=frozenset(self.force_allowed),
+            web_allowed=frozenset(self.web_allowed),
         )
 
 
@@ -177,6 +183,9 @@ class AgentConfig:
     service: ServiceSettings = field(default_factory=ServiceSettings)
     selftest: SelfTestSettings = field(default_factory=SelfTestSettings)
     """``[selftest]``: the scheduled speaker-to-microphone test (``agent.service.selftest``)."""
+    telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
+    """``[telemetry]``: the periodic sound level, load and call quality records the relay's
+    dashboard charts (``agent.service.telemetry``)."""
     gpio: GpioSettings = field(default_factory=GpioSettings)
     """``[gpio]``: what the board profile's call button, door relay and tamper switch do."""
     status_led: str | None = None

@@ -10,7 +10,9 @@ every body field is required on the wire and no other field is allowed, at
 either level. ``sig`` is the sender's signature over ``signing_bytes(env)``, the
 canonical JSON of everything but ``sig`` and ``cert`` (``agent.signaling.signing``);
 ``cert`` is the signer's certificate (base64url DER), which the relay attaches so
-that the receiver can check the signature against the relay's CA. Both are optional
+that the receiver can check the signature against the relay's CA. ``from`` and ``to``
+are device ids or web peer ids (``topics.WEB_PEER_PREFIX``: a browser the relay speaks
+for, whose envelopes the relay signs). Both are optional
 in the format: a lab broker without pairing carries unsigned messages.
 
 Call set-up, and why the SDP rides on ``invite``/``accept``::
@@ -60,7 +62,7 @@ from agent.signaling.messages import (
     Signal,
     SignalError,
 )
-from agent.signaling.topics import TopicError, check_device_id
+from agent.signaling.topics import TopicError, check_peer_id
 
 VERSION = 1
 MAX_ENVELOPE_BYTES = MAX_MESSAGE_BYTES
@@ -128,9 +130,9 @@ def _check_hex_id(value: object, name: str) -> str:
     return value
 
 
-def _check_device(value: object, name: str) -> str:
+def _check_peer(value: object, name: str) -> str:
     try:
-        return check_device_id(value)
+        return check_peer_id(value)
     except TopicError as exc:
         raise EnvelopeError(str(exc), name) from None
 
@@ -423,8 +425,8 @@ class Envelope:
         _check_hex_id(self.id, "id")
         _check_hex_id(self.call, "call")
         _check_ts(self.ts)
-        _check_device(self.from_, "from")
-        _check_device(self.to, "to")
+        _check_peer(self.from_, "from")
+        _check_peer(self.to, "to")
         if self.sig is not None:
             _check_b64(self.sig, "sig", MAX_SIG_CHARS)
         if self.cert is not None:
@@ -472,7 +474,7 @@ def with_sender(env: Envelope, device_id: str) -> Envelope:
     new content, and a receiver that requires signatures will refuse the message.
     Compare ``env.from_`` with ``device_id`` first to count forged senders.
     """
-    _check_device(device_id, "from")
+    _check_peer(device_id, "from")
     if env.from_ == device_id:
         return env
     return replace(env, from_=device_id, sig=None)
@@ -620,8 +622,8 @@ def _from_dict(raw: dict[str, Any]) -> Envelope:
         id=_check_hex_id(raw["id"], "id"),
         call=_check_hex_id(raw["call"], "call"),
         ts=_check_ts(raw["ts"]),
-        from_=_check_device(raw["from"], "from"),
-        to=_check_device(raw["to"], "to"),
+        from_=_check_peer(raw["from"], "from"),
+        to=_check_peer(raw["to"], "to"),
         body=_body_from_dict(kind, raw["body"]),
         sig=sig,
         cert=cert,

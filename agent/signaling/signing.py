@@ -30,6 +30,7 @@ from cryptography.x509.oid import NameOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
 from agent.signaling.envelope import Envelope, sig_bytes, signing_bytes, with_sig
+from agent.signaling.topics import signer_of
 
 _HALF = 32
 """Bytes of r and of s on P-256."""
@@ -92,9 +93,12 @@ class _Signer:
 
 class Verifier:
     """Checks signed envelopes: the ``cert`` they carry must chain to ``ca_pem`` (the
-    relay's CA) and name the sender (a device, or ``relay`` for the relay's own
-    messages), and ``sig`` must be by its key. Certificates checked once are kept (by
-    their text) until they expire, so a call's every candidate costs one ECDSA verify.
+    relay's CA) and name the sender's signer (``topics.signer_of``: the device itself;
+    ``relay`` for the relay's own messages and for web peers, whom only the relay speaks
+    for), and ``sig`` must be by its key. So a device cannot pass for a web peer (its
+    certificate names the device) and the relay's key cannot pass for a device.
+    Certificates checked once are kept (by their text) until they expire, so a call's
+    every candidate costs one ECDSA verify.
     """
 
     def __init__(
@@ -110,14 +114,14 @@ class Verifier:
         self._signers: dict[str, _Signer] = {}
 
     def check(self, env: Envelope) -> None:
-        """Return if ``env`` is signed by the device (or relay) in its ``from``;
-        ``SignatureError`` otherwise."""
+        """Return if ``env`` is signed by the signer of its ``from``; ``SignatureError``
+        otherwise."""
         if env.sig is None:
             raise SignatureError("unsigned", f"{env.type} from {env.from_} carries no signature")
         if env.cert is None:
             raise SignatureError("no-certificate", f"{env.type} from {env.from_}: no certificate")
         signer = self._signer(env.cert)
-        if signer.name != env.from_:
+        if signer.name != signer_of(env.from_):
             raise SignatureError(
                 "wrong-signer", f"{env.type} from {env.from_} carries {signer.name}'s certificate"
             )

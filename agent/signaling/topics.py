@@ -30,6 +30,22 @@ RELAY_ID = "relay"
 It has device-id syntax so that ``from``/``to`` need one rule; pairing must not issue it.
 """
 
+WEB_PEER_PREFIX = "web."
+"""Ids of web peers: ``web.<name>``, a browser the relay speaks for (``cloud_relay.webcall``).
+
+A web peer is no paired device: it has no key, no certificate and no topics. The relay,
+which authenticated the person behind it (a dashboard session or an API token named
+``<name>``), originates its envelopes and signs them with its own key. The ``.`` keeps the
+namespace apart from device ids, which pairing issues without one, so no device can ever
+be a web peer nor a web peer a device; ``WEB_PEERS`` in a policy list stands for all of them.
+"""
+
+WEB_PEERS = "web.*"
+"""A call-policy entry that matches every web peer (and nothing else)."""
+
+_WEB_PEER_ID = re.compile(r"web\.[a-z0-9][a-z0-9_.-]{0,58}")
+"""At most 63 characters, as a device id (the relay stores both in the same columns)."""
+
 RELAY_SHARE_GROUP = "relay"
 """MQTT v5 shared-subscription group of the relay workers."""
 
@@ -85,6 +101,25 @@ def check_device_id(value: object) -> str:
             f"bad device id {value[:80]!r}: use 1-63 of a-z, 0-9, '-', not starting with '-'"
         )
     return value
+
+
+def is_web_peer(value: object) -> bool:
+    return isinstance(value, str) and _WEB_PEER_ID.fullmatch(value) is not None
+
+
+def check_peer_id(value: object) -> str:
+    """Return ``value`` if it is a device id or a web peer id (an envelope's ``from``/``to``),
+    else raise ``TopicError``."""
+    if is_web_peer(value):
+        assert isinstance(value, str)
+        return value
+    return check_device_id(value)
+
+
+def signer_of(peer: str) -> str:
+    """Whose certificate must sign what ``peer`` sends: the relay's for a web peer (it speaks
+    for the browser), the device's own otherwise."""
+    return RELAY_ID if is_web_peer(peer) else peer
 
 
 def is_relay_name(value: str) -> bool:

@@ -21,9 +21,12 @@ reference, then the microphone frame is cleaned.
 - Noise (``--noise-clips`` per SNR in ``--snrs``): speech after 2 s of fan noise (pink
   noise and blade tones) or street noise (brown rumble and passing bursts), SNR of the
   speech's active power over the noise's mean. ``pesq_gain_ns``: PESQ of the output minus
-  PESQ of the noisy input (the baseline, ``pesq_wb_noisy``), noise suppression alone.
+  PESQ of the noisy input (the baseline, ``pesq_wb_noisy``), noise suppression alone
+  (``--denoiser``); ``pesq_gain_ns_<other>``: the same clips through the other denoiser.
+  ``pesq_wb_clean_ns_<name>``: what each suppressor does to clean speech (a fan ``CLEAN_SNR_DB``
+  below it); baseline ``pesq_wb_clean``, the input itself.
 - ``cpu_per_audio_s``: CPU time of the whole front end (defaults: echo cancellation,
-  residual echo and noise suppression, resampling both ways, delay tracking) per second
+  residual echo suppression, ``--denoiser``, resampling both ways, delay tracking) per second
   of audio; baseline ``opus_encode_cpu_per_audio_s``, encoding the same audio.
 
 The last line printed is a JSON object.
@@ -46,7 +49,7 @@ import soxr
 from pesq import pesq
 
 from agent.audio.format import FRAME_SAMPLES, SAMPLE_RATE
-from agent.audio.frontend import AudioFrontend, FrontendSettings
+from agent.audio.frontend import AudioFrontend, Denoiser, FrontendSettings
 from agent.codec.opus import OpusConfig, OpusEncoder
 from tools.bench.args import machine, positive_int
 from tools.lab import sounds
@@ -63,6 +66,9 @@ FLOOR_DBFS = -80.0
 ECHO_S = 12.0
 DOUBLETALK_S = 8.0
 NOISE_LEAD_S = 2.0
+CLEAN_SNR_DB = 60.0
+"""Clean speech, with just enough noise before it for a suppressor to learn a floor."""
+DENOISERS: tuple[Denoiser, ...] = ("webrtc", "speex")
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,9 +219,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     parser.add_argument("--snrs", type=float, nargs="+", default=[0.0, 5.0, 10.0])
     parser.add_argument("--rate", type=int, choices=(16_000, 48_000), default=16_000,
                         help="processing rate")  # fmt: skip
+    parser.add_argument("--denoiser", choices=DENOISERS, default="webrtc",
+                        help="noise suppressor (webrtc: 16 kHz only)")  # fmt: skip
     parser.add_argument("--dir", type=Path, help="work directory (default: a temporary one)")
     args = parser.parse_args(argv)
-    settings = FrontendSettings(rate=args.rate)
+    if args.rate != 16_000 and args.denoiser == "webrtc":
+        parser.error("WebRTC's denoiser runs at 16 kHz only: add --denoiser speex")
+    settings = FrontendSettings(rate=args.rate, denoiser=args.denoiser)
+    other = next(d for d in DENOISERS if d != args.denoiser)
+    denoisers = {args.denoiser: settings, other: dataclasses.replace(settings, denoiser=other)}
+    if args.rate != 16_000:
+        del denoisers["webrtc"]
     seeds = np.random.SeedSequence(args.seed).generate_state(3)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="bench-frontend-") as tmp:
@@ -228,12 +242,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
         talks = [
             doubletalk_clip(int(seeds[1]) + i, work, settings) for i in range(args.doubletalk_clips)
         ]
-        noisy = [
-            noise_clip(int(seeds[2]) + i, work, settings, kind, snr)
-            for kind in ("fan", "street")
-            for snr in args.snrs
-            for i in range(args.noise_clips)
-        ]
+        noisy, clean = {}, {}
+        for name, ns in denoisers.items():
+            noisy[name] = [
+                noise_clip(int(seeds[2]) + i, work, ns, kind, snr)
+                for kind in ("fan", "street")
+                for snr in args.snrs
+                for i in range(args.noise_clips)
+            ]
+            clean[name] = [
+                noise_clip(int(seeds[2]) + i, work, ns, "fan", CLEAN_SNR_DB)
+                for i in range(args.noise_clips)
+            ]
         opus = opus_cpu_per_audio_s(
             _int16(sounds.speech(work, np.random.default_rng(args.seed), 10.0))
         )
@@ -242,7 +262,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
         "machine": machine(),
         "seed": args.seed,
         "rate": args.rate,
-        "clips": {"echo": len(echoes), "doubletalk": len(talks), "noise": len(noisy)},
+        "denoiser": args.denoiser,
+        "clips": {"echo": len(echoes), "doubletalk": len(talks), "noise": noise_clips},
         "erle_db": round(statistics.median(e.erle_db for e in echoes), 1),
         "erle_db_min": round(min(e.erle_db for e in echoes), 1),
         "erle_db_fixed_delay": round(statistics.median(e.erle_fixed_db for e in echoes), 1),
@@ -251,9 +272,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
         "delay_error_ms_max": round(max(e.delay_error_ms for e in echoes), 2),
         "pesq_wb_near_doubletalk": round(statistics.fmean(p for p, _ in talks), 2),
         "pesq_wb_near_doubletalk_unprocessed": round(statistics.fmean(b for _, b in talks), 2),
-        "pesq_wb_ns": round(statistics.fmean(p for p, _ in noisy), 2),
-        "pesq_wb_noisy": round(statistics.fmean(b for _, b in noisy), 2),
-        "pesq_gain_ns": round(statistics.fmean(p - b for p, b in noisy), 2),
+        "pesq_wb_ns": round(statistics.fmean(p for p, _ in noisy[args.denoiser]), 2),
+        "pesq_wb_noisy": round(statistics.fmean(b for _, b in noisy[args.denoiser]), 2),
+        "pesq_gain_ns": round(statistics.fmean(p - b for p, b in noisy[args.denoiser]), 2),
+        **{
+            f"pesq_gain_ns_{name}": round(statistics.fmean(p - b for p, b in clips), 2)
+            for name, clips in noisy.items()
+            if name != args.denoiser
+        },
+        "pesq_wb_clean": round(statistics.fmean(b for _, b in clean[args.denoiser]), 2),
+        **{
+            f"pesq_wb_clean_ns_{name}": round(statistics.fmean(p for p, _ in clips), 2)
+            for name, clips in clean.items()
+        },
         "cpu_per_audio_s": round(sum(e.cpu_s for e in echoes) / audio_s, 5),
         "opus_encode_cpu_per_audio_s": round(opus, 5),
         "wall_s": round(time.monotonic() - started, 1),

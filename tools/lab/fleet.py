@@ -418,10 +418,12 @@ async def fleet(
     data_dir: Path | None = None,
     client_id: str = "fleet",
     relay_extra: str = "",
+    offline_grace_s: float = 2.0,
 ) -> AsyncIterator[Fleet]:
     """Start the relay and a command client for ``devices``; kill whatever still runs at exit.
 
-    ``relay_extra``: TOML tables appended to the relay's configuration (e.g. ``[turn]``)."""
+    ``relay_extra``: TOML tables appended to the relay's configuration (e.g. ``[turn]``);
+    ``offline_grace_s``: how long the relay waits before it believes a device offline."""
     port, relay_port, pairing_port = (_free_port("127.0.0.1") for _ in range(3))
     f = Fleet(root, port, data_dir or root / "relay-data", relay_port, pairing_port)
     config = root / "relay.toml"
@@ -444,7 +446,7 @@ backoff_max = 0.3
 connect_timeout = 3.0
 misc_interval = 0.2
 [presence]
-offline_grace_s = 2.0
+offline_grace_s = {offline_grace_s}
 {relay_extra}"""
     )
     try:
