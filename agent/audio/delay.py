@@ -14,6 +14,16 @@ samples and the reference around them. A new estimate is taken once two in a row
 (one alone may be a double-talk artefact), and the reference is handed over ``lead``
 samples early, so that the canceller's causal filter also covers an estimate a little late.
 
+Whether the microphone hears the speaker at all is read from the same measurements:
+``echo`` turns on at a peak of ``echo_prominence`` and off again after ``echo_timeout``
+measurements in a row with the far end playing and no such peak (a headset plugged in, a
+speaker muted); until it is on, the canceller stays out of the way
+(``agent.audio.frontend``). In half-second windows (half a ``window`` while searching, so
+the echo is found from the far end's first half second) an echo of speech through a room
+scores a median 85 while only the far end talks and 48 against a near-end talker as loud;
+a reference unrelated to the microphone (speech, noise, a tone) about 5, and only music
+or a ring tone, once in a hundred windows, over 20.
+
 Pure numpy over sample counts: no clocks, no I/O; the caller feeds both streams.
 """
 
@@ -46,17 +56,30 @@ def gcc_phat(
 ) -> DelayEstimate:
     """The lag at which ``ref`` best explains ``mic``: ``mic[n] ~ ref[n + max_lag - lag]``,
     i.e. ``ref`` holds the ``max_lag`` samples before ``mic``'s first one and then the
-    same span as ``mic`` (``len(ref) == len(mic) + max_lag``)."""
+    same span as ``mic`` (``len(ref) == len(mic) + max_lag``).
+
+    Both are faded in and out over a sixteenth of ``mic``'s length: whitened, a cut edge
+    is a click, and a click lines up with any onset in the other signal (a steady tone as
+    reference scored prominences up to 110 against unrelated speech; faded, 6)."""
     if len(ref) != len(mic) + max_lag or max_lag < 0 or not len(mic):
         raise ValueError("ref must be len(mic) + max_lag samples")
     n = len(ref) + len(mic)
-    cross = np.fft.rfft(ref, n) * np.conj(np.fft.rfft(mic, n))
+    fade = np.hanning(2 * (len(mic) // 16) + 1)[: len(mic) // 16]
+    cross = np.fft.rfft(_faded(ref, fade), n) * np.conj(np.fft.rfft(_faded(mic, fade), n))
     cross /= np.abs(cross) + 1e-12
     corr = np.fft.irfft(cross, n)[: max_lag + 1]  # corr[k] = sum mic[i] ref[i + k]
     magnitude = np.abs(corr)
     k = int(np.argmax(magnitude))
     floor = float(np.mean(magnitude)) or 1e-12
     return DelayEstimate(lag=max_lag - k, prominence=float(magnitude[k]) / floor)
+
+
+def _faded(x: npt.NDArray[np.float64], fade: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    """``x`` faded in and out with ``fade`` (rising) at its ends."""
+    out = x.copy()
+    out[: len(fade)] *= fade
+    out[len(out) - len(fade) :] *= fade[::-1]
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +91,8 @@ class AlignerSettings:
     initial_lag: int
     """Delay assumed until the first measurement."""
     window: int
-    """Microphone samples one measurement correlates."""
+    """Microphone samples one measurement correlates (half as many while no echo is
+    known: it is found sooner)."""
     interval: int
     """Microphone samples between measurements."""
     lead: int
@@ -82,6 +106,11 @@ class AlignerSettings:
     """A correlation peak below this is no measurement (far end silent, noise)."""
     min_level: float = 30.0
     """The reference's RMS (int16 units) below which the far end counts as silent."""
+    echo_prominence: float = 20.0
+    """A correlation peak from which on the microphone counts as hearing the speaker."""
+    echo_timeout: int = 20
+    """Measurements in a row, with the far end playing, without such a peak after which
+    the echo counts as gone (20: 10 s of far-end sound at the front end's interval)."""
 
 
 class ReferenceAligner:
@@ -100,6 +129,10 @@ class ReferenceAligner:
         self._lag = settings.initial_lag
         self._since = 0  # microphone samples since the last measurement
         self._candidate: int | None = None
+        self._missed = 0  # measurements in a row without an echo peak
+        self.echo = not settings.track
+        """Whether the microphone hears the speaker (module docstring); without
+        measurements (``track`` off) it is assumed to."""
         self.estimates = 0
         """Measurements taken (a confident peak)."""
         self.changes = 0
@@ -128,20 +161,29 @@ class ReferenceAligner:
         self._heard = _put(self._mic, self._heard, mic)
         self._since += n
         s = self.settings
-        if s.track and self._since >= s.interval and self._heard >= s.window:
+        window = s.window if self.echo else s.window // 2
+        if s.track and self._since >= s.interval and self._heard >= window:
             self._since = 0
-            self._measure()
+            self._measure(window)
         start = self._heard - n + self._offset + s.lead
         return self._reference(start, n)
 
-    def _measure(self) -> None:
+    def _measure(self, window: int) -> None:
         s = self.settings
         end = self._written  # the newest reference that can explain the newest mic sample
-        ref = self._reference(end - s.window - s.max_lag, s.window + s.max_lag).astype(np.float64)
+        ref = self._reference(end - window - s.max_lag, window + s.max_lag).astype(np.float64)
         if float(np.sqrt(np.mean(ref**2))) < s.min_level:
             return
-        mic = _take(self._mic, self._heard - s.window, s.window).astype(np.float64)
+        mic = _take(self._mic, self._heard - window, window).astype(np.float64)
         found = gcc_phat(mic, ref, s.max_lag)
+        peak = found.prominence >= s.echo_prominence
+        self._missed = 0 if peak else self._missed + 1
+        found_echo = peak and not self.echo
+        if found_echo or (self.echo and self._missed >= s.echo_timeout):
+            self.echo = peak
+            if logger.isEnabledFor(logging.DEBUG):
+                logger.debug("echo %s (prominence %.1f)", "found" if peak else "gone",
+                             found.prominence)  # fmt: skip
         if found.prominence < s.min_prominence:
             return
         self.estimates += 1
@@ -150,7 +192,7 @@ class ReferenceAligner:
         agreed = self._candidate is not None and abs(offset - self._candidate) <= s.tolerance
         self._candidate = offset
         first = self.estimates == 1
-        if (agreed or first) and abs(offset - self._offset) > s.tolerance // 2:
+        if (agreed or first or found_echo) and abs(offset - self._offset) > s.tolerance // 2:
             self._offset, self._lag = offset, found.lag
             self.changes += 1
             if logger.isEnabledFor(logging.DEBUG):

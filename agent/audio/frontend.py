@@ -10,7 +10,15 @@ noise, for 0.001 CPU-s per audio-s more) or by SpeexDSP's. It works at ``rate`` 
 a third of the CPU of 48 kHz, and all a voice call's wideband needs), resampling in and
 out with SpeexDSP's resampler (frame in, frame out: soxr's block-wise output costs up to
 four frames of delay once re-chunked into 20 ms frames). The speaker-to-microphone
-delay is measured and followed as it drifts by ``agent.audio.delay.ReferenceAligner``.
+delay is measured and followed as it drifts by ``agent.audio.delay.ReferenceAligner``,
+which also tells whether the microphone hears the speaker at all. Until it does (a
+headset, a speaker the microphone cannot hear) nothing removes an echo that is not there
+(that cost clean speech 0.4 PESQ with a far-end tone playing): the canceller's filter
+learns in the background (its output unused, so it is ready when the echo is found) and
+the preprocessor, there only for the residual echo, is skipped (and so is its 20 ms of
+delay: the output jumps by that much when the echo is found); a preprocessor that runs
+anyway (SpeexDSP's denoiser, AGC) would suppress the filter's estimate as echo, so then
+the filter is handed silence instead.
 
 Wiring: ``source(capture)`` is the call's microphone (``FrontendSource``) and
 ``tap(speaker)`` the speaker (``ReferenceTap``: it hands each frame it plays to the front
@@ -128,6 +136,7 @@ class AudioFrontend:
         speex_ns = s.noise_suppression and s.denoiser == "speex"
         self._ns = NoiseSuppressor(s.webrtc_level) if s.noise_suppression and not speex_ns else None
         self._pre: Preprocessor | None = None
+        self._pre_echo_only = not (speex_ns or s.agc)  # it runs for the residual echo alone
         if speex_ns or s.aec or s.agc:
             self._pre = Preprocessor(self._chunk // 2, s.rate)
             # SpeexDSP suppresses residual echo inside its denoiser: with echo cancellation
@@ -154,10 +163,15 @@ class AudioFrontend:
         out = bytearray()
         for i in range(0, len(low), self._chunk):
             chunk = low[i : i + self._chunk]
+            echo = True
             if self._echo is not None and self._aligner is not None:
-                reference = self._aligner.align(np.frombuffer(chunk, np.int16))
-                chunk = self._echo.cancel(chunk, reference.tobytes())
-            if self._pre is not None:
+                reference = self._aligner.align(np.frombuffer(chunk, np.int16)).tobytes()
+                echo = self._aligner.echo
+                if not echo and not self._pre_echo_only:
+                    reference = bytes(len(chunk))  # no echo estimate for the preprocessor
+                cancelled = self._echo.cancel(chunk, reference)
+                chunk = cancelled if echo else chunk
+            if self._pre is not None and (echo or not self._pre_echo_only):
                 chunk = self._pre.run(chunk)
             out += chunk if self._ns is None else self._ns.run(chunk)
         return bytes(out) if self._up is None else self._up.process(bytes(out))
