@@ -8,6 +8,7 @@ report per episode; ``alarm_sound`` for alarms in other rhythms.
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -87,6 +88,8 @@ def speech(tmp_path_factory: pytest.TempPathFactory) -> np.ndarray:
         {"t3_pause_s": 0.0},
         {"t3_on_s": 0.15},  # overlaps T4 tones at 30 %
         {"cooldown_s": 0.0},
+        {"settle_frames": 1},
+        {"tail_decay_db": 0.0},
         {"unclassified_min_s": 60.0},
     ],
 )
@@ -167,6 +170,71 @@ def test_zero_db_snr_in_noise_and_music(kind: str, background: str, seed: int) -
 def test_zero_db_snr_in_speech(kind: str, seed: int, speech: np.ndarray) -> None:
     x, _ = alarm_clip(kind, 40 + seed, speech, snr_db=0.0)
     assert_one(detect(x), kind, 12.0 if kind == "smoke_alarm" else 18.0, first_cycle=False)
+
+
+def settled_t3(rng: np.random.Generator, drop_db: float) -> np.ndarray:
+    """T3 whose every tone falls ``drop_db`` 40 ms after its onset and holds there: the
+    room's reflections cancelling part of the direct sound."""
+    seconds = CLIP - AT - 2
+    segments = sounds.temporal(rng, "smoke_alarm", seconds, jitter=0.0)
+    tone = sounds.beeps(segments, seconds, 3100.0)
+    envelope = np.ones(len(tone))
+    for a, b in segments:
+        envelope[round((a + 0.04) * SAMPLE_RATE) : round(b * SAMPLE_RATE)] = 10 ** (-drop_db / 20)
+    return sounds.to_int16(sounds.mix(tone * envelope, quiet(rng, CLIP), 30, AT), -30)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_tone_that_settles_lower_after_its_onset_goes_on(seed: int) -> None:
+    """A fall to a level that then holds is no tail: the 0.5 s tone is not cut at 40 ms."""
+    x = settled_t3(np.random.default_rng(seed), drop_db=12.0)
+    assert_one(detect(x), "smoke_alarm", within_s=6.0)
+
+
+def test_reverberant_tail_still_ends_the_tone() -> None:
+    """T4 tones followed by a tail 6 dB down decaying at RT60 0.8 s (a prominent tone on
+    trial that decays on): each tone still ends where its direct sound stops."""
+    rng = np.random.default_rng(13)
+    seconds = CLIP - AT - 2
+    segments = sounds.temporal(rng, "co_alarm", seconds, jitter=0.0)
+    tone = sounds.beeps(segments, seconds, 2900.0)
+    t = np.arange(len(tone)) / SAMPLE_RATE
+    tail = np.zeros(len(tone))
+    for _, b in segments:
+        after = t >= b
+        tail[after] = np.maximum(tail[after], 0.5 * 10 ** (-3 * (t[after] - b) / 0.8))
+    wet = tone + sounds.carrier(2900.0, len(tone)) * tail
+    x = sounds.to_int16(sounds.mix(wet, quiet(rng, CLIP), 30, AT), -30)
+    assert_one(detect(x), "co_alarm", within_s=7.0)
+
+
+def test_co_at_minus_10_db_in_speech(speech: np.ndarray) -> None:
+    """Speech in the pause, a masked or split tone: the timing matches but the tones are
+    uneven, and the bin's on/off contrast over the cycle decides (14 of 30 before)."""
+    found = 0
+    for seed in range(60, 90):
+        x, _ = alarm_clip("co_alarm", seed, speech, snr_db=-10.0)
+        kinds = [d.kind for d in detect(x)]
+        assert kinds in ([], ["co_alarm"]), (seed, kinds)
+        found += kinds == ["co_alarm"]
+    assert found >= 25
+
+
+def test_t4_groups_with_a_beeper_in_the_pause_are_not_co() -> None:
+    """Beeps as loud as the alarm's in the pause (a timer next to a T4-like rhythm): no
+    contrast between the tones and the pause, so no CO alarm."""
+    rng = np.random.default_rng(14)
+    seconds = CLIP - AT - 2
+    segments = sounds.temporal(rng, "co_alarm", seconds, jitter=0.0)
+    pause_beeps = [
+        (b + d, b + d + 0.1)
+        for (_, b), (c, _) in itertools.pairwise(segments)
+        if c - b > 2.0
+        for d in (1.0, 2.2, 3.4)
+    ]
+    tone = sounds.beeps(sorted(segments + pause_beeps), seconds, 2900.0)
+    x = sounds.to_int16(sounds.mix(tone, sounds.household(rng, CLIP), 0, AT), -30)
+    assert "co_alarm" not in [d.kind for d in detect(x)]
 
 
 # --- what must not be detected --------------------------------------------------------

@@ -17,6 +17,12 @@ match the ISO 8201 rhythms with +-``tolerance`` on every tone, gap and pause:
   EN 14604 alarms. Lower severity; the detail says it is unclassified. Short beepers
   (timers, microwaves, trucks, alarm clocks) stop long before.
 
+Rooms and low SNR: a tone that falls soon after its onset but stays prominent is put on
+trial (``settle_frames``) rather than ended, for the reflections may cancel part of the
+direct sound while it lasts; and a T4 match whose tones are uneven or whose pause holds
+speech is still accepted when the bin's stored prominence contrasts sharply between the
+tones and the pause (``_contrast``: a matched filter over the cycle).
+
 Per-bin tracking means a 520 Hz square wave is tracked at its fundamental and each odd
 harmonic separately; whichever is clearest over the background matches. An episode
 (one kind) reports once, then stays quiet while its bins keep sounding and until they
@@ -25,6 +31,7 @@ have been silent for ``cooldown_s``.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from collections import deque
@@ -47,6 +54,11 @@ _LENGTH_SLACK_S = 0.04  # ... and their lengths within this plus _LENGTH_SPREAD 
 _LENGTH_SPREAD = 0.15
 _PERIODIC_MAX_PERIOD_S = 2.5  # an unclassified alarm beeps at least this often on average
 _PERIODIC_MIN_BEEP_S = 0.08  # ... with beeps this long at least (speech's blips are shorter)
+_BUILD_UP_FRAMES = 3  # a room's reflections build up within this after a tone's onset
+_TRIAL_PROMINENCE_DB = 16.0  # ... and a tone cut by them still stands this far out
+_CONTRAST_DB = 12.0  # T4 tones over their pause (90th percentile), see ``_contrast``
+_PAUSE_LOUD_SHARE = 0.015  # ... and the share of the pause about as prominent as the tones
+_PERIOD_SPREAD_S = 0.05  # ... and how regular their onsets are (to 20 ms frames)
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +87,15 @@ class AlarmSettings:
     while a reverberant tail (>= 1.2 dB per frame for RT60 <= 1 s) still ends quickly."""
     onset_db: float = 6.0
     """A new tone in a bin must rise this far above the lowest level since the last one."""
+    settle_frames: int = 7
+    """A tone that falls ``release_db`` within a few frames of its onset but stays
+    clearly prominent is on trial: if it decays ``tail_decay_db`` further (a reverberant
+    tail) it ends where it fell; if it holds at the lower level for this many frames
+    (the room's reflections cancelling part of the direct sound) it goes on; if it rises
+    ``onset_db`` again, a new tone starts. Longer than a T4 gap, so that a tail in one
+    never settles into a tone."""
+    tail_decay_db: float = 4.0
+    """How far below its fall a tone on trial must decay to count as a tail."""
     hang_frames: int = 2
     """Off frames needed to end a tone; shorter dropouts (noise) are bridged."""
     min_tone_frames: int = 2
@@ -118,6 +139,7 @@ class AlarmSettings:
             "release_db",
             "release_decay_db",
             "onset_db",
+            "tail_decay_db",
             "unclassified_prominence_db",
         ):
             if getattr(self, name) <= 0:
@@ -126,8 +148,8 @@ class AlarmSettings:
             raise ValueError("hold_prominence_db must be <= prominence_db")
         if self.min_level_dbfs >= 0:
             raise ValueError("min_level_dbfs must be < 0")
-        if self.hang_frames < 1 or self.min_tone_frames < 1:
-            raise ValueError("hang_frames and min_tone_frames must be >= 1")
+        if self.hang_frames < 1 or self.min_tone_frames < 1 or self.settle_frames < 2:
+            raise ValueError("hang_frames, min_tone_frames must be >= 1, settle_frames >= 2")
         if not 0 <= self.tolerance < 1 or self.slack_s < 0:
             raise ValueError("tolerance must be in [0, 1) and slack_s >= 0")
         for name in ("t3_on_s", "t3_gap_s", "t3_pause_s", "t4_on_s", "t4_gap_s", "t4_pause_s"):
@@ -160,6 +182,15 @@ class _Match:
     scale: float  # the deviation that scores zero
     tones: list[_Tone]
     how: str = "periodic"
+
+
+@dataclass(slots=True)
+class _Trial:
+    """A tone that fell soon after its onset while staying prominent (see ``_judge``)."""
+
+    fall: float  # its level (peak bin power) when it fell
+    dip: float  # the lowest level since
+    frames: int = 0
 
 
 @dataclass(slots=True)
@@ -223,6 +254,8 @@ class AlarmDetector:
         self._release = 10 ** (-s.release_db / 10)
         self._ref_decay = 10 ** (-s.release_decay_db / 10)
         self._onset = 10 ** (s.onset_db / 10)
+        self._tail_decay = 10 ** (-s.tail_decay_db / 10)
+        self._trial_ratio = 10 ** (_TRIAL_PROMINENCE_DB / 10)
         freqs = np.arange(self._lo, self._hi) * _BIN_HZ
         in_band = np.zeros(len(freqs), dtype=bool)
         for lo, hi in zip(s.alarm_bands_hz[::2], s.alarm_bands_hz[1::2], strict=True):
@@ -244,6 +277,7 @@ class AlarmDetector:
         self._weaker = 10 ** (-_WEAKER_DB / 10)
         self._csum = np.zeros(self._hi - self._lo + 2 * self._off + 1)
         self._continuous_frames = round(s.unclassified_min_s / _FRAME_S)
+        self._history_frames = math.ceil(self._t4.horizon_s / _FRAME_S) + 8
         self.reset()
 
     def reset(self) -> None:
@@ -259,6 +293,9 @@ class AlarmDetector:
         self._ref = np.zeros(n)
         self._peak_ratio = np.zeros(n)
         self._valley = np.zeros(n)
+        self._trials: dict[int, _Trial] = {}
+        # Each bin's prominence over the last T4 cycle and more, for ``_contrast``.
+        self._history = np.zeros((self._history_frames, n), dtype=np.float32)
         self._tones: dict[int, deque[_Tone]] = {}
         self._episodes: dict[str, _Episode] = {}
 
@@ -296,6 +333,7 @@ class AlarmDetector:
         floor *= 1 / (near_hi - near_lo + 1)
         floor += 1.0
         ratio = peak / floor
+        self._history[f % len(self._history)] = ratio
         kept = ratio > self._hold
         kept &= peak > self._min_power
         tonal = ratio > self._prominence
@@ -314,9 +352,30 @@ class AlarmDetector:
         # the music under the alarm) starts a tone of its own.
         jump = active & tonal & (peak >= ref * self._onset)
         holding = active & kept & ~falling & ~jump
+        waiting: list[int] = []
+        decayed: list[int] = []
+        if self._trials:
+            self._judge(
+                peak,
+                kept,
+                tonal=tonal,
+                falling=falling,
+                jump=jump,
+                holding=holding,
+                waiting=waiting,
+                decayed=decayed,
+            )
         lapsed = active & ~holding
+        first = lapsed & (self._off_count == 0)
+        first &= ratio > self._trial_ratio  # fallen (or jumped) but still clearly prominent
+        if first.any():
+            self._put_on_trial(f, np.flatnonzero(first & ~jump), peak, waiting)
         self._off_count = np.where(holding, 0, self._off_count + lapsed)
         ended = lapsed & (self._off_count >= self.settings.hang_frames) & ~jump
+        if waiting:
+            ended[waiting] = False
+        if decayed:
+            ended[decayed] = True
         onset = ~active & tonal & (peak >= self._valley * self._onset)
 
         out: list[Detection] = []
@@ -331,6 +390,9 @@ class AlarmDetector:
             for j in np.flatnonzero(jump):
                 out += self._tone_ended(int(j), f)
             onset |= jump
+        if self._trials:
+            for gone in [k for k in self._trials if not active[k]]:
+                del self._trials[gone]
         grow = holding & (peak > self._peak)
         if grow.any():
             self._peak[grow] = peak[grow]
@@ -352,6 +414,57 @@ class AlarmDetector:
         if self._episodes:
             self._refresh_episodes(f)
         return out
+
+    def _put_on_trial(self, f: int, fell: np.ndarray, peak: np.ndarray, waiting: list[int]) -> None:
+        """Tones that fell soon after their onset but stay prominent go on trial."""
+        for j in fell.tolist():
+            if f - self._start[j] <= _BUILD_UP_FRAMES:
+                level = float(peak[j])
+                self._trials[j] = _Trial(level, level)
+                waiting.append(j)
+
+    def _judge(
+        self,
+        peak: np.ndarray,
+        kept: np.ndarray,
+        *,
+        tonal: np.ndarray,
+        falling: np.ndarray,
+        jump: np.ndarray,
+        holding: np.ndarray,
+        waiting: list[int],
+        decayed: list[int],
+    ) -> None:
+        """One frame of the tones on trial; updates ``jump`` and ``holding`` in place.
+
+        A reverberant tail decays ``tail_decay_db`` below the fall (it ends the tone
+        where it fell); a tone whose direct sound the room's reflections partly cancel
+        holds at the lower level for ``settle_frames`` (it goes on); a rise of
+        ``onset_db`` above the lowest level since the fall starts a new tone. The
+        trials are few (young tones only), so this runs per bin in Python.
+        """
+        s = self.settings
+        for j, trial in list(self._trials.items()):
+            if not kept[j]:  # no longer prominent: it lapses as any tone
+                continue
+            level = float(peak[j])
+            trial.frames += 1
+            trial.dip = min(trial.dip, level)
+            if jump[j] or (trial.frames >= 2 and tonal[j] and level >= trial.dip * self._onset):
+                jump[j] = True
+                del self._trials[j]
+            elif level < trial.fall * self._tail_decay:
+                decayed.append(j)
+                del self._trials[j]
+            elif trial.frames == 1 and not falling[j]:  # a one-frame dip, as any masking
+                holding[j] = True
+                del self._trials[j]
+            elif trial.frames >= s.settle_frames:  # settled lower: the new reference
+                holding[j] = True
+                self._ref[j] = level
+                del self._trials[j]
+            else:
+                waiting.append(j)
 
     # --- tones and patterns -----------------------------------------------------------
 
@@ -511,10 +624,54 @@ class AlarmDetector:
         for i in self._after_pause(c[:first], c[first].start_s, t):
             a = self._match_group(c, i - 3, 4, t)
             matched = [*c[i - 3 : i + 1], *c[first:]]
-            if a is not None and self._even(j, matched, (c[i].end_s, c[first].start_s), t):
+            pause = (c[i].end_s, c[first].start_s)
+            if a is not None and (
+                self._even(j, matched, pause, t) or self._contrast(j, matched, pause)
+            ):
                 error = max(a, b, t.pause.error(c[first].start_s - c[i].end_s))
                 return _Match(error, self.settings.tolerance, matched)
         return None
+
+    def _contrast(self, j: int, tones: list[_Tone], pause: tuple[float, float]) -> bool:
+        """The bin stands out while the matched tones sound, and hardly ever in the pause.
+
+        For T4 matches that ``_even`` rejects (at low SNR speech in the pause, a masked
+        or swollen tone, a tone split in two). A matched filter over the cycle from the
+        bin's stored prominence: the tones' onsets are as regular as an alarm's
+        (``_PERIOD_SPREAD_S``); over the pause (whatever sounded in it) the 90th
+        percentile is ``_CONTRAST_DB`` below the tones' median, and at most
+        ``_PAUSE_LOUD_SHARE`` of its frames come within ``_WEAKER_DB`` / 2 of it; the
+        slots one period before and after the first group are quieter than the weakest
+        matched tone. A tune, beeper or timer that goes on through the pause fails. Runs
+        only for the rare candidates that pass the timing, over stored prominence, so
+        the per-frame cost is one row copy.
+        """
+        periods = [
+            b.start_s - a.start_s for g in (tones[:4], tones[4:]) for a, b in itertools.pairwise(g)
+        ]
+        if max(periods) - min(periods) > _PERIOD_SPREAD_S:
+            return False
+        hist, size = self._history, len(self._history)
+        if self._frame - round(tones[0].start_s / _FRAME_S) >= size:
+            return False
+        margin = 3
+        off = np.arange(round(pause[0] / _FRAME_S) + margin, round(pause[1] / _FRAME_S) - margin)
+        if len(off) < 10:
+            return False
+        frames = [np.arange(round(x.start_s / _FRAME_S), round(x.end_s / _FRAME_S)) for x in tones]
+        level = float(np.median(hist[np.concatenate(frames) % size, j]))
+        # No tone at the group's pace just before or after the first group, as loud as
+        # the weakest matched one: the match would be one tone off (a speech blip taken
+        # for the first tone, the true fourth left in the pause).
+        weakest = min(float(np.median(hist[x % size, j])) for x in frames)
+        period = round(sum(periods) / len(periods) / _FRAME_S)
+        for x, at in ((frames[0], frames[0][0] - period), (frames[3], frames[3][0] + period)):
+            if float(np.median(hist[(x - x[0] + at) % size, j])) >= weakest:
+                return False
+        rest = hist[off % size, j]
+        if np.mean(rest >= level * 10 ** (-_WEAKER_DB / 20)) > _PAUSE_LOUD_SHARE:
+            return False
+        return _db(level / max(float(np.percentile(rest, 90)), 1e-9)) >= _CONTRAST_DB
 
     def _match_periodic(self, tones: deque[_Tone]) -> _Match | None:
         """A regular beeping lasting ``unclassified_min_s`` (the last tone just ended).
