@@ -23,6 +23,7 @@ from agent.signaling import topics
 from agent.signaling.topics import Kind
 from cloud_relay.sessions import COOKIE, CSRF_HEADER
 from tools.lab.fleet import RELAY_CMD, Fleet, fleet
+from tools.lab.sse import sse_events
 
 DEVICE = "porch-1"
 PASSWORD = "correct horse battery"
@@ -95,15 +96,8 @@ class EventStream:
         ) as response:
             assert response.status == 200
             assert response.content_type == "text/event-stream"
-            kind = ""
-            async for raw in response.content:
-                line = raw.decode().rstrip("\n")
-                if line == ": connected":
-                    self.connected.set()
-                elif line.startswith("event: "):
-                    kind = line[7:]
-                elif line.startswith("data: "):
-                    await self.events.put((kind, json.loads(line[6:])))
+            async for event in sse_events(response, self.connected):
+                await self.events.put(event)
 
     async def until(self, kind: str, match: dict[str, Any]) -> dict[str, Any]:
         async with asyncio.timeout(WAIT):

@@ -57,6 +57,7 @@ from tools.bench.relay import raise_nofile, wait_online
 from tools.lab.chromium import CHROMIUM, context, launch
 from tools.lab.fleet import RELAY_CMD, Fleet, fleet
 from tools.lab.mqtt_swarm import presence_payload
+from tools.lab.sse import sse_events
 
 MARKS = {
     "devices-data": "data_ms",
@@ -139,15 +140,8 @@ class EventClock:
             http.get(f"{self._origin}/api/v1/events", timeout=timeout,
                      headers={"Cookie": f"{COOKIE}={self._cookie}"}) as response,
         ):  # fmt: skip
-            kind = ""
-            async for raw in response.content:
-                line = raw.decode().rstrip("\n")
-                if line == ": connected":
-                    self.connected.set()
-                elif line.startswith("event: "):
-                    kind = line[7:]
-                elif line.startswith("data: ") and kind == "presence":
-                    data = json.loads(line[6:])
+            async for kind, data in sse_events(response, self.connected):
+                if kind == "presence":
                     self.seen.setdefault((data["device"], data["state"]), now_ms())
 
     async def close(self) -> None:
