@@ -56,7 +56,7 @@ from cloud_relay.signatures import FORGED_FROM, Senders
 from cloud_relay.store import Store, stored_body, utc_from_ms
 from cloud_relay.sync import RELAY_SYNC_TOPIC, SyncError, decode, encode
 from cloud_relay.telemetry import TelemetryError, parse_telemetry
-from cloud_relay.turn import call_credentials
+from cloud_relay.turn import CallTurnCredentials, call_credentials
 from cloud_relay.webhooks import Webhooks
 
 logger = logging.getLogger(__name__)
@@ -85,7 +85,8 @@ class RelayStats:
     publish_failed: int = 0
     store_failed: int = 0
     turn_minted: int = 0
-    """TURN credentials sent to devices (on their ``config``)."""
+    """TURN credentials minted: sent to devices (on their ``config``) and given to web
+    pages for their calls (``cloud_relay.webcall``)."""
     store_retried: int = 0
     """Answers and ends written again because another worker's call was not stored yet."""
     alerts_received: int = 0
@@ -720,16 +721,22 @@ class Relay:
         """The device's retained ``config``, whole (a retained message is replaced, not
         merged): fresh TURN credentials and the relay's clip key."""
         desired: dict[str, Any] = {}
-        if self._turn_secret is not None:
-            creds = call_credentials(self.config.turn, self._turn_secret)
+        if (creds := self.turn_credentials()) is not None:
             desired["turn"] = [creds.to_json()]
             self._turn_issued[device] = time.monotonic()
-            self.stats.turn_minted += 1
         if self._clip_key is not None:
             desired["clip_key"] = public_key_text(self._clip_key.public)
         if desired:
             payload = json.dumps(desired, separators=(",", ":")).encode()
             self._publish(topics.device_topic(device, Kind.CONFIG), payload, retain=True)
+
+    def turn_credentials(self) -> CallTurnCredentials | None:
+        """Fresh TURN credentials for one call party (a device's ``config``, a web page's
+        call: ``cloud_relay.webcall``); None when the relay has no TURN server."""
+        if self._turn_secret is None:
+            return None
+        self.stats.turn_minted += 1
+        return call_credentials(self.config.turn, self._turn_secret)
 
     async def _refresh_turn(self) -> None:
         """Before a device's credentials pass half their lifetime it gets new ones, so it

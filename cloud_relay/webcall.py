@@ -23,6 +23,12 @@ Non-trickle towards the page, because a page is simplest that way and costs one 
   ``listen-not-allowed``); no answer in time is a 504 and the invite is cancelled.
 - ``DELETE /api/v1/calls/{id}``: hang up (or cancel) one of the asker's own calls; 204,
   or 404 for a call that is not (any more) the asker's.
+- ``GET /api/v1/ice-servers``: what the page gives its ``RTCPeerConnection`` before it
+  makes the offer: ``{iceServers, expires}``, the relay's TURN servers with credentials
+  minted for this one call (``Relay.turn_credentials``, as a device gets them on its
+  ``config``), or none when the relay has no TURN. A page behind a NAT then offers
+  server-reflexive and relayed candidates the board can reach, besides Chromium's host
+  candidates (hidden behind mDNS names unless the page may use the microphone).
 
 Calls end also when the board hangs up or its media times out (a page closed without
 hanging up). A call lives on the worker whose HTTP request placed it: with several relay
@@ -38,6 +44,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from typing import Any, Final
 
 from aiohttp import web
@@ -64,6 +71,7 @@ from cloud_relay.apibase import (
     API_PREFIX,
     BAD,
     DEVICE_ID,
+    NULLABLE_TIME,
     PRINCIPAL,
     REFUSED,
     BadRequest,
@@ -81,6 +89,7 @@ logger = logging.getLogger(__name__)
 
 DEVICE_CALLS_PATH: Final = f"{API_PREFIX}/devices/{{id}}/calls"
 CALL_PATH: Final = f"{API_PREFIX}/calls/{{call}}"
+ICE_SERVERS_PATH: Final = f"{API_PREFIX}/ice-servers"
 MODES: Final = {"talk": CallMode.NORMAL, "listen": CallMode.LISTEN}
 """What the page asks for, and the call mode the board sees."""
 _CALL_ID: Final = r"[0-9a-f]{32}"
@@ -291,6 +300,17 @@ class WebCalls:
     def add_routes(self, router: web.UrlDispatcher) -> None:
         router.add_post(DEVICE_CALLS_PATH, self._post)
         router.add_delete(CALL_PATH, self._delete)
+        router.add_get(ICE_SERVERS_PATH, self._ice_servers)
+
+    def ice_servers(self, peer: str) -> dict[str, Any]:
+        """``GET /api/v1/ice-servers``'s reply for ``peer``: fresh TURN credentials for one
+        call (``RTCConfiguration.iceServers``), or none when the relay has no TURN."""
+        creds = self._relay.turn_credentials()
+        if creds is None:
+            return {"iceServers": [], "expires": None}
+        logger.info("TURN credentials for %s's web call (until %d)", peer, creds.expires_at)
+        expires = datetime.fromtimestamp(creds.expires_at, UTC).isoformat()
+        return {"iceServers": [creds.to_json()], "expires": expires}
 
     async def _post(self, request: web.Request) -> web.Response:
         device = pattern("id", request.match_info["id"], DEVICE_ID)
@@ -326,6 +346,9 @@ class WebCalls:
         return web.json_response(
             {"call": answered.call, "peer": answered.peer, "sdp": answered.sdp}, status=201
         )
+
+    async def _ice_servers(self, request: web.Request) -> web.Response:
+        return web.json_response(self.ice_servers(web_peer_id(request[PRINCIPAL].name)))
 
     async def _delete(self, request: web.Request) -> web.Response:
         call = pattern("call", request.match_info["call"], _CALL_ID)
@@ -363,6 +386,16 @@ WEBCALL_PATHS: Final[dict[str, Any]] = {
             },
         }
     },
+    ICE_SERVERS_PATH: {
+        "get": {
+            "summary": "ICE servers for one web call: TURN with credentials minted for it",
+            "responses": {
+                "200": json_reply("The page's RTCConfiguration.iceServers", "IceServers"),
+                **BAD,
+                **REFUSED,
+            },
+        }
+    },
     CALL_PATH: {
         "delete": {
             "summary": "Hang up one of your web calls",
@@ -385,6 +418,29 @@ WEBCALL_SCHEMAS: Final[dict[str, Any]] = {
             "call": {"type": "string", "pattern": f"^{_CALL_ID}$"},
             "peer": {"type": "string", "description": "The web peer the device sees"},
             "sdp": {"type": "string", "description": "The device's answer, with candidates"},
+        },
+    },
+    "IceServers": {
+        "type": "object",
+        "required": ["iceServers", "expires"],
+        "properties": {
+            "iceServers": {
+                "type": "array",
+                "description": "RTCIceServer entries; empty when the relay has no TURN",
+                "items": {
+                    "type": "object",
+                    "required": ["urls", "username", "credential"],
+                    "properties": {
+                        "urls": {"type": "array", "items": {"type": "string"}},
+                        "username": {"type": "string"},
+                        "credential": {"type": "string"},
+                    },
+                },
+            },
+            "expires": {
+                **NULLABLE_TIME,
+                "description": "After this, coturn takes no new allocation with these",
+            },
         },
     },
     "Refused": {

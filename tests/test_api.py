@@ -38,6 +38,7 @@ from agent.audio.format import FRAME_SAMPLES, SAMPLE_RATE
 from agent.codec.opus import OpusConfig, OpusEncoder
 from agent.edge.alerts import Alert, Severity, new_alert_id
 from agent.edge.clip import ClipAudio, seal
+from agent.net.ice import mint_turn_credentials
 from agent.signaling import topics
 from agent.signaling.mqtt import MqttClient
 from agent.signaling.topics import Kind
@@ -53,10 +54,13 @@ from cloud_relay.service import Relay
 from cloud_relay.sessions import Sessions
 from cloud_relay.store import Store, utc_from_ms
 from cloud_relay.tokens import Authenticator, FailureLimiter, Refusal, mint_api_token, new_token
+from cloud_relay.turn import TurnSettings, new_secret
 from cloud_relay.web import PAIR_PATH, WebServer, tls_context
+from cloud_relay.webcall import WebCalls
 from tools.lab.broker import Mosquitto
 
 WAIT = 15.0
+TURN_URL = "turn:127.0.0.1:3478?transport=udp"
 TONE_HZ = 1000.0
 
 
@@ -135,7 +139,8 @@ async def api_server(
     store: Store, root: Path, max_failures: int = 5, relay: Relay | None = None
 ) -> AsyncIterator[Server]:
     """The relay's HTTPS endpoint on ``store``: pairing and the API, a limiter on a clock
-    the test moves; with ``relay`` (started) also sessions and the fleet's endpoints."""
+    the test moves; with ``relay`` (started) also sessions, the fleet's endpoints and web
+    calls."""
     pki = await asyncio.to_thread(RelayPki.open, root / "pki")
     key = await asyncio.to_thread(ClipKey.load, root / "pki", create=True)
     https = await asyncio.to_thread(pki.server_certificate, Role.HTTPS, ["127.0.0.1"])
@@ -148,7 +153,8 @@ async def api_server(
             store, relay, EventBus(), pki, pairing_url="https://127.0.0.1:1",
             fingerprint=lambda: "00" * 32, on_revoked=lambda: None, heartbeat_s=0.5,
         )  # fmt: skip
-    api = Api(store, auth, key, sessions=Sessions(store), fleet=fleet)
+    webcalls = WebCalls(relay) if relay is not None else None
+    api = Api(store, auth, key, sessions=Sessions(store), fleet=fleet, webcalls=webcalls)
     web = WebServer(pairing, "127.0.0.1", 0, tls_context(https.cert, https.key), api)
     await web.start()
     try:
@@ -378,7 +384,8 @@ async def test_schemathesis_finds_no_server_error(tmp_path: Path, broker: Mosqui
     """Schemathesis (a tool nobody here wrote) generates requests from the OpenAPI document,
     valid and not, against the running endpoint (a relay on the lab broker behind it) with
     a few stored alerts, a device and a call; links are followed (a minted pairing token
-    is cancelled). No device is online: a command is a 409, never a wait."""
+    is cancelled). No device is online: a command or a web call is a 409, never a wait.
+    The relay has a TURN server: the page's ICE servers come with minted credentials."""
     st = shutil.which("st", path=str(Path(sys.executable).parent))
     assert st is not None, "schemathesis is missing: pip install -e '.[test]' (tools/setup-env)"
     store = await Store.open(f"sqlite:///{tmp_path / 'relay.db'}")
@@ -386,8 +393,10 @@ async def test_schemathesis_finds_no_server_error(tmp_path: Path, broker: Mosqui
         data_dir=str(tmp_path),
         broker=BrokerSettings(url=f"mqtt://{broker.host}:{broker.port}"),
         mqtt=MqttSettings(client_id="relay-fuzz", connect_timeout=3.0, publish_timeout=5.0),
+        turn=TurnSettings(urls=(TURN_URL,)),
     )
-    relay = Relay(config, store)
+    turn_secret = new_secret()
+    relay = Relay(config, store, turn_secret=turn_secret)
     await relay.start()
     try:
         now = datetime.now(UTC)
@@ -408,6 +417,13 @@ async def test_schemathesis_finds_no_server_error(tmp_path: Path, broker: Mosqui
                 await store.run(store.record_alert, "door-1", a, datetime.now(UTC), clip)
             async with client(server.url, server.ca, token) as api:
                 assert await api.ok("/api/v1/openapi.json") == OPENAPI
+                # TURN REST credentials coturn checks with the shared secret alone.
+                [ice] = (await api.ok("/api/v1/ice-servers"))["iceServers"]
+                assert ice["urls"] == [TURN_URL] and turn_secret not in json.dumps(ice)
+                expiry, _, user = ice["username"].partition(":")
+                minted = mint_turn_credentials(turn_secret, user, 0, now=int(expiry))
+                assert (ice["username"], ice["credential"]) == (minted.username, minted.password)
+                assert relay.stats.turn_minted == 1
             schema = tmp_path / "openapi.json"
             schema.write_text(json.dumps(OPENAPI))
             proc = await asyncio.create_subprocess_exec(

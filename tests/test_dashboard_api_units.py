@@ -109,8 +109,10 @@ async def test_sessions_end_when_idle_at_their_end_and_at_logout(tmp_path: Path)
         session_id, record = made
         checked = await sessions.check(session_id)
         assert checked is not None and checked.csrf_ok(record.csrf)
-        assert not checked.csrf_ok(None) and not checked.csrf_ok(record.csrf[:-1] + "x")
-        assert await sessions.check(session_id[:-1] + "A") is None
+        wrong = record.csrf[:-1] + ("y" if record.csrf.endswith("x") else "x")
+        assert not checked.csrf_ok(None) and not checked.csrf_ok(wrong)
+        forged = session_id[:-1] + ("B" if session_id.endswith("A") else "A")
+        assert await sessions.check(forged) is None
         # Idle: last seen two minutes ago.
         old = datetime.now(UTC) - timedelta(seconds=120)
         await store.run(store.session_seen, checked.digest, old)

@@ -53,8 +53,11 @@ async function loadAlerts() {
   $("#alerts").innerHTML = alerts.map(alertHtml).join("") || "<li>No alert.</li>";
 }
 
+const myCalls = new Set(); // ids of this device's calls: call-answered/-ended events name only the call
+
 async function loadCalls() {
   const { calls } = await api("GET", `/api/v1/calls?device=${encodeURIComponent(id)}&limit=20`);
+  for (const c of calls) myCalls.add(c.id);
   $("#calls").innerHTML = calls.map(callHtml).join("") || "<li>No call.</li>";
 }
 
@@ -104,32 +107,53 @@ function wireSettings() {
 
 async function wireTalk() {
   if (!(await webCallsAvailable())) return;
-  $("#talk").hidden = false;
+  const panel = $("#talk");
+  panel.hidden = false;
   let current = null;
   const buttons = { listen: $("#listen"), talk: $("#speak"), end: $("#hangup-web") };
   const idle = (yes) => {
     buttons.listen.disabled = buttons.talk.disabled = !yes;
     buttons.end.disabled = yes;
+    if (yes) delete panel.dataset.state;
+  };
+  const end = async (text, bad = false) => {
+    const call = current;
+    current = null;
+    try {
+      await call?.hangup();
+      say(text, bad);
+    } catch (err) {
+      say(`The relay did not take the hangup: ${err.message}`, true);
+    }
+    idle(true);
   };
   const begin = async (mode) => {
     idle(false);
+    panel.dataset.state = "new";
     say(mode === "talk" ? "Calling the board…" : "Connecting to the board's microphone…");
     try {
-      current = await webCall(id, mode, $("#remote"));
-      say(mode === "talk" ? "Talking (browser call up)." : "Listening.");
+      const call = (current = await webCall(id, mode, $("#remote")));
+      const state = () => {
+        if (current !== call) return;
+        panel.dataset.state = call.pc.connectionState;
+        if (call.pc.connectionState === "connected") {
+          say(mode === "talk" ? "Talking with the board." : "Listening to the board.");
+        } else if (call.pc.connectionState === "failed") {
+          end("The browser call lost the board (no media path).", true);
+        }
+      };
+      call.pc.addEventListener("connectionstatechange", state);
+      state();
+      if (call.pc.connectionState !== "connected") say("The board answered; connecting…");
     } catch (err) {
+      current = null;
       idle(true);
       say(err instanceof ApiError ? `The board did not take the call: ${err.message}` : err.message, true);
     }
   };
   buttons.listen.addEventListener("click", () => begin("listen"));
   buttons.talk.addEventListener("click", () => begin("talk"));
-  buttons.end.addEventListener("click", async () => {
-    await current?.hangup();
-    current = null;
-    idle(true);
-    say("Browser call ended.");
-  });
+  buttons.end.addEventListener("click", () => end("Browser call ended."));
 }
 
 main(async () => {
@@ -138,7 +162,10 @@ main(async () => {
   wireSettings();
   wireAlerts($("#alerts"));
   const mine = (handle) => (event) => { if (event.device === id) handle(event); };
-  const reloadCalls = (event) => { if (event.caller === id || event.callee === id) loadCalls(); };
+  const reloadCalls = (event) => {
+    if (event.caller === id || event.callee === id) myCalls.add(event.call);
+    if (myCalls.has(event.call)) loadCalls();
+  };
   events({
     presence: mine((event) => {
       Object.assign(device, { presence: event.state, last_seen: new Date().toISOString() });

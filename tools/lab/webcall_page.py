@@ -1,29 +1,20 @@
-"""A web page that calls a board from headless Chromium (``cloud_relay.webcall``), for tests.
+"""Around headless Chromium for tests of the dashboard's browser calls (the device page's
+Listen and Talk, ``cloud_relay/static/talk.js``; ``cloud_relay.webcall`` on the relay).
 
-``CallPage.open(browser, origin)`` serves ``PAGE`` at ``origin + PAGE_PATH`` from the test
-itself (Playwright fulfils the request; nothing is asked of the relay, whose dashboard
-this does not need), so the page's ``fetch`` calls to the relay's API are same-origin, and
-the ``https`` origin makes it a secure context (``getUserMedia`` needs one). The page does
-what a dashboard's "Listen"/"Talk" buttons do: an offer with every candidate gathered,
-``POST /api/v1/devices/{id}/calls``, the answer applied; then it measures what it hears
-with an ``AnalyserNode`` (``peak_hz``) and reads its RTP statistics.
+The page under test is the dashboard's own: nothing here re-implements it. What is here:
 
-Launch Chromium with ``tools.lab.chromium.launch(relay_cert, args=call_flags(wav))``.
-``call_flags``, and why:
-
-- ``--use-fake-ui-for-media-stream``: grant the microphone without a prompt.
-- ``--use-fake-device-for-media-stream`` and ``--use-file-for-fake-audio-capture=WAV``: the
-  microphone plays ``wav`` (looped) instead of a device.
-- ``--autoplay-policy=no-user-gesture-required``: the analyser's ``AudioContext`` runs
-  without a click.
-
-Chromium hides host addresses behind mDNS names (``<uuid>.local``), which the board does not
-resolve, unless the page may use the microphone: the page asks for it in both modes (a
-listen call sends nothing), so its candidates carry plain addresses. Chromium gathers no
-loopback candidates: it needs another address (``lab_address``; on a machine with none,
-it adds a dummy interface with a documentation address for the test). A board whose ICE
-offers only 127.0.0.1 still connects: Chromium's checks from that address to 127.0.0.1
-stay on this machine.
+- ``call_flags(wav)``: Chromium flags for a call from the lab. ``--use-fake-ui-for-media-stream``
+  grants the microphone without a prompt; ``--use-fake-device-for-media-stream`` and
+  ``--use-file-for-fake-audio-capture=WAV`` make the microphone play ``wav`` (looped);
+  ``AUTOPLAY`` (alone: a browser with no microphone at all) lets the page's ``<audio>``
+  element and the analyser's ``AudioContext`` run without a click.
+- ``lab_address()``: Chromium gathers no loopback candidates, so it needs another address
+  (on a machine with none, a dummy interface with a documentation address for the test).
+  A board whose ICE offers only 127.0.0.1 still connects: Chromium's checks from that
+  address to 127.0.0.1 stay on this machine.
+- ``element_peak_hz(audio)``: what an ``<audio>`` element plays (its ``srcObject``), measured in
+  the page with an ``AnalyserNode``: the strongest frequency and its level.
+- ``offered_candidates(sdp)``: the candidates of an offer the page sent, by type.
 """
 
 from __future__ import annotations
@@ -33,123 +24,69 @@ import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
-from playwright.async_api import Browser, Page, Route
+from playwright.async_api import Locator
 
-from tools.lab.chromium import context
+AUTOPLAY: Final = "--autoplay-policy=no-user-gesture-required"
 
-PAGE_PATH: Final = "/lab/webcall.html"
-
-PAGE: Final = """<!doctype html>
-<meta charset="utf-8">
-<title>web call</title>
-<script>
-"use strict";
-let call = null;
-
-function gathered(pc, ms) {
-  return new Promise(resolve => {
-    if (pc.iceGatheringState === "complete") return resolve();
-    pc.addEventListener("icegatheringstatechange", () => {
-      if (pc.iceGatheringState === "complete") resolve();
-    });
-    setTimeout(resolve, ms);  // bounded: what is gathered by then goes
-  });
-}
-
-// "Listen" (mode listen: receive only) or "Talk" (mode talk: the microphone too).
-window.startCall = async (device, mode, token) => {
-  const pc = new RTCPeerConnection();
-  // Asked in both modes: a page with the microphone granted gathers plain host addresses.
-  const mic = await navigator.mediaDevices.getUserMedia({audio: true});
-  if (mode === "talk") {
-    for (const track of mic.getTracks()) pc.addTrack(track, mic);
-  } else {
-    pc.addTransceiver("audio", {direction: "recvonly"});
-  }
-  const remote = new Promise(resolve => { pc.ontrack = e => resolve(e.track); });
-  await pc.setLocalDescription(await pc.createOffer());
-  await gathered(pc, 5000);
-  const res = await fetch(`/api/v1/devices/${device}/calls`, {
-    method: "POST",
-    headers: {"Authorization": `Bearer ${token}`, "Content-Type": "application/json"},
-    body: JSON.stringify({mode, sdp: pc.localDescription.sdp}),
-  });
-  const reply = await res.json();
-  if (res.status !== 201) { pc.close(); return {status: res.status, reply}; }
-  await pc.setRemoteDescription({type: "answer", sdp: reply.sdp});
-  call = {pc, id: reply.call, track: await remote};
-  return {status: res.status, reply: {call: reply.call, peer: reply.peer}};
-};
-
-window.connected = () => call !== null && call.pc.connectionState === "connected";
-
-// The strongest frequency heard over `ms`: AnalyserNode spectra averaged in dB.
-window.peakHz = async ms => {
-  const stream = new MediaStream([call.track]);
-  const sink = new Audio();  // Chromium feeds a remote track to WebAudio only while played
-  sink.muted = true;
-  sink.srcObject = stream;
-  await sink.play();
+PEAK_HZ_JS: Final = """async (audio, ms) => {
+  // The strongest frequency the element plays over ms: AnalyserNode spectra averaged in dB.
+  const stream = audio.srcObject;
+  if (!stream) throw new Error("the audio element has no stream");
+  // Chromium feeds a remote track to WebAudio only while an element plays it.
+  if (audio.paused) await audio.play();
   const ctx = new AudioContext();
   await ctx.resume();
   const analyser = ctx.createAnalyser();
   analyser.fftSize = 8192;
   analyser.smoothingTimeConstant = 0;
-  ctx.createMediaStreamSource(stream).connect(analyser);
+  const source = ctx.createMediaStreamSource(stream);
+  source.connect(analyser);
   const sum = new Float64Array(analyser.frequencyBinCount);
   const bins = new Float32Array(analyser.frequencyBinCount);
   const snapshots = Math.max(1, Math.floor(ms / 100));
   for (let i = 0; i < snapshots; i++) {
-    await new Promise(r => setTimeout(r, 100));
+    await new Promise((r) => setTimeout(r, 100));
     analyser.getFloatFrequencyData(bins);
     for (let k = 0; k < bins.length; k++) sum[k] += Math.max(bins[k], -200);
   }
   let best = 1;
   for (let k = 2; k < sum.length; k++) if (sum[k] > sum[best]) best = k;
-  const hz = best * ctx.sampleRate / analyser.fftSize;
+  const hz = (best * ctx.sampleRate) / analyser.fftSize;
+  source.disconnect();
   await ctx.close();
-  sink.srcObject = null;
-  return {hz, db: sum[best] / snapshots};
-};
-
-// The page's RTP statistics (for checks and failure messages).
-window.rtpStats = async () => {
-  const report = await call.pc.getStats();
-  const out = [];
-  report.forEach(s => {
-    if (s.type === "inbound-rtp" || s.type === "outbound-rtp") {
-      const codec = report.get(s.codecId);
-      out.push({type: s.type, codec: codec ? codec.mimeType : null,
-                packets: s.packetsReceived ?? s.packetsSent, lost: s.packetsLost ?? null,
-                level: s.audioLevel ?? null, energy: s.totalAudioEnergy ?? null,
-                samples: s.totalSamplesReceived ?? null,
-                concealed: s.concealedSamples ?? null});
-    }
-  });
-  return out;
-};
-
-window.hangUp = async token => {
-  const res = await fetch(`/api/v1/calls/${call.id}`, {
-    method: "DELETE", headers: {"Authorization": `Bearer ${token}`},
-  });
-  call.pc.close();
-  return res.status;
-};
-</script>
-"""
+  return { hz, db: sum[best] / snapshots };
+}"""
 
 
 def call_flags(wav: Path) -> list[str]:
-    """Chromium flags for a call from the lab (module docstring)."""
+    """Chromium flags for a call from the lab with ``wav`` as the microphone (module
+    docstring)."""
     return [
         "--use-fake-ui-for-media-stream",
         "--use-fake-device-for-media-stream",
         f"--use-file-for-fake-audio-capture={wav}",
-        "--autoplay-policy=no-user-gesture-required",
+        AUTOPLAY,
     ]
+
+
+async def element_peak_hz(audio: Locator, ms: int = 2000) -> tuple[float, float]:
+    """The strongest frequency an ``<audio>`` element plays over ``ms`` and its level
+    (dBFS), measured in the page."""
+    result: dict[str, float] = await audio.evaluate(PEAK_HZ_JS, ms)
+    return result["hz"], result["db"]
+
+
+def offered_candidates(sdp: str) -> dict[str, list[tuple[str, int]]]:
+    """The (address, port) of an SDP's candidates by type (``host``, ``srflx``, ``relay``)."""
+    found: dict[str, list[tuple[str, int]]] = {}
+    for line in sdp.splitlines():
+        if line.startswith("a=candidate:"):
+            words = line.split()
+            kind = words[words.index("typ") + 1]
+            found.setdefault(kind, []).append((words[4], int(words[5])))
+    return found
 
 
 DUMMY_INTERFACE: Final = "edge-lab0"
@@ -183,48 +120,3 @@ def lab_address() -> Iterator[str]:
         yield DUMMY_ADDRESS
     finally:
         subprocess.run(["ip", "link", "del", DUMMY_INTERFACE], check=False)
-
-
-class CallPage:
-    """``PAGE`` open in a fresh browser profile at ``origin``; methods run its functions."""
-
-    def __init__(self, page: Page) -> None:
-        self.page = page
-
-    @classmethod
-    async def open(cls, browser: Browser, origin: str) -> CallPage:
-        page = await (await context(browser)).new_page()
-
-        async def serve(route: Route) -> None:
-            await route.fulfill(body=PAGE, content_type="text/html")
-
-        await page.route(origin + PAGE_PATH, serve)
-        await page.goto(origin + PAGE_PATH)
-        return cls(page)
-
-    async def start(self, device: str, mode: str, token: str) -> dict[str, Any]:
-        """``{status, reply}`` of the call request (the answer is applied on 201)."""
-        result: dict[str, Any] = await self.page.evaluate(
-            "([d, m, t]) => startCall(d, m, t)", [device, mode, token]
-        )
-        return result
-
-    async def until_connected(self, timeout_s: float) -> None:
-        await self.page.wait_for_function("connected()", timeout=timeout_s * 1000)
-
-    async def peak_hz(self, ms: int = 2000) -> tuple[float, float]:
-        """The strongest frequency heard over ``ms`` and its level (dBFS)."""
-        result: dict[str, float] = await self.page.evaluate("ms => peakHz(ms)", ms)
-        return result["hz"], result["db"]
-
-    async def rtp_stats(self) -> list[dict[str, Any]]:
-        """The page's inbound and outbound RTP statistics (packets, audio level, energy)."""
-        stats: list[dict[str, Any]] = await self.page.evaluate("() => rtpStats()")
-        return stats
-
-    async def hang_up(self, token: str) -> int:
-        status: int = await self.page.evaluate("t => hangUp(t)", token)
-        return status
-
-    async def close(self) -> None:
-        await self.page.context.close()
