@@ -21,10 +21,19 @@ Rooms and low SNR: a tone that falls soon after its onset but stays prominent is
 trial (``settle_frames``) rather than ended, for the reflections may cancel part of the
 direct sound while it lasts; and a T4 match whose tones are uneven or whose pause holds
 speech is still accepted when the bin's stored prominence contrasts sharply between the
-tones and the pause (``_contrast``: a matched filter over the cycle).
+tones and the pause (``_contrast``: a matched filter over the cycle). Speech and TV at
+low SNR cut T3 tones into pieces: if the tones as tracked do not match, they are
+matched again with the pieces joined (``_join``).
 
 Per-bin tracking means a 520 Hz square wave is tracked at its fundamental and each odd
-harmonic separately; whichever is clearest over the background matches. An episode
+harmonic separately; whichever is clearest over the background matches. At low SNR
+speech masks each of them in turn, cutting every bin's tones into pieces, so square
+waves also get harmonic channels: for each candidate fundamental (``square_hz``, 10 Hz
+apart) a channel whose prominence and level are the geometric means over its odd
+harmonics' bins. Masking that hits one harmonic at a time costs the channel a quarter
+of its prominence in dB instead of the whole tone; a chance tone in one bin does not
+make the channel prominent. The channels run through the same tracker as the bins
+(they are extra columns of its arrays). An episode
 (one kind) reports once, then stays quiet while its bins keep sounding and until they
 have been silent for ``cooldown_s``.
 """
@@ -35,6 +44,7 @@ import itertools
 import logging
 import math
 from collections import deque
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -59,6 +69,9 @@ _TRIAL_PROMINENCE_DB = 16.0  # ... and a tone cut by them still stands this far 
 _CONTRAST_DB = 12.0  # T4 tones over their pause (90th percentile), see ``_contrast``
 _PAUSE_LOUD_SHARE = 0.015  # ... and the share of the pause about as prominent as the tones
 _PERIOD_SPREAD_S = 0.05  # ... and how regular their onsets are (to 20 ms frames)
+_JOIN_GAP_S = 0.2  # pieces of one T3 tone, see ``_join``
+_JOIN_SOUNDING = 0.7  # ... sound this share of the tone at least (beeps sound half)
+_SQUARE_STEP_HZ = 10.0  # harmonic channels' spacing: the 7th harmonic stays in its bin +-1
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +86,10 @@ class AlarmSettings:
     """Pairs (low, high) where alarms sound: a 520 Hz square wave's fundamental and odd
     harmonics (3rd; 5th and 7th fall in the piezo band), and the piezo band 2-4 kHz with
     margin. Tones elsewhere (a note at 1 kHz) are no alarm, whatever their rhythm."""
+    square_hz: tuple[float, ...] = (470.0, 580.0)
+    """Fundamentals (low, high) of square-wave alarms given harmonic channels; () for none."""
+    square_harmonics: tuple[int, ...] = (1, 3, 5, 7)
+    """The harmonics such a channel combines (a square wave has odd ones only)."""
     prominence_db: float = 10.0
     """How far a tone's peak bin must stand above the neighbouring bins' mean."""
     hold_prominence_db: float = 6.0
@@ -144,6 +161,14 @@ class AlarmSettings:
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0")
+        if self.square_hz:
+            if len(self.square_hz) != 2 or not 0 < self.square_hz[0] <= self.square_hz[1]:
+                raise ValueError("square_hz must be (low, high) with 0 < low <= high, or ()")
+            top = self.square_hz[1] * max(self.square_harmonics, default=0)
+            if not self.square_harmonics or min(self.square_harmonics) < 1:
+                raise ValueError("square_harmonics must be harmonic numbers >= 1")
+            if self.square_hz[0] < self.min_freq_hz or top > self.max_freq_hz:
+                raise ValueError("square_hz times square_harmonics must lie in the tracked range")
         if self.hold_prominence_db > self.prominence_db:
             raise ValueError("hold_prominence_db must be <= prominence_db")
         if self.min_level_dbfs >= 0:
@@ -260,7 +285,18 @@ class AlarmDetector:
         in_band = np.zeros(len(freqs), dtype=bool)
         for lo, hi in zip(s.alarm_bands_hz[::2], s.alarm_bands_hz[1::2], strict=True):
             in_band |= (freqs >= lo) & (freqs <= hi)
-        self._in_alarm_band = in_band
+        # Harmonic channels: column ``n + v`` combines the bins of ``_harmonics[v]``.
+        fundamentals = (
+            np.arange(s.square_hz[0], s.square_hz[1] + 1e-9, _SQUARE_STEP_HZ)
+            if s.square_hz
+            else np.zeros(0)
+        )
+        self._harmonics = (
+            np.rint(np.outer(fundamentals, s.square_harmonics) / _BIN_HZ).astype(np.intp) - self._lo
+        )
+        self._bins = len(freqs)
+        self._freqs = np.concatenate((freqs, fundamentals))
+        self._in_alarm_band = np.concatenate((in_band, np.ones(len(fundamentals), dtype=bool)))
         tol, slack = s.tolerance, s.slack_s
         self._t3 = _Pattern(
             3,
@@ -282,7 +318,7 @@ class AlarmDetector:
 
     def reset(self) -> None:
         """Forget all tones and episodes; the clock restarts at 0."""
-        n = self._hi - self._lo
+        n = len(self._freqs)
         self._frame = 0
         self._pending = np.zeros(0, dtype=np.int16)
         self._active = np.zeros(n, dtype=bool)
@@ -333,6 +369,11 @@ class AlarmDetector:
         floor *= 1 / (near_hi - near_lo + 1)
         floor += 1.0
         ratio = peak / floor
+        if len(self._harmonics):
+            h = self._harmonics
+            level = np.log(peak[h] + 1.0).mean(axis=1)
+            peak = np.concatenate((peak, np.exp(level)))
+            ratio = np.concatenate((ratio, np.exp(level - np.log(floor[h]).mean(axis=1))))
         self._history[f % len(self._history)] = ratio
         kept = ratio > self._hold
         kept &= peak > self._min_power
@@ -468,6 +509,11 @@ class AlarmDetector:
 
     # --- tones and patterns -----------------------------------------------------------
 
+    def _near(self, j: int) -> range:
+        """``j`` and its neighbours of the same kind (bins, or harmonic channels)."""
+        lo, hi = (0, self._bins) if j < self._bins else (self._bins, len(self._freqs))
+        return range(max(lo, j - 2), min(hi, j + 3))
+
     def _tone_ended(self, j: int, f: int) -> list[Detection]:
         start, last = int(self._start[j]), int(self._last_on[j])
         if last + 1 - start < self.settings.min_tone_frames:
@@ -494,14 +540,17 @@ class AlarmDetector:
             return out
         # Cheap tests first: most tones (music, speech) are not of any pattern's length.
         found: _Match | None = None
-        if tone.length_s in self._t3.on:
-            found = self._match_t3(j, tones)
-            if found is not None:
-                out += self._report("smoke_alarm", j, now, found)
-        elif tone.length_s in self._t4.on:
+        if tone.length_s in self._t4.on:
             found = self._match_t4(j, tones)
             if found is not None:
                 out += self._report("co_alarm", j, now, found)
+        # A T3 tone ends, whole or in pieces (a T4 group joined is no T3: no 0.5 s gaps).
+        if found is None and (
+            tone.length_s in self._t3.on or self._joined_length(tones) in self._t3.on
+        ):
+            found = self._match_t3(j, tones)
+            if found is not None:
+                out += self._report("smoke_alarm", j, now, found)
         if self.settings.unclassified and tone.length_s >= _PERIODIC_MIN_BEEP_S:
             found = self._match_periodic(tones)
             if found is not None:
@@ -544,7 +593,58 @@ class AlarmDetector:
                 found.append(i)
         return found
 
-    def _strong(self, tones: deque[_Tone], horizon_s: float) -> list[_Tone]:
+    def _joined_length(self, tones: deque[_Tone]) -> float:
+        """Length of the last tone with the pieces just before it (see ``_join``)."""
+        last = tones[-1]
+        start = last.start_s
+        for x in itertools.islice(reversed(tones), 1, None):
+            if start - x.end_s > _JOIN_GAP_S:
+                break
+            start = min(start, x.start_s)
+        return last.end_s - start
+
+    @classmethod
+    def _joined(cls, tones: deque[_Tone], t: _Pattern, gap_s: float) -> list[_Tone] | None:
+        """The recent tones with pieces of one tone put back together, if any were."""
+        since = tones[-1].end_s - t.horizon_s
+        recent = [x for x in tones if x.end_s >= since]
+        out = cls._join(recent, t, gap_s)
+        return out if len(out) < len(recent) else None
+
+    @staticmethod
+    def _join(tones: Iterable[_Tone], t: _Pattern, gap_s: float) -> list[_Tone]:
+        """``tones`` (in order) with pieces of one tone put back together.
+
+        At low SNR speech and TV cut a T3 tone (0.5 s) into pieces wherever they mask it;
+        pieces less than ``_JOIN_GAP_S`` apart cannot be separate T3 tones (their gaps
+        are 0.31 s at the least), so they are one. Pieces join only while they sound
+        ``_JOIN_SOUNDING`` of the joined tone (a beeper's beeps, half on, stay apart)
+        and it is no longer than the pattern's tones.
+        """
+        out: list[_Tone] = []
+        sounding: list[float] = []  # how long each of ``out`` sounds (its pieces' lengths)
+        for x in tones:
+            if (
+                out
+                and x.start_s - out[-1].end_s <= gap_s
+                and x.end_s - out[-1].start_s <= t.on.high
+                and sounding[-1] + x.length_s >= _JOIN_SOUNDING * (x.end_s - out[-1].start_s)
+            ):
+                sounding[-1] += x.length_s
+                p = out[-1]
+                out[-1] = _Tone(
+                    p.start_s,
+                    x.end_s,
+                    max(p.power, x.power),
+                    max(p.prominence_db, x.prominence_db),
+                    x.end_s - p.start_s,
+                )
+            else:
+                out.append(x)
+                sounding.append(x.length_s)
+        return out
+
+    def _strong(self, tones: Sequence[_Tone], horizon_s: float) -> list[_Tone]:
         """The recent tones at most ``_WEAKER_DB`` below the one that just ended."""
         last = tones[-1]
         floor = last.power * self._weaker
@@ -558,7 +658,14 @@ class AlarmDetector:
         out.reverse()
         return out
 
-    def _even(self, j: int, tones: list[_Tone], pause: tuple[float, float], t: _Pattern) -> bool:
+    def _even(
+        self,
+        j: int,
+        tones: list[_Tone],
+        pause: tuple[float, float],
+        t: _Pattern,
+        gap_s: float | None,
+    ) -> bool:
         """One alarm's tones are alike, and nothing like them sounds around its groups.
 
         Alike: within ``_WEAKER_DB`` in level and about equally long (an alarm is
@@ -566,7 +673,8 @@ class AlarmDetector:
         other sounds (speech in the same bin) but no tone as loud and long as the
         alarm's, and no such tone may precede the first group at the group's own pace
         (a steady beeper that lost one beep in this bin). Neighbouring bins count too,
-        for a tone near a bin edge is sometimes seen in one bin only.
+        for a tone near a bin edge is sometimes seen in one bin only. ``gap_s``: the
+        match joined pieces (``_join``), so the tones around are joined alike.
         """
         powers = [x.power for x in tones]
         low = min(powers)
@@ -580,8 +688,11 @@ class AlarmDetector:
         first = tones[0].start_s
         before = (first - t.on.high - t.gap.high, first - t.on.low - t.gap.low)
         margin = 3 * _FRAME_S
-        for b in range(max(0, j - 2), min(len(self._active), j + 3)):
-            for x in self._tones.get(b, ()):
+        for b in self._near(j):
+            around: Iterable[_Tone] = self._tones.get(b, ())
+            if gap_s is not None:  # seen as the match was: pieces joined
+                around = self._join(around, t, gap_s)
+            for x in around:
                 if x.power < low * 0.5 or x.length_s not in t.on:
                     continue
                 if pause[0] + margin < x.start_s < pause[1] - margin:
@@ -597,6 +708,15 @@ class AlarmDetector:
         happen; two in the T3 rhythm rarely do.
         """
         t = self._t3
+        found = self._match_t3_in(j, tones, None) if tones[-1].length_s in t.on else None
+        # Tones cut into pieces: judged joined. Not always: a reverberant tail that swells
+        # again just after a tone is no piece of it (it is skipped).
+        if found is None and (joined := self._joined(tones, t, _JOIN_GAP_S)):
+            found = self._match_t3_in(j, joined, _JOIN_GAP_S)
+        return found
+
+    def _match_t3_in(self, j: int, tones: Sequence[_Tone], gap_s: float | None) -> _Match | None:
+        t = self._t3
         # Blips between the tones (a reverberant tail swelling again, a click of the
         # music) are skipped: T3 tones are long enough to tell apart from them.
         c = [x for x in self._strong(tones, t.horizon_s) if x.length_s in t.on]
@@ -608,7 +728,7 @@ class AlarmDetector:
         for i in self._after_pause(c[:first], b1.start_s, t):
             group = self._match_group(c, i - 2, 3, t)
             matched = [*c[i - 2 : i + 1], *c[first:]]
-            if group is not None and self._even(j, matched, (c[i].end_s, b1.start_s), t):
+            if group is not None and self._even(j, matched, (c[i].end_s, b1.start_s), t, gap_s):
                 error = max(group, b, t.pause.error(b1.start_s - c[i].end_s))
                 return _Match(error, self.settings.tolerance, matched)
         return None
@@ -626,7 +746,7 @@ class AlarmDetector:
             matched = [*c[i - 3 : i + 1], *c[first:]]
             pause = (c[i].end_s, c[first].start_s)
             if a is not None and (
-                self._even(j, matched, pause, t) or self._contrast(j, matched, pause)
+                self._even(j, matched, pause, t, None) or self._contrast(j, matched, pause)
             ):
                 error = max(a, b, t.pause.error(c[first].start_s - c[i].end_s))
                 return _Match(error, self.settings.tolerance, matched)
@@ -748,7 +868,7 @@ class AlarmDetector:
         match: _Match,
     ) -> list[Detection]:
         episode = self._episodes.get(kind)
-        near = set(range(max(0, j - 2), min(len(self._active), j + 3)))
+        near = set(self._near(j))
         if episode is not None:
             episode.bins |= near
             episode.last_s = now
@@ -759,7 +879,7 @@ class AlarmDetector:
             return []
         self._episodes[kind] = _Episode(now, near)
         s = self.settings
-        freq = (self._lo + j) * _BIN_HZ
+        freq = float(self._freqs[j])
         tones, error = match.tones, match.error
         prominence = float(np.mean([t.prominence_db for t in tones]))
         timing = max(0.0, 1.0 - error / max(match.scale, 1e-9))
