@@ -17,7 +17,9 @@ reference, then the microphone frame is cleaned.
 - Double talk (``--doubletalk-clips``): the far end alone for ``CONVERGE_S``, then a
   near-end talker too. ``pesq_wb_near_doubletalk``: PESQ (P.862 wideband) of the front
   end's output over the double-talk part against the clean near-end speech; baseline
-  ``pesq_wb_near_doubletalk_unprocessed``, the microphone itself (speech plus echo).
+  ``pesq_wb_near_doubletalk_unprocessed``, the microphone itself (speech plus echo), and
+  ``pesq_wb_near_doubletalk_filter_only``, the canceller's linear filter alone (no residual
+  echo suppression, no denoiser): what the suppressor has to work with.
 - Noise (``--noise-clips`` per SNR in ``--snrs``): speech after 2 s of fan noise (pink
   noise and blade tones) or street noise (brown rumble and passing bursts), SNR of the
   speech's active power over the noise's mean. ``pesq_gain_ns``: PESQ of the output minus
@@ -151,8 +153,11 @@ def _pesq(clean: np.ndarray, degraded: np.ndarray) -> float:
     return float(pesq(16_000, _to16k(clean), _to16k(degraded), "wb"))
 
 
-def doubletalk_clip(seed: int, work: Path, settings: FrontendSettings) -> tuple[float, float]:
-    """PESQ of the near end through the front end during double talk, and unprocessed."""
+def doubletalk_clip(
+    seed: int, work: Path, settings: FrontendSettings
+) -> tuple[float, float, float]:
+    """PESQ of the near end through the front end during double talk, unprocessed, and
+    through the canceller's filter alone."""
     rng = np.random.default_rng(seed)
     path = EchoPath.draw(rng)
     far = sounds.speech(work, rng, CONVERGE_S + DOUBLETALK_S, sounds.VOICES)
@@ -166,8 +171,10 @@ def doubletalk_clip(seed: int, work: Path, settings: FrontendSettings) -> tuple[
     mic[start : start + len(near)] += near / 32768
     mic16 = _int16(mic)
     out, _, _ = run(settings, mic16, _int16(far))
+    bare = dataclasses.replace(settings, residual_echo_suppression=False, noise_suppression=False)
+    filtered, _, _ = run(bare, mic16, _int16(far))
     part = slice(start, start + len(near))
-    return _pesq(near, out[part]), _pesq(near, mic16[part])
+    return _pesq(near, out[part]), _pesq(near, mic16[part]), _pesq(near, filtered[part])
 
 
 def _noise(rng: np.random.Generator, kind: str, seconds: float) -> np.ndarray:
@@ -270,8 +277,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
         "convergence_s": round(statistics.median(e.convergence_s for e in echoes), 2),
         "convergence_s_max": round(max(e.convergence_s for e in echoes), 2),
         "delay_error_ms_max": round(max(e.delay_error_ms for e in echoes), 2),
-        "pesq_wb_near_doubletalk": round(statistics.fmean(p for p, _ in talks), 2),
-        "pesq_wb_near_doubletalk_unprocessed": round(statistics.fmean(b for _, b in talks), 2),
+        "pesq_wb_near_doubletalk": round(statistics.fmean(p for p, _, _ in talks), 2),
+        "pesq_wb_near_doubletalk_unprocessed": round(statistics.fmean(b for _, b, _ in talks), 2),
+        "pesq_wb_near_doubletalk_filter_only": round(statistics.fmean(f for _, _, f in talks), 2),
         "pesq_wb_ns": round(statistics.fmean(p for p, _ in noisy[args.denoiser]), 2),
         "pesq_wb_noisy": round(statistics.fmean(b for _, b in noisy[args.denoiser]), 2),
         "pesq_gain_ns": round(statistics.fmean(p - b for p, b in noisy[args.denoiser]), 2),
