@@ -67,6 +67,8 @@ FLOOR_DBFS = -80.0
 """The microphone's own noise."""
 ECHO_S = 12.0
 DOUBLETALK_S = 8.0
+LATENCY_MAX_S = 0.06
+"""Longest delay through the front end looked for; the double talk scored ends this early."""
 NOISE_LEAD_S = 2.0
 CLEAN_SNR_DB = 60.0
 """Clean speech, with just enough noise before it for a suppressor to learn a floor."""
@@ -167,14 +169,36 @@ def doubletalk_clip(
     start = round(CONVERGE_S * SAMPLE_RATE)
     near_level = np.sqrt(sounds.active_power(echo[start:]) / (sounds.active_power(near) or 1.0))
     near = _int16(near * near_level)  # as loud as the echo: hard double talk
+    # Scored up to LATENCY_MAX_S before the clip ends: the front end's output of all of
+    # that (which lags by its frames and resamplers) is there to score.
+    tail = round(LATENCY_MAX_S * SAMPLE_RATE)
     mic = echo + rng.standard_normal(len(far)) * 10 ** (FLOOR_DBFS / 20)
     mic[start : start + len(near)] += near / 32768
     mic16 = _int16(mic)
-    out, _, _ = run(settings, mic16, _int16(far))
+    ref16 = _int16(far)
+    out, _, _ = run(settings, mic16, ref16)
     bare = dataclasses.replace(settings, residual_echo_suppression=False, noise_suppression=False)
-    filtered, _, _ = run(bare, mic16, _int16(far))
-    part = slice(start, start + len(near))
-    return _pesq(near, out[part]), _pesq(near, mic16[part]), _pesq(near, filtered[part])
+    filtered, _, _ = run(bare, mic16, ref16)
+    part = slice(start, len(mic16) - tail)
+    return (
+        _pesq(near[: part.stop - start], _aligned(near, out, part)),
+        _pesq(near[: part.stop - start], mic16[part]),
+        _pesq(near[: part.stop - start], _aligned(near, filtered, part)),
+    )
+
+
+def _aligned(near: np.ndarray, out: np.ndarray, part: slice) -> np.ndarray:
+    """The span of ``out`` that carries ``part`` of the input, found by cross-correlating
+    it with ``near`` over lags up to ``LATENCY_MAX_S``: the front end passes audio on some
+    20 ms late (its frames and resamplers), and cut at the input's samples the near end's
+    first and last words would be scored as clipped."""
+    n = part.stop - part.start
+    span = round(LATENCY_MAX_S * SAMPLE_RATE)
+    size = 1 << (n + span).bit_length()
+    heard = out[part.start : part.stop + span].astype(np.float64)
+    corr = np.fft.irfft(np.fft.rfft(heard, size) * np.conj(np.fft.rfft(near[:n], size)), size)
+    lag = int(np.argmax(corr[:span]))
+    return out[part.start + lag : part.stop + lag]
 
 
 def _noise(rng: np.random.Generator, kind: str, seconds: float) -> np.ndarray:
