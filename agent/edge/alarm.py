@@ -310,6 +310,8 @@ class AlarmDetector:
             _Window(s.t4_gap_s, tol, slack),
             _Window(s.t4_pause_s, tol, slack),
         )
+        # T4's pace: from one tone's onset to the next.
+        self._t4_period = _Window(s.t4_on_s + s.t4_gap_s, tol, slack)
         self._weaker = 10 ** (-_WEAKER_DB / 10)
         self._csum = np.zeros(self._hi - self._lo + 2 * self._off + 1)
         self._continuous_frames = round(s.unclassified_min_s / _FRAME_S)
@@ -740,7 +742,7 @@ class AlarmDetector:
         first = len(c) - 4
         b = self._match_group(c, first, 4, t) if first >= 4 else None
         if b is None:
-            return None
+            return self._match_t4_onsets(j, c)
         for i in self._after_pause(c[:first], c[first].start_s, t):
             a = self._match_group(c, i - 3, 4, t)
             matched = [*c[i - 3 : i + 1], *c[first:]]
@@ -750,6 +752,64 @@ class AlarmDetector:
             ):
                 error = max(a, b, t.pause.error(c[first].start_s - c[i].end_s))
                 return _Match(error, self.settings.tolerance, matched)
+        return None
+
+    def _onset_group(self, c: list[_Tone], last: int, period: float | None) -> list[int] | None:
+        """Indices of four tones up to ``c[last]`` whose onsets are evenly spaced at T4's
+        pace (``period``, if given, within ``_PERIOD_SPREAD_S``); tones between them (a
+        ringing tail, a blip) are passed over."""
+        pace = self._t4_period
+        starts = [x.start_s for x in c]
+        s4 = starts[last]
+        for k3 in range(last - 1, -1, -1):
+            p = s4 - starts[k3]
+            if p > pace.high:
+                break
+            if p < pace.low or (period is not None and abs(p - period) > _PERIOD_SPREAD_S):
+                continue
+            group = [last, k3]
+            for _ in range(2):
+                want = starts[group[-1]] - p
+                near = [
+                    k
+                    for k in range(group[-1] - 1, -1, -1)
+                    if abs(starts[k] - want) <= _PERIOD_SPREAD_S
+                ]
+                if not near:
+                    break
+                group.append(min(near, key=lambda k: abs(starts[k] - want)))
+            if len(group) == 4 and all(c[k].length_s < p for k in group):
+                return group[::-1]
+        return None
+
+    def _match_t4_onsets(self, j: int, c: list[_Tone]) -> _Match | None:
+        """Two T4 groups told by their onsets, for rooms and low SNR.
+
+        A room's reverberation rings on into T4's 0.1 s gaps, and a masker cuts tones or
+        adds blips, so tone lengths and gaps stop matching; the onsets keep the alarm's
+        clockwork pace. Both groups must be about as loud (the median tone within
+        ``_WEAKER_DB``), and the match must show the contrast ``_contrast`` asks for.
+        """
+        t = self._t4
+        b = self._onset_group(c, len(c) - 1, None)
+        if b is None:
+            return None
+        pace = c[b[3]].start_s - c[b[0]].start_s
+        b1 = c[b[0]]
+        for i in self._after_pause(c[: b[0]], b1.start_s, t):
+            a = self._onset_group(c, i, pace / 3)
+            if a is None:
+                continue
+            matched = [c[k] for k in a + b]
+            pause = (c[i].end_s, b1.start_s)
+            # One alarm: both groups about as loud (a tone or two may be masked).
+            louder, softer = sorted(
+                (float(np.median([c[k].power for k in g])) for g in (a, b)), reverse=True
+            )
+            if softer >= louder * self._weaker and self._contrast(j, matched, pause):
+                period = _Window(t.on.nominal + t.gap.nominal, self.settings.tolerance, 0.0)
+                error = max(period.error(pace / 3), t.pause.error(pause[1] - pause[0]))
+                return _Match(error, self.settings.tolerance, matched, "onsets")
         return None
 
     def _contrast(self, j: int, tones: list[_Tone], pause: tuple[float, float]) -> bool:
