@@ -73,6 +73,69 @@ LOOK_ALIKES: dict[str, Callable[[int], np.ndarray]] = {
 }
 
 
+@pytest.fixture(scope="module")
+def tv() -> np.ndarray:
+    """TV-like audio: speech over chords (no drums), 16 s, -30 dBFS."""
+    talk = np.concatenate(
+        [
+            ev.speech("The weather tonight: showers spreading from the west, clearing by dawn."),
+            ev.speech("And now, the news. The council has approved the new bridge over the river."),
+            ev.speech("Sixty six sisters sell seashells, sir. Stop it, Chris!"),
+        ]
+    ).astype(np.float64)
+    talk = np.resize(talk, 16 * ev.RATE)
+    tune = ev.music(16.0, seed=21, rms_dbfs=-36.0, drums=False).astype(np.float64)
+    return ev.to_int16(talk / np.sqrt(np.mean(talk**2)) * 1037.0 + tune)
+
+
+@pytest.fixture(scope="module")
+def hiss() -> np.ndarray:
+    """A steady broadband hiss (a fan, rain on the window): white noise at -30 dBFS."""
+    return ev.noise(16.0, -30.0, seed=22, color="white")
+
+
+@pytest.mark.parametrize(("background", "snr_db"), [("tv", 5), ("hiss", 10)])
+def test_glass_break_at_low_snr(
+    background: str, snr_db: int, request: pytest.FixtureRequest
+) -> None:
+    """A break about as loud as the room. In speech the shatter stands out in the 8-16 kHz
+    sub-bands, quiet between fricatives. In a steady hiss it rises only 6-10 dB over the
+    high band, which counts because the hiss's own level hardly moves: the onset threshold
+    follows each sub-band's spread (a fixed 10 dB rise missed a quarter of these)."""
+    bg = request.getfixturevalue(background)
+    found = 0
+    for seed in SEEDS:
+        at = 4.0 + 0.37 * seed
+        hits = run(ev.mix(bg, breaking(seed), at_s=at, snr_db=snr_db))
+        assert len(hits) <= 1
+        found += len(hits) == 1 and abs(hits[0].start_s - at) < 0.1
+    assert found >= 0.9 * len(SEEDS)
+
+
+@pytest.mark.parametrize("background", ["tv", "hiss"])
+@pytest.mark.parametrize("name", ["thud-then-hiss", "mail-slot", "door-slam", "dropped-keys"])
+def test_look_alikes_do_not_fire_at_5_db_snr(
+    name: str, background: str, request: pytest.FixtureRequest
+) -> None:
+    """The lower onset threshold of a steady background lets no look-alike through: what
+    the rise admits, the shape checks (duration, flatness, crest) still judge."""
+    bg = request.getfixturevalue(background)
+    make = LOOK_ALIKES[name]
+    for seed in SEEDS:
+        sound = make(seed)
+        assert run(ev.mix(bg, sound, at_s=4.0 + 0.37 * seed, snr_db=5)) == [], f"seed {seed}"
+
+
+def test_onset_threshold_follows_the_background_spread() -> None:
+    """In a steady hiss a shatter 6 dB over the high band is an onset; with the spread rule
+    off (a fixed 10 dB rise, as in a fluctuating background) it is not."""
+    bg = ev.noise(10.0, -30.0, seed=23, color="white")
+    quiet = ev.mix(bg, breaking(2), at_s=5.0, snr_db=3)
+    assert len(run(quiet)) == 1
+    fixed = GlassBreakSettings(min_rise_db=10.0, min_sustain_db=6.0)
+    assert run(quiet, fixed) == []
+
+
 @pytest.mark.parametrize("name", sorted(LOOK_ALIKES))
 def test_look_alikes_do_not_fire(name: str, household: np.ndarray) -> None:
     make = LOOK_ALIKES[name]
@@ -168,6 +231,11 @@ def test_reset_restarts_the_clock() -> None:
         {"low_band_hz": (40.0, 30000.0)},
         {"low_band_hz": "40-1000"},
         {"max_shatter_s": 0.05},
+        {"high_bands": 0},
+        {"onset_bands": 5},
+        {"sustain_bands": 2.0},
+        {"min_rise_db": 12.0},
+        {"min_sustain_db": 7.0},
     ],
 )
 def test_settings_refused(bad: dict[str, object]) -> None:

@@ -4,10 +4,13 @@ Breaking glass has a two-phase signature: the pane flexes under the blow (a thud
 400 Hz with a fast attack) and, within ~0.2 s, breaks into shards whose hundreds of clicks and
 short rings fill 4-16 kHz evenly (a flat spectrum) with sharp peaks (a high crest factor) for
 a few hundred ms. Each phase alone is common in a home (a door slam, a dropped pan, a clank,
-a hiss); the sequence, with the shatter's shape checked, is not. Look-alikes and why they
-fail: a mail slot or dropped keys (thud then *tonal* metal ring: low spectral flatness), a
-door slam or a clap (the broadband crack lasts one frame), a snare or a fricative (noise, but
-Gaussian: low crest), a cymbal (too long).
+a hiss); the sequence, with the shatter's shape checked, is not. The shatter's onset is
+judged per sub-band of 4-16 kHz against that sub-band's own recent background, with a
+threshold scaled to how much the background itself moves (CFAR): in a steady hiss a 5 dB
+rise is an event, in speech a fricative is not, and a shatter shows in the sub-bands that
+speech leaves quiet. Look-alikes and why they fail: a mail slot or dropped keys (thud then
+*tonal* metal ring: low spectral flatness), a door slam or a clap (the broadband crack lasts
+one frame), a snare or a fricative (noise, but Gaussian: low crest), a cymbal (too long).
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ log = logging.getLogger(__name__)
 _BIN_HZ = SAMPLE_RATE / FRAME_SAMPLES  # 50 Hz
 _RECENT_S = 0.5
 _SMOOTH = np.full(11, 1 / 11)
+_TINY = 1e-3
+"""Added to band energies (~-170 dBFS), so that digital silence has a level ratio."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,12 +55,28 @@ class GlassBreakSettings:
     """The shatter must begin within this time of the impact."""
     shatter_min_dbfs: float = -60.0
     """Quietest shatter (high-band level) considered."""
+    high_bands: int = 4
+    """The shatter band is split into this many sub-bands (equal widths on a log scale), each
+    judged against its own background: broadband shatter rises in all of them at once, while
+    a background's energy (a fricative, a hum's harmonics, pink noise) sits in some."""
+    onset_bands: int = 3
+    """The shatter begins when at least this many sub-bands rise over their background ..."""
     shatter_rise_db: float = 10.0
-    """The shatter begins when the high band rises this far above its background."""
+    """... by this much where the background fluctuates (speech, music) ..."""
+    min_rise_db: float = 4.0
+    """... and by no less than this where it is steady (a fan, rain, a room's hiss) ..."""
+    spread_factor: float = 3.0
+    """... the rise needed in between being this many times the band's spread: the RMS of its
+    frames' rises over its own background (a CFAR threshold)."""
+    sustain_bands: int = 2
+    """The shatter lasts while at least this many sub-bands stay over their background from
+    before it ..."""
     sustain_db: float = 6.0
-    """The shatter lasts while the high band stays this far above its background ..."""
+    """... by this much where the background fluctuates ..."""
+    min_sustain_db: float = 3.0
+    """... or no less than this where it is steady (the spread rule as for the rise) ..."""
     decay_range_db: float = 30.0
-    """... and within this range of its own peak."""
+    """... and the high band stays within this range of its own peak."""
     gap_s: float = 0.06
     """Dips in the high band shorter than this do not end the shatter."""
     min_shatter_s: float = 0.1
@@ -78,7 +99,9 @@ class GlassBreakSettings:
     floor_up_s: float = 5.0
     """Time constant with which the background level estimates rise ..."""
     floor_down_s: float = 0.2
-    """... and fall."""
+    """... and fall (the impact band's minimum-tracking floor)."""
+    spread_s: float = 2.0
+    """Time constant of each shatter sub-band's spread (see ``spread_factor``)."""
 
     def __post_init__(self) -> None:
         check_settings(
@@ -90,8 +113,14 @@ class GlassBreakSettings:
                 "impact_low_over_mid_db": (-40.0, 40.0),
                 "shatter_window_s": (0.0, 2.0),
                 "shatter_min_dbfs": (-120.0, 0.0),
+                "high_bands": (1, 16),
+                "onset_bands": (1, 16),
                 "shatter_rise_db": (0.0, 80.0),
+                "min_rise_db": (0.0, 80.0),
+                "spread_factor": (0.0, 100.0),
+                "sustain_bands": (1, 16),
                 "sustain_db": (0.0, 80.0),
+                "min_sustain_db": (0.0, 80.0),
                 "decay_range_db": (1.0, 120.0),
                 "gap_s": (0.0, 1.0),
                 "min_shatter_s": (0.0, 10.0),
@@ -103,6 +132,7 @@ class GlassBreakSettings:
                 "cooldown_s": (0.0, 3600.0),
                 "floor_up_s": (0.02, 600.0),
                 "floor_down_s": (0.02, 600.0),
+                "spread_s": (0.02, 600.0),
             },
         )
         for name in ("low_band_hz", "high_band_hz"):
@@ -118,6 +148,18 @@ class GlassBreakSettings:
                     f"0 <= low < high <= {SAMPLE_RATE // 2}, got {band!r}"
                 )
             object.__setattr__(self, name, (float(band[0]), float(band[1])))
+        for name in ("onset_bands", "sustain_bands"):
+            if getattr(self, name) > self.high_bands:
+                raise ValueError(
+                    f"GlassBreakSettings.{name} must be at most high_bands "
+                    f"({self.high_bands}), got {getattr(self, name)!r}"
+                )
+        for low, high in (("min_rise_db", "shatter_rise_db"), ("min_sustain_db", "sustain_db")):
+            if getattr(self, low) > getattr(self, high):
+                raise ValueError(
+                    f"GlassBreakSettings.{low} must not exceed {high}, got "
+                    f"{getattr(self, low)!r} > {getattr(self, high)!r}"
+                )
         if self.max_shatter_s <= self.min_shatter_s:
             raise ValueError(
                 "GlassBreakSettings.max_shatter_s must exceed min_shatter_s, got "
@@ -138,8 +180,26 @@ def _bins(band: tuple[float, float]) -> tuple[int, int]:
     return lo, max(lo + 1, hi + 1)
 
 
+def _sub_bands(band: tuple[float, float], count: int) -> np.ndarray:
+    """Bin edges of ``count`` sub-bands of ``band``, equally wide on a log scale, each at least
+    one bin (``count + 1`` increasing bin indices)."""
+    lo, hi = _bins(band)
+    ratio = band[1] / max(band[0], _BIN_HZ)
+    edges = [lo]
+    for i in range(1, count):
+        edge = round(max(band[0], _BIN_HZ) * ratio ** (i / count) / _BIN_HZ)
+        edges.append(min(max(edge, edges[-1] + 1), hi - (count - i)))
+    edges.append(hi)
+    return np.array(edges)
+
+
 class GlassBreakDetector:
     """Impact then shatter (see the module docstring); one detection per break.
+
+    Each shatter sub-band keeps a background: its mean energy over the last 0.5 s and its
+    spread, the RMS of the frames' rises over that mean. The rise that counts as an onset is a
+    multiple of the spread (so a steady background lets a quiet shatter through, a
+    fluctuating one needs a clear rise), between ``min_rise_db`` and ``shatter_rise_db``.
 
     The decision comes when the shatter ends (typically 0.3-0.8 s after the impact).
     ``start_s`` is the impact, ``end_s`` the shatter's end; ``level_dbfs`` is the loudest
@@ -154,24 +214,31 @@ class GlassBreakDetector:
         self._window = np.hanning(FRAME_SAMPLES + 2)[1:-1]
         # Band mean squares from the one-sided power spectrum: 2 |X|^2 / (N sum w^2).
         self._scale = 2.0 / (FRAME_SAMPLES * float(np.sum(self._window**2)))
+        self._to_db = 10.0 * math.log10(self._scale / (FULL_SCALE * FULL_SCALE))
         self._low = _bins(s.low_band_hz)
         self._mid = _bins((1000.0, 4000.0))
-        self._high = _bins(s.high_band_hz)
+        edges = _sub_bands(s.high_band_hz, s.high_bands)
+        self._high = (int(edges[0]), int(edges[-1]))
+        self._starts = edges[:-1] - edges[0]
         frame_s = FRAME_SAMPLES / SAMPLE_RATE
         self._up = 1.0 - math.exp(-frame_s / s.floor_up_s)
         self._down = 1.0 - math.exp(-frame_s / s.floor_down_s)
         self._recent = 1.0 - math.exp(-frame_s / _RECENT_S)
+        self._spread_rate = 1.0 - math.exp(-frame_s / s.spread_s)
         self.reset()
 
     def reset(self) -> None:
+        s = self.settings
         self._samples = 0
         self._state = _State.IDLE
         self._floor_low: float | None = None
-        self._floor_high: float | None = None
-        self._recent_energy = 0.0
-        """The high band's mean energy over the last ``_RECENT_S`` before an event (kept
-        as energy, so a frame costs no conversions to and from dB)."""
-        self._shatter_ref = FLOOR_DBFS
+        self._recent_energy: np.ndarray | None = None
+        """Each shatter sub-band's mean energy over the last ``_RECENT_S`` before an event
+        (kept as energy: the mean of what sounded, not of its decibels)."""
+        self._spread2 = np.full(s.high_bands, (s.shatter_rise_db / max(s.spread_factor, 1.0)) ** 2)
+        """Each sub-band's mean square rise (dB^2) over its recent mean; starts cautious."""
+        self._shatter_ref = np.ones(s.high_bands)
+        self._sustain = np.full(s.high_bands, s.sustain_db)
         self._history = [FLOOR_DBFS, FLOOR_DBFS]
         self._quiet_until = 0.0
         self._impact_s = 0.0
@@ -184,12 +251,14 @@ class GlassBreakDetector:
         """(high-band level, crest factor, local flatness) of each frame of the shatter."""
 
     def _db(self, energy: float) -> float:
-        ms = energy * self._scale
-        return (
-            max(FLOOR_DBFS, 10.0 * math.log10(ms / (FULL_SCALE * FULL_SCALE)))
-            if ms > 0
-            else (FLOOR_DBFS)
-        )
+        if energy <= 0:
+            return FLOOR_DBFS
+        return max(FLOOR_DBFS, 10.0 * math.log10(energy) + self._to_db)
+
+    def _rise_needed(self, low: float, high: float) -> np.ndarray:
+        """The rise over each sub-band's background that counts, from its spread."""
+        spread = np.sqrt(self._spread2) * self.settings.spread_factor
+        return np.asarray(np.clip(spread, low, high), dtype=np.float64)
 
     def feed(self, frame: np.ndarray) -> list[Detection]:
         if frame.shape != (FRAME_SAMPLES,) or frame.dtype != np.int16:
@@ -205,22 +274,25 @@ class GlassBreakDetector:
         power = spectrum.real * spectrum.real + spectrum.imag * spectrum.imag
         low = self._db(float(power[self._low[0] : self._low[1]].sum()))
         high_power = power[self._high[0] : self._high[1]]
-        high_energy = float(high_power.sum())
-        high = self._db(high_energy)
+        # Each sub-band's energy (a hair over zero, so that digital silence has a ratio).
+        bands = np.add.reduceat(high_power, self._starts)
+        high = self._db(float(bands.sum()))
+        bands += _TINY
         floor_low = low if self._floor_low is None else self._floor_low
-        floor_high = high if self._floor_high is None else self._floor_high
+        recent = bands if self._recent_energy is None else self._recent_energy
+        rise = 10.0 * np.log10(bands / recent)  # each sub-band over its background, dB
 
         out: list[Detection] = []
         if (
             self._state is _State.SHATTER
             and now > self._quiet_until
-            and self._is_impact(x, power, low, floor_low)
+            and self._is_impact(power, low, floor_low)
         ):
             # A new blow while the last candidate still runs (speech or music can look like
             # a long shatter): judge that one now and follow this one.
             out += self._decide(now)
         if self._state is _State.IDLE or self._state is _State.IMPACT:
-            if self._is_impact(x, power, low, floor_low) and now > self._quiet_until:
+            if self._is_impact(power, low, floor_low) and now > self._quiet_until:
                 self._state = _State.IMPACT
                 self._impact_s = start
                 self._peak_level = FLOOR_DBFS
@@ -228,27 +300,24 @@ class GlassBreakDetector:
                 self._state = _State.IDLE
             if self._state is _State.IMPACT:
                 self._peak_level = max(self._peak_level, self._db(float(power.sum())))
-                # The shatter rises over the band's floor and over what sounded in it just
-                # before; it lasts while it stands over the latter (music or speech in the
-                # band keeps a minimum-tracking floor far too low for that).
-                ref = max(floor_high, self._db(self._recent_energy))
-                if (
-                    high >= s.shatter_min_dbfs
-                    and high - floor_high >= s.shatter_rise_db
-                    and high - ref >= s.sustain_db
-                ):
+                # The shatter rises over what sounded in each sub-band just before, in most
+                # of them at once (it is broadband); it lasts while it stands over that.
+                rising = rise >= self._rise_needed(s.min_rise_db, s.shatter_rise_db)
+                if high >= s.shatter_min_dbfs and int(np.count_nonzero(rising)) >= s.onset_bands:
                     self._state = _State.SHATTER
                     self._shatter_s = start
                     self._last_active_s = now
-                    self._shatter_ref = ref
+                    self._shatter_ref = recent.copy()
+                    self._sustain = self._rise_needed(s.min_sustain_db, s.sustain_db)
                     self._peak_high = high
                     self._flatness = []
                     self._loud = []
         if self._state is _State.SHATTER:
             self._peak_level = max(self._peak_level, self._db(float(power.sum())))
             self._peak_high = max(self._peak_high, high)
+            standing = 10.0 * np.log10(bands / self._shatter_ref) >= self._sustain
             active = (
-                high - self._shatter_ref >= s.sustain_db
+                int(np.count_nonzero(standing)) >= s.sustain_bands
                 and high >= self._peak_high - s.decay_range_db
             )
             if active:
@@ -262,18 +331,25 @@ class GlassBreakDetector:
                     self._state = _State.WAIT_QUIET
             elif now - self._last_active_s >= s.gap_s:
                 out += self._decide(now)
-        elif self._state is _State.WAIT_QUIET and high - floor_high < s.sustain_db:
+        elif self._state is _State.WAIT_QUIET and not np.any(
+            rise >= self._rise_needed(s.min_sustain_db, s.sustain_db)
+        ):
             self._state = _State.IDLE
 
-        # Background levels follow quickly down and slowly up; not during a candidate event.
+        # Backgrounds: not during a candidate event. The impact band's floor follows quickly
+        # down and slowly up; the shatter sub-bands keep their recent mean and spread.
         if self._state in (_State.IDLE, _State.WAIT_QUIET) or self._floor_low is None:
             self._floor_low = _follow(floor_low, low, self._up, self._down)
-            self._floor_high = _follow(floor_high, high, self._up, self._down)
-            self._recent_energy += (high_energy - self._recent_energy) * self._recent
+            if self._recent_energy is None:
+                self._recent_energy = bands.copy()
+            else:
+                self._recent_energy += (bands - self._recent_energy) * self._recent
+            excess = np.maximum(rise, 0.0)
+            self._spread2 += (excess * excess - self._spread2) * self._spread_rate
         self._history = [self._history[1], low]
         return out
 
-    def _is_impact(self, x: np.ndarray, power: np.ndarray, low: float, floor_low: float) -> bool:
+    def _is_impact(self, power: np.ndarray, low: float, floor_low: float) -> bool:
         s = self.settings
         if low < s.impact_min_dbfs or low - floor_low < s.impact_rise_db:
             return False
