@@ -30,6 +30,7 @@ from agent.edge.outbox import Outbox
 from agent.service.systemd import journal_fields
 from agent.signaling.mqtt import MqttError, MqttSession
 from agent.signaling.topics import Kind
+from agent.tasks import cancel_and_wait
 
 logger = logging.getLogger(__name__)
 
@@ -136,14 +137,10 @@ class AlertUplink:
 
     async def close(self) -> None:
         """Stop the task and any publish in progress; the outbox keeps what is unacked."""
-        tasks = [t for t in (self._task, *self._publishing.values()) if t is not None]
+        tasks = [self._task, *self._publishing.values()]
         self._task = None
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
         self._publishing.clear()
-        if (current := asyncio.current_task()) is not None and current.cancelling():
-            raise asyncio.CancelledError
+        await cancel_and_wait(*tasks)
 
     async def submit(self, alert: Alert, *, held: bool = False) -> str:
         """Store ``alert`` in the outbox (durably) and have it sent; its id. ``held``: sent

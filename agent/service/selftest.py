@@ -47,6 +47,7 @@ from agent.audio.looptest import (
 )
 from agent.audio.tee import FrameQueue
 from agent.edge.alerts import SELFTEST_FAILED, Alert, Severity, new_alert_id
+from agent.tasks import cancel_and_wait
 
 logger = logging.getLogger(__name__)
 
@@ -190,11 +191,7 @@ class SelfTestScheduler:
     async def close(self) -> None:
         """Stop the schedule and any test it is running."""
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-        if (current := asyncio.current_task()) is not None and current.cancelling():
-            raise asyncio.CancelledError
+        await cancel_and_wait(task)
 
     async def run_now(self) -> dict[str, Any]:
         """One test now (the ``selftest`` command), published on telemetry like the

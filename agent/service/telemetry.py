@@ -35,6 +35,7 @@ from agent.edge.level import SoundLevel
 from agent.media.session import MediaStats
 from agent.signaling.mqtt import PublishFailed
 from agent.signaling.topics import Kind
+from agent.tasks import cancel_and_wait
 
 logger = logging.getLogger(__name__)
 
@@ -207,11 +208,7 @@ class TelemetryReporter:
     async def close(self) -> None:
         """Stop the schedule; idempotent."""
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-        if (current := asyncio.current_task()) is not None and current.cancelling():
-            raise asyncio.CancelledError
+        await cancel_and_wait(task)
 
     async def _run(self) -> None:
         s = self.settings
