@@ -441,3 +441,15 @@ def test_frontend_settings_come_from_audio_frontend_and_are_checked() -> None:
     assert wide.frontend.denoiser == "speex"
     with pytest.raises(ConfigError, match="unknown"):
         from_dict(AudioConfig, {"frontend": {"echo": True}})
+
+
+def test_noise_suppression_keeps_clean_speech_between_digital_silence(tmp_path: Path) -> None:
+    """Speech with exact zeros around and between its words (a virtual microphone, a
+    sound card's noise gate) through the default front end: WebRTC's suppressor, left
+    with a noise floor of zero, used to mangle it (PESQ 3.7 against 4.6 unprocessed)."""
+    speech = speech_wav(tmp_path / "near.wav", "Please open the front door, I am waiting outside.")
+    near = np.concatenate([np.zeros(SAMPLE_RATE, np.int16), read_wav(speech)[0]])
+    near = near[: len(near) // FRAME_SAMPLES * FRAME_SAMPLES]
+    assert np.count_nonzero(near == 0) > SAMPLE_RATE
+    cleaned = _process(AudioFrontend(FrontendSettings()), near, np.zeros_like(near))
+    assert _pesq(near, cleaned) >= 4.2

@@ -5,18 +5,30 @@ Raspberry Pis) wraps the noise suppressor and high-pass filter of the WebRTC aud
 processing module; its wheels (abi3: x86_64, aarch64, armv7) carry the C++ code, so a
 board needs no compiler and no Debian package. It takes 16 kHz mono int16, 10 ms at a
 time. Its gain control is left off: the front end's AGC is SpeexDSP's.
+
+Digital silence (exact zeros, as a virtual microphone or a sound card's noise gate gives
+between words) leaves the suppressor a noise floor of zero, against which it mangles the
+speech that follows: clean speech scored 3.68 PESQ at level 3 instead of 4.63 unprocessed.
+So its input gets one LSB of triangular dither (-95 dBFS, under any microphone's own
+noise): with it the same speech scores 4.41.
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
+import numpy as np
 from webrtc_noise_gain import AudioProcessor  # type: ignore[import-untyped]
 
 RATE = 16_000
 """The only rate the library takes."""
 CHUNK_BYTES = 2 * RATE // 100
 """What the library takes at a time: 10 ms."""
+
+DITHER = np.random.default_rng(0).integers(0, 2, RATE) - np.random.default_rng(1).integers(
+    0, 2, RATE
+)
+"""One second of triangular dither in LSBs (-1, 0 or 1), cycled through."""
 
 Level = Literal[1, 2, 3, 4]
 """Suppression strength: WebRTC's low, moderate, high, very high."""
@@ -29,15 +41,24 @@ class NoiseSuppressor:
         if level not in (1, 2, 3, 4):
             raise ValueError(f"level must be 1..4, got {level}")
         self._processor = AudioProcessor(0, level)  # no gain control; suppression at level
+        self._dither = 0  # where in ``DITHER`` the next frame starts
 
     def run(self, frame: bytes) -> bytes:
         """``frame`` (a whole number of 10 ms chunks) with its noise suppressed."""
         if not frame or len(frame) % CHUNK_BYTES:
             raise ValueError(f"frames must be a positive multiple of {CHUNK_BYTES} bytes")
+        frame = self._dithered(frame)
         return b"".join(
             self._processor.Process10ms(frame[i : i + CHUNK_BYTES]).audio
             for i in range(0, len(frame), CHUNK_BYTES)
         )
+
+    def _dithered(self, frame: bytes) -> bytes:
+        samples = np.frombuffer(frame, np.int16).astype(np.int32)
+        start = self._dither
+        self._dither = (start + len(samples)) % len(DITHER)
+        dither = np.take(DITHER, range(start, start + len(samples)), mode="wrap")
+        return np.clip(samples + dither, -32768, 32767).astype(np.int16).tobytes()
 
 
 __all__ = ["CHUNK_BYTES", "RATE", "Level", "NoiseSuppressor"]
