@@ -39,7 +39,8 @@ def test_frontend_benchmark_prints_sane_figures(
     )
     assert result["denoiser"] == "webrtc"
     assert result["pesq_gain_ns"] > result["pesq_gain_ns_speex"] > 0
-    assert result["pesq_wb_clean"] > result["pesq_wb_clean_ns_webrtc"] > 3.5
+    # Clean speech: WebRTC's suppressor is bypassed (a quiet room), SpeexDSP's is not.
+    assert result["pesq_wb_clean_ns_webrtc"] >= result["pesq_wb_clean"] - 0.1
     assert result["pesq_wb_clean_ns_speex"] > 3.5
     assert result["cpu_per_audio_s"] > 0 and result["opus_encode_cpu_per_audio_s"] > 0
     assert result["machine"] and result["rate"] == 16_000

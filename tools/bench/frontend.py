@@ -68,7 +68,8 @@ FLOOR_DBFS = -80.0
 ECHO_S = 12.0
 DOUBLETALK_S = 8.0
 LATENCY_MAX_S = 0.06
-"""Longest delay through the front end looked for; the double talk scored ends this early."""
+"""Longest delay through the front end looked for: double-talk and noise clips are scored on
+the output shifted by the delay found, so they run on this much after what is scored."""
 NOISE_LEAD_S = 2.0
 CLEAN_SNR_DB = 60.0
 """Clean speech, with just enough noise before it for a suppressor to learn a floor."""
@@ -219,17 +220,18 @@ def noise_clip(
     rng = np.random.default_rng(seed)
     clean = sounds.speech(work, rng, 6.0, sounds.VOICES)
     lead = round(NOISE_LEAD_S * SAMPLE_RATE)
-    noise = _noise(rng, kind, NOISE_LEAD_S + len(clean) / SAMPLE_RATE)
+    noise = _noise(rng, kind, NOISE_LEAD_S + len(clean) / SAMPLE_RATE + LATENCY_MAX_S)
     speech_power = sounds.active_power(clean)
     noise *= np.sqrt(speech_power / np.mean(noise**2) / 10 ** (snr_db / 10))
     noisy = noise.copy()
-    noisy[lead : lead + len(clean)] += clean
+    part = slice(lead, lead + len(clean))
+    noisy[part] += clean
     scale = 10 ** (-26 / 20) / np.sqrt(speech_power or 1.0)  # speech at -26 dBFS
     clean16 = _int16(clean * scale)
     noisy16 = _int16(noisy * scale)
     ns = dataclasses.replace(settings, aec=False, noise_suppression=True, agc=False)
     out, _, _ = run(ns, noisy16, None)
-    return _pesq(clean16, out[lead:]), _pesq(clean16, noisy16[lead:])
+    return _pesq(clean16, _aligned(clean16, out, part)), _pesq(clean16, noisy16[part])
 
 
 def opus_cpu_per_audio_s(samples: np.ndarray) -> float:

@@ -9,8 +9,14 @@ PulseAudio, real-time pacing), with SRTP on. Figures:
   Python loop of opuslib + pylibsrtp calls, measured in this run; ratio = pipeline/floor;
 - floor_paced_cpu_per_audio_s: the same loop run once every 20 ms, as a call runs it: what
   that work costs with the caches (and, on a VM, the CPU) gone cold between frames;
+- frontend_cpu_per_audio_s: the agents' audio front end (echo cancellation, noise
+  suppression, their resampling and delay tracking: ``agent.audio.frontend`` at its
+  defaults, on in the call) run over the same speech for both sides, measured in this run;
+  ratio_frontend_in_floor = pipeline / (floor + frontend): the same ratio with that
+  library work counted as floor too;
 - rss_mb: resident memory of one agent process in the call (rss_anon_mb: its heap and other
-  private memory; rss_file_mb: mapped library pages);
+  private memory; rss_file_mb: mapped library pages); rss_floor_mb: a bare Python process
+  that imports the agent's third-party dependencies (``install_requires``) and nothing else;
 - added_latency_ms: microphone-to-speaker delay (clicks and cross-correlation) of the call,
   minus that of a bare full-duplex copy between the same two devices measured in this run;
 - pesq_wb_clean / _loss10 / _burst: PESQ wideband of espeak-ng speech through the
@@ -47,8 +53,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -65,6 +73,7 @@ import soxr
 from pesq import pesq
 
 from agent.audio.format import FRAME_BYTES, FRAME_SAMPLES, SAMPLE_RATE
+from agent.audio.frontend import AudioFrontend, FrontendSettings
 from agent.codec.opus import OpusConfig
 from agent.net.impair import Impairment
 from tools.bench.args import machine, positive_float, positive_int
@@ -116,6 +125,45 @@ def floor_cpu(
             plain = rx[side].unprotect(wire)
             decoders[side].decode(plain[12:], FRAME_SAMPLES)
     return (time.process_time() - start) / (count * 0.020)
+
+
+def frontend_cpu(speech: np.ndarray, seconds: float) -> float:
+    """CPU seconds per audio second of both sides' front ends at their defaults, each
+    cleaning its microphone (the speech) with the other side's speech as the reference."""
+    pcm = speech.astype("<i2").tobytes()
+    frames = [pcm[i : i + FRAME_BYTES] for i in range(0, len(pcm) - FRAME_BYTES, FRAME_BYTES)]
+    sides = [AudioFrontend(FrontendSettings()) for _ in range(2)]
+    count = int(seconds * 50)
+    start = time.process_time()
+    for n in range(count):
+        for side in sides:
+            side.reference(frames[(n + len(frames) // 2) % len(frames)])
+            side.process(frames[n % len(frames)])
+    spent = time.process_time() - start
+    for side in sides:
+        side.close()
+    return spent / (count * 0.020)
+
+
+# Extension modules register submodules that cannot be imported by name (cffi's ``lib``).
+_IMPORTS = (
+    "import contextlib, importlib, sys\n"
+    "for name in sys.argv[1:]:\n"
+    "    with contextlib.suppress(ModuleNotFoundError): importlib.import_module(name)\n"
+    "print(*[m for m in sys.modules if m != 'agent' and not m.startswith('agent.')])\n"
+    "print(open('/proc/self/status').read())"
+)
+
+
+def floor_rss_mb() -> float:
+    """VmRSS of a Python process that imports every module the agent imports but its own:
+    the standard library and third-party part of ``rss_mb``."""
+    run = functools.partial(subprocess.run, capture_output=True, text=True, check=True, timeout=60)
+    modules = run([sys.executable, "-c", _IMPORTS, "agent.app"]).stdout.splitlines()[0]
+    names = [m for m in modules.split() if not m.startswith("__")]
+    out = run([sys.executable, "-c", _IMPORTS, *names]).stdout
+    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+    return int(fields["VmRSS"].split()[0]) / 1024
 
 
 def _cpu(stat: Path) -> float:
@@ -271,6 +319,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
         samples, _ = read_wav(speech)
         floor = floor_cpu(samples, opus, args.floor_seconds)
         floor_paced = floor_cpu(samples, opus, args.floor_paced_seconds, paced=True)
+        frontend = frontend_cpu(samples, args.floor_seconds)
+        rss_floor = floor_rss_mb()
         with VirtualAudio.start(("a", "b")) as audio:
             pipeline, loop_cpu, rss, call_stats = await measure_cpu(
                 audio, work, speech, opus, args.cpu_seconds
@@ -315,9 +365,12 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
         # of a call's CPU the codec and crypto take when they run in real time.
         "floor_paced_cpu_per_audio_s": round(floor_paced, 4),
         "ratio": round(pipeline / floor, 2),
+        "frontend_cpu_per_audio_s": round(frontend, 4),
+        "ratio_frontend_in_floor": round(pipeline / (floor + frontend), 2),
         "rss_mb": round(rss["VmRSS"], 1),
         "rss_anon_mb": round(rss["RssAnon"], 1),
         "rss_file_mb": round(rss["RssFile"], 1),
+        "rss_floor_mb": round(rss_floor, 1),
         # Mic-to-speaker delay of a call, minus that of a bare full-duplex copy between the same
         # two virtual devices (PulseAudio's own buffering, which a board's ALSA driver lacks).
         "added_latency_ms": round(latency - device_latency, 1),
