@@ -63,7 +63,9 @@ def gcc_phat(
     reference scored prominences up to 110 against unrelated speech; faded, 6)."""
     if len(ref) != len(mic) + max_lag or max_lag < 0 or not len(mic):
         raise ValueError("ref must be len(mic) + max_lag samples")
-    n = len(ref) + len(mic)
+    # Lags 0..max_lag reach no further than ref's end: a circular correlation as long as
+    # ref wraps nothing into them (no padding to len(ref) + len(mic): 1.8x fewer points).
+    n = len(ref)
     fade = np.hanning(2 * (len(mic) // 16) + 1)[: len(mic) // 16]
     cross = np.fft.rfft(_faded(ref, fade), n) * np.conj(np.fft.rfft(_faded(mic, fade), n))
     cross /= np.abs(cross) + 1e-12
