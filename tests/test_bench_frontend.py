@@ -37,6 +37,11 @@ def test_frontend_benchmark_prints_sane_figures(
         < result["pesq_wb_near_doubletalk_filter_only"]
         < result["pesq_wb_near_doubletalk"]
     )
+    assert (
+        result["pesq_wb_near_doubletalk_unprocessed"]
+        < result["pesq_wb_near_doubletalk_first_call"]
+        <= result["pesq_wb_near_doubletalk"] + 0.2
+    )
     assert result["denoiser"] == "webrtc"
     assert result["pesq_gain_ns"] > result["pesq_gain_ns_speex"] > 0
     # Clean speech: WebRTC's suppressor is bypassed (a quiet room), SpeexDSP's is not.

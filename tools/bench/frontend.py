@@ -14,12 +14,17 @@ reference, then the microphone frame is cleaned.
   first window at ``CONVERGED_DB`` or more. ``delay_error_ms``: the measured delay against
   the path's. Baseline: the same clips with the delay fixed at ``initial_delay_ms`` (no
   measurement), ``erle_db_fixed_delay``; no processing is 0 dB by definition.
-- Double talk (``--doubletalk-clips``): the far end alone for ``CONVERGE_S``, then a
+- Double talk (``--doubletalk-clips``): the far end alone for ``TRAINING_S``, then a
   near-end talker too. ``pesq_wb_near_doubletalk``: PESQ (P.862 wideband) of the front
   end's output over the double-talk part against the clean near-end speech; baseline
   ``pesq_wb_near_doubletalk_unprocessed``, the microphone itself (speech plus echo), and
   ``pesq_wb_near_doubletalk_filter_only``, the canceller's linear filter alone (no residual
-  echo suppression, no denoiser): what the suppressor has to work with.
+  echo suppression, no denoiser): what the suppressor has to work with. The far end
+  talks first, as in terminal double-talk tests (a far-end training sequence, then the
+  test), long enough for SpeexDSP's filter to reach its steady state, where a board's
+  canceller is once it has been in calls (its filter persists from call to call);
+  ``pesq_wb_near_doubletalk_first_call``: the same with a canceller that has heard only
+  ``CONVERGE_S`` of far end (a board's first call after it starts).
 - Noise (``--noise-clips`` per SNR in ``--snrs``): speech after 2 s of fan noise (pink
   noise and blade tones) or street noise (brown rumble and passing bursts), SNR of the
   speech's active power over the noise's mean. ``pesq_gain_ns``: PESQ of the output minus
@@ -60,7 +65,10 @@ from tools.lab.echo import EchoPath
 CONVERGED_DB = 20.0
 """ERLE at which the canceller counts as converged."""
 CONVERGE_S = 6.0
-"""Far end alone before the double talk starts."""
+"""Far end alone before the double talk starts in a board's first call."""
+TRAINING_S = 20.0
+"""Far end alone before the double talk starts: SpeexDSP's filter reaches about 20 dB in
+6 s and its steady state (25-30 dB) after 12-15 s."""
 WINDOW = SAMPLE_RATE // 4
 """ERLE window: 250 ms."""
 FLOOR_DBFS = -80.0
@@ -157,17 +165,17 @@ def _pesq(clean: np.ndarray, degraded: np.ndarray) -> float:
 
 
 def doubletalk_clip(
-    seed: int, work: Path, settings: FrontendSettings
+    seed: int, work: Path, settings: FrontendSettings, far_first_s: float
 ) -> tuple[float, float, float]:
     """PESQ of the near end through the front end during double talk, unprocessed, and
-    through the canceller's filter alone."""
+    through the canceller's filter alone, after ``far_first_s`` of the far end alone."""
     rng = np.random.default_rng(seed)
     path = EchoPath.draw(rng)
-    far = sounds.speech(work, rng, CONVERGE_S + DOUBLETALK_S, sounds.VOICES)
+    far = sounds.speech(work, rng, far_first_s + DOUBLETALK_S, sounds.VOICES)
     far *= 0.5 / (np.max(np.abs(far)) or 1.0)
     near = sounds.speech(work, rng, DOUBLETALK_S, sounds.VOICES)
     echo = path.apply(rng, far)
-    start = round(CONVERGE_S * SAMPLE_RATE)
+    start = round(far_first_s * SAMPLE_RATE)
     near_level = np.sqrt(sounds.active_power(echo[start:]) / (sounds.active_power(near) or 1.0))
     near = _int16(near * near_level)  # as loud as the echo: hard double talk
     # Scored up to LATENCY_MAX_S before the clip ends: the front end's output of all of
@@ -272,9 +280,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
         print(f"frontend: {args.echo_clips} echo, {args.doubletalk_clips} double-talk, "
               f"{noise_clips} noise clips at {args.rate} Hz", flush=True)  # fmt: skip
         echoes = [echo_clip(int(seeds[0]) + i, work, settings) for i in range(args.echo_clips)]
-        talks = [
-            doubletalk_clip(int(seeds[1]) + i, work, settings) for i in range(args.doubletalk_clips)
-        ]
+        talks, first_calls = (
+            [
+                doubletalk_clip(int(seeds[1]) + i, work, settings, far_first_s)
+                for i in range(args.doubletalk_clips)
+            ]
+            for far_first_s in (TRAINING_S, CONVERGE_S)
+        )
         noisy, clean = {}, {}
         for name, ns in denoisers.items():
             noisy[name] = [
@@ -306,6 +318,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
         "pesq_wb_near_doubletalk": round(statistics.fmean(p for p, _, _ in talks), 2),
         "pesq_wb_near_doubletalk_unprocessed": round(statistics.fmean(b for _, b, _ in talks), 2),
         "pesq_wb_near_doubletalk_filter_only": round(statistics.fmean(f for _, _, f in talks), 2),
+        "pesq_wb_near_doubletalk_first_call": round(
+            statistics.fmean(p for p, _, _ in first_calls), 2
+        ),
         "pesq_wb_ns": round(statistics.fmean(p for p, _ in noisy[args.denoiser]), 2),
         "pesq_wb_noisy": round(statistics.fmean(b for _, b in noisy[args.denoiser]), 2),
         "pesq_gain_ns": round(statistics.fmean(p - b for p, b in noisy[args.denoiser]), 2),
