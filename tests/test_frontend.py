@@ -528,3 +528,27 @@ def test_in_a_noisy_room_the_denoiser_output_is_used(tmp_path: Path) -> None:
     out = _process(frontend, noise, np.zeros_like(noise))
     assert frontend.denoising
     assert _db(noise[-SAMPLE_RATE:], out[-SAMPLE_RATE:]) >= 10
+
+
+def test_what_the_canceller_learnt_carries_over_to_the_next_call(tmp_path: Path) -> None:
+    """A board's front end lives as long as its agent: a call starts (``restart``) with the
+    echo path the last one learnt, so its first second of far-end speech already has the
+    echo 25 dB down, where a canceller that has not heard the room yet (told the delay,
+    so that only the filter differs) is far from it."""
+    text = "The delivery driver is at the front gate. Please open the door and sign for it."
+    speech = read_wav(speech_wav(tmp_path / "far.wav", text))[0]
+    ref = np.tile(speech, 4)[: 16 * SAMPLE_RATE]
+    far = [ref[i : i + FRAME_SAMPLES].tobytes() for i in range(0, len(ref), FRAME_SAMPLES)]
+    mic = np.frombuffer(b"".join(_Room(31).echo_of(far)), np.int16)
+    split = 12 * SAMPLE_RATE  # twelve seconds of a first call, then the next call
+    trained = AudioFrontend(FrontendSettings())
+    for i in range(0, split, FRAME_SAMPLES):
+        trained.reference(ref[i : i + FRAME_SAMPLES].tobytes())
+        trained.process(mic[i : i + FRAME_SAMPLES].tobytes())
+    trained.restart()
+    fresh = AudioFrontend(FrontendSettings(track_delay=False, initial_delay_ms=35))
+    second = slice(split, split + SAMPLE_RATE)
+    kept = _process(trained, mic[split:], ref[split:])[:SAMPLE_RATE]
+    new = _process(fresh, mic[split:], ref[split:])[:SAMPLE_RATE]
+    assert _db(mic[second], kept) >= 25
+    assert _db(mic[second], new) < 15
