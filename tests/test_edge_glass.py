@@ -112,6 +112,60 @@ def test_glass_break_at_low_snr(
     assert found >= 0.9 * len(SEEDS)
 
 
+@pytest.fixture(scope="module")
+def pink() -> np.ndarray:
+    """A steady pink hiss (a room, a distant road) at -30 dBFS."""
+    return ev.noise(16.0, -30.0, seed=24, color="pink")
+
+
+@pytest.mark.parametrize("background", ["household", "pink"])
+def test_glass_break_at_2_db_snr(background: str, request: pytest.FixtureRequest) -> None:
+    """Under a background about as loud as the break, the clicks' peaks are smoothed over
+    (a crest close to noise's) while the rings still stand out of the spectrum: a spiky,
+    broadband shatter passes with that crest (a crest of 3.75 alone missed 2 of these 12)."""
+    bg = request.getfixturevalue(background)
+    found = 0
+    for seed in SEEDS:
+        at = 4.0 + 0.37 * seed
+        hits = run(ev.mix(bg, breaking(seed), at_s=at, snr_db=2))
+        assert len(hits) <= 1
+        found += len(hits) == 1 and abs(hits[0].start_s - at) < 0.1
+    assert found >= 0.9 * len(SEEDS)
+
+
+def thud_buzz(f0_hz: float) -> np.ndarray:
+    """A thud then 0.5 s of a buzz (a door buzzer, a dropped shaver): every harmonic of
+    ``f0_hz`` up to 16 kHz, so broadband, spiky and, being a pulse train, impulsive."""
+    t = np.arange(ev.RATE // 2) / ev.RATE
+    buzz = sum(np.cos(2 * np.pi * k * f0_hz * t) for k in range(1, int(16000 / f0_hz)))
+    buzz *= np.exp(-t / 0.25) * 0.3 * 32767 / np.max(np.abs(buzz))
+    out = np.zeros(4 * ev.RATE)
+    ev.place(out, ev.impact(3).astype(np.float64), 1.0)
+    ev.place(out, buzz, 1.03)
+    return ev.to_int16(out)
+
+
+def test_thud_then_buzz_does_not_fire() -> None:
+    """A buzz's harmonics pass every other shape check of a shatter, but stay at the same
+    frequencies from frame to frame, where shards ring at new ones."""
+    buzzes = [thud_buzz(f0) for f0 in range(170, 250, 10)]
+    assert [run(buzz) for buzz in buzzes] == [[]] * len(buzzes)
+    without_repeat = GlassBreakSettings(max_repeat=1.0)
+    assert sum(len(run(buzz, without_repeat)) for buzz in buzzes) >= len(buzzes) // 2
+
+
+def test_spiky_shatter_must_move(hiss: np.ndarray) -> None:
+    """Dropped keys ring partials of 20-100 ms: spiky and broadband like shards, but the same
+    peaks over several frames. In a hiss their crest is close to noise's, as a faint shatter's
+    is, and the spiky path's stricter limit on repeated peaks is what refuses them."""
+    sounds = [
+        ev.mix(hiss, ev.keys(seed, drop=True), at_s=4.0 + 0.37 * seed, snr_db=5) for seed in SEEDS
+    ]
+    assert [run(sound) for sound in sounds] == [[]] * len(sounds)
+    loose = GlassBreakSettings(max_spiky_repeat=0.4)
+    assert sum(len(run(sound, loose)) for sound in sounds) >= 1
+
+
 @pytest.mark.parametrize("background", ["tv", "hiss"])
 @pytest.mark.parametrize("name", ["thud-then-hiss", "mail-slot", "door-slam", "dropped-keys"])
 def test_look_alikes_do_not_fire_at_5_db_snr(
@@ -201,7 +255,11 @@ def test_thresholds_are_settings() -> None:
     assert len(run(sound)) == 1
     assert run(sound, GlassBreakSettings(impact_min_dbfs=-5.0)) == []  # a louder impact needed
     assert run(sound, GlassBreakSettings(min_flatness=0.6)) == []
-    assert run(sound, GlassBreakSettings(min_crest=8.0)) == []
+    assert run(sound, GlassBreakSettings(min_crest=8.0, min_spiky_crest=8.0)) == []
+    # A spiky spectrum lets a lower crest through (3.3 instead of 3.75), if its peaks move.
+    assert len(run(sound, GlassBreakSettings(min_crest=8.0))) == 1
+    assert run(sound, GlassBreakSettings(min_crest=8.0, spiky_local_flatness=0.3)) == []
+    assert run(sound, GlassBreakSettings(min_crest=8.0, max_spiky_repeat=0.0)) == []
     assert run(sound, GlassBreakSettings(min_shatter_s=1.4)) == []
     # Without the noise checks, a thud then smooth hiss passes for glass: they matter.
     hiss = ev.pad(ev.thud_hiss(3))
@@ -236,6 +294,8 @@ def test_reset_restarts_the_clock() -> None:
         {"sustain_bands": 2.0},
         {"min_rise_db": 12.0},
         {"min_sustain_db": 7.0},
+        {"min_spiky_crest": -1.0},
+        {"max_repeat": 2.0},
     ],
 )
 def test_settings_refused(bad: dict[str, object]) -> None:

@@ -10,7 +10,11 @@ threshold scaled to how much the background itself moves (CFAR): in a steady his
 rise is an event, in speech a fricative is not, and a shatter shows in the sub-bands that
 speech leaves quiet. Look-alikes and why they fail: a mail slot or dropped keys (thud then
 *tonal* metal ring: low spectral flatness), a door slam or a clap (the broadband crack lasts
-one frame), a snare or a fricative (noise, but Gaussian: low crest), a cymbal (too long).
+one frame), a snare or a fricative (noise, but Gaussian: low crest and a smooth spectrum), a
+cymbal (too long), a buzzer or a beep (harmonics that stay put from frame to frame, where
+shards ring at new frequencies in each). At a low SNR the background's noise smooths the
+clicks' peaks in time (the crest) before the rings' peaks in frequency: a clearly spiky,
+broadband spectrum lets a crest close to noise's through.
 """
 
 from __future__ import annotations
@@ -91,9 +95,27 @@ class GlassBreakSettings:
     noise of any colour (a hiss, a snare or a hi-hat, the room) gives ~0.62 (an exponential
     distribution's 0.56, raised by the smoothing)."""
     min_crest: float = 3.75
-    """Median crest factor (peak/RMS) of the high-passed shatter frames (Gaussian noise ~3.5)."""
+    """Median crest factor (peak/RMS) of the high-passed shatter frames (noise: ~3.5) ..."""
     crest_range_db: float = 10.0
-    """... over the frames whose high band is within this of the shatter's loudest."""
+    """... over the frames whose high band is within this of the shatter's loudest (the local
+    flatness and the checks below too) ..."""
+    spiky_local_flatness: float = 0.53
+    """... or, when the spectrum is this spiky (median local flatness at most this), no less
+    than ``min_spiky_crest``: at a low SNR the background fills in the clicks' peaks in time
+    sooner than the rings' peaks in frequency, so a clearly spiky spectrum vouches for it ..."""
+    min_spiky_crest: float = 3.3
+    """... (smoother than noise is a tone) ..."""
+    min_spiky_flatness: float = 0.13
+    """... if its peaks spread over the whole band (median flatness at least this), where a
+    beep's or a chord's harmonics, spiky too, leave most of it empty (~0.09) ..."""
+    max_spiky_repeat: float = 0.3
+    """... and move (``max_repeat``, no more than this): keys' partials ring 20-100 ms, over
+    several frames (0.35-0.6), a shard's 3-20 ms."""
+    max_repeat: float = 0.4
+    """Largest median correlation between successive shatter frames' spectral peak patterns
+    (the log of 4-16 kHz over its smoothed shape): shards ring at new frequencies in every
+    frame (~0.15, at most ~0.3), while a buzzer's, a beep's or a chord's harmonics stay put
+    (~0.5-0.95)."""
     cooldown_s: float = 5.0
     """After a detection, no other for this long (one break, however long its debris falls)."""
     floor_up_s: float = 5.0
@@ -128,6 +150,11 @@ class GlassBreakSettings:
                 "min_flatness": (0.0, 1.0),
                 "max_local_flatness": (0.0, 1.0),
                 "min_crest": (0.0, 100.0),
+                "spiky_local_flatness": (0.0, 1.0),
+                "min_spiky_crest": (0.0, 100.0),
+                "min_spiky_flatness": (0.0, 1.0),
+                "max_spiky_repeat": (-1.0, 1.0),
+                "max_repeat": (-1.0, 1.0),
                 "crest_range_db": (0.0, 120.0),
                 "cooldown_s": (0.0, 3600.0),
                 "floor_up_s": (0.02, 600.0),
@@ -204,7 +231,7 @@ class GlassBreakDetector:
     The decision comes when the shatter ends (typically 0.3-0.8 s after the impact).
     ``start_s`` is the impact, ``end_s`` the shatter's end; ``level_dbfs`` is the loudest
     frame's full-band level. Confidence is 0.5 when the shatter's flatness and crest just
-    pass their thresholds and reaches 1.0 at twice each.
+    pass their thresholds (for the crest, the one that applied) and reaches 1.0 at twice each.
     """
 
     name = "glass_break"
@@ -247,8 +274,10 @@ class GlassBreakDetector:
         self._peak_high = FLOOR_DBFS
         self._peak_level = FLOOR_DBFS
         self._flatness: list[float] = []
-        self._loud: list[tuple[float, float, float]] = []
-        """(high-band level, crest factor, local flatness) of each frame of the shatter."""
+        self._loud: list[tuple[float, float, float, float]] = []
+        """(high-band level, crest factor, local flatness, repeat) of each frame of the
+        shatter; repeat is the correlation of its peak pattern with the previous frame's."""
+        self._pattern: np.ndarray | None = None
 
     def _db(self, energy: float) -> float:
         if energy <= 0:
@@ -312,6 +341,7 @@ class GlassBreakDetector:
                     self._peak_high = high
                     self._flatness = []
                     self._loud = []
+                    self._pattern = None
         if self._state is _State.SHATTER:
             self._peak_level = max(self._peak_level, self._db(float(power.sum())))
             self._peak_high = max(self._peak_high, high)
@@ -326,7 +356,12 @@ class GlassBreakDetector:
                 d = np.diff(x, 2)
                 rms = math.sqrt(float(np.dot(d, d)) / len(d))
                 crest = float(np.max(np.abs(d))) / rms if rms > 0 else 0.0
-                self._loud.append((high, crest, _local_flatness(high_power)))
+                ratio = _peak_ratio(high_power)
+                pattern = np.log(ratio)
+                pattern -= pattern.mean()
+                repeat = _correlation(pattern, self._pattern) if self._pattern is not None else 0.0
+                self._pattern = pattern
+                self._loud.append((high, crest, _flatness(ratio), repeat))
                 if now - self._shatter_s > s.max_shatter_s:
                     self._state = _State.WAIT_QUIET
             elif now - self._last_active_s >= s.gap_s:
@@ -372,32 +407,44 @@ class GlassBreakDetector:
         # Its fine structure only where the shatter stands well over the background: in
         # its tail the background's own (Gaussian) samples dominate and hide the clicks.
         top = self._peak_high - s.crest_range_db
-        loud = [(c, f) for level, c, f in self._loud if level >= top]
+        loud = [(c, f) for level, c, f, _ in self._loud if level >= top]
         crest = float(np.median([c for c, _ in loud])) if loud else 0.0
         local = float(np.median([f for _, f in loud])) if loud else 1.0
+        # Each frame's peaks against the frame before: the shatter's first has none.
+        repeats = [r for level, _, _, r in self._loud[1:] if level >= top]
+        repeat = float(np.median(repeats)) if repeats else 0.0
+        impulsive = crest >= s.min_crest or (
+            local <= s.spiky_local_flatness
+            and crest >= s.min_spiky_crest
+            and flatness >= s.min_spiky_flatness
+            and repeat <= s.max_spiky_repeat
+        )
         verdict = (
             s.min_shatter_s <= duration <= s.max_shatter_s
             and flatness >= s.min_flatness
             and local <= s.max_local_flatness
-            and crest >= s.min_crest
+            and impulsive
+            and repeat <= s.max_repeat
         )
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "glass candidate at %.2f s: shatter %.2f s, flatness %.3f (local %.3f), "
-                "crest %.2f: %s",
+                "crest %.2f, repeat %.2f: %s",
                 self._impact_s,
                 duration,
                 flatness,
                 local,
                 crest,
+                repeat,
                 "yes" if verdict else "no",
             )
         if not verdict:
             return []
         self._quiet_until = self._last_active_s + s.cooldown_s
+        crest_needed = s.min_crest if crest >= s.min_crest else s.min_spiky_crest
         margins = [
             min(1.0, flatness / s.min_flatness - 1.0) if s.min_flatness > 0 else 1.0,
-            min(1.0, crest / s.min_crest - 1.0) if s.min_crest > 0 else 1.0,
+            min(1.0, crest / crest_needed - 1.0) if crest_needed > 0 else 1.0,
         ]
         confidence = 0.5 + 0.25 * sum(margins)
         return [
@@ -421,12 +468,17 @@ def _flatness(power: np.ndarray) -> float:
     return math.exp(float(np.mean(np.log(p)))) / mean if mean > 0 else 0.0
 
 
-def _local_flatness(power: np.ndarray) -> float:
-    """Flatness of ``power`` over its own smoothed shape (11 bins): ~0.56 for Gaussian noise
-    whatever its colour, lower for a spectrum of separate peaks."""
+def _peak_ratio(power: np.ndarray) -> np.ndarray:
+    """``power`` over its own smoothed shape (11 bins): its peaks, whatever its colour. The
+    flatness of this is ~0.56 for Gaussian noise, lower for a spectrum of separate peaks."""
     p = power + 1e-3
-    ratio = p / np.convolve(p, _SMOOTH, mode="same")
-    return _flatness(ratio)
+    return np.asarray(p / np.convolve(p, _SMOOTH, mode="same"))
+
+
+def _correlation(a: np.ndarray, b: np.ndarray) -> float:
+    """Correlation of two zero-mean vectors (0 if either is all zeros)."""
+    norm = math.sqrt(float(np.dot(a, a)) * float(np.dot(b, b)))
+    return float(np.dot(a, b)) / norm if norm > 0 else 0.0
 
 
 def _follow(floor: float, level: float, up: float, down: float) -> float:
