@@ -31,11 +31,18 @@ speech masks each of them in turn, cutting every bin's tones into pieces, so squ
 waves also get harmonic channels: for each candidate fundamental (``square_hz``, 10 Hz
 apart) a channel whose prominence and level are the geometric means over its odd
 harmonics' bins. Masking that hits one harmonic at a time costs the channel a quarter
-of its prominence in dB instead of the whole tone; a chance tone in one bin does not
-make the channel prominent. The channels run through the same tracker as the bins
-(they are extra columns of its arrays). An episode
-(one kind) reports once, then stays quiet while its bins keep sounding and until they
-have been silent for ``cooldown_s``.
+of its prominence in dB instead of the whole tone. The channels run through the same
+tracker as the bins (they are extra columns of its arrays). A match on a channel must
+rest on three of its harmonics (``_partials``): one strong partial (a note of the
+music) lifts a channel too, and the chance peaks of the floor in its other bins then
+cut it into tones of any rhythm.
+
+Music: two close partials of a chord beat, so their bin sounds in lobes at a clockwork
+pace, and the chord comes again seconds later: T4. Such lobes fade with the note, tone
+by tone (``_fading``); an alarm's tones do not.
+
+An episode (one kind) reports once, then stays quiet while its bins keep sounding and
+until they have been silent for ``cooldown_s``.
 """
 
 from __future__ import annotations
@@ -72,6 +79,9 @@ _PERIOD_SPREAD_S = 0.05  # ... and how regular their onsets are (to 20 ms frames
 _JOIN_GAP_S = 0.2  # pieces of one T3 tone, see ``_join``
 _JOIN_SOUNDING = 0.7  # ... sound this share of the tone at least (beeps sound half)
 _SQUARE_STEP_HZ = 10.0  # harmonic channels' spacing: the 7th harmonic stays in its bin +-1
+_PARTIALS = 3  # a harmonic channel's match needs this many of its harmonics ...
+_PARTIAL_DB = 5.0  # ... standing out this far over the matched tones, see ``_partials``
+_FADE_DB = 2.5  # T4 groups fading tone by tone this much are a beating note, see ``_fading``
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,6 +268,24 @@ class _Pattern:
 
 def _db(ratio: float) -> float:
     return 10 * math.log10(max(ratio, 1e-30))
+
+
+def _fading(tones: Sequence[_Tone]) -> bool:
+    """Both T4 groups fade tone by tone, ``_FADE_DB`` or more each: a beating note.
+
+    Two close partials of a chord (a fifth's 3rd and 2nd harmonics, 0.1 % apart) beat
+    a few times a second, so a bin holding both sounds in lobes at a clockwork pace as
+    long as the note lasts, and the chord comes again seconds later: T4's rhythm. But
+    the lobes fade with the note, each weaker than the one before, while an alarm's
+    tones are steady (masking and a room's reflections raise some of them at random).
+    """
+    for group in (tones[:4], tones[4:]):
+        powers = [x.power for x in group]
+        if any(b >= a for a, b in itertools.pairwise(powers)):
+            return False
+        if powers[0] < powers[-1] * 10 ** (_FADE_DB / 10):
+            return False
+    return True
 
 
 class AlarmDetector:
@@ -730,7 +758,11 @@ class AlarmDetector:
         for i in self._after_pause(c[:first], b1.start_s, t):
             group = self._match_group(c, i - 2, 3, t)
             matched = [*c[i - 2 : i + 1], *c[first:]]
-            if group is not None and self._even(j, matched, (c[i].end_s, b1.start_s), t, gap_s):
+            if (
+                group is not None
+                and self._even(j, matched, (c[i].end_s, b1.start_s), t, gap_s)
+                and self._partials(j, matched)
+            ):
                 error = max(group, b, t.pause.error(b1.start_s - c[i].end_s))
                 return _Match(error, self.settings.tolerance, matched)
         return None
@@ -747,8 +779,11 @@ class AlarmDetector:
             a = self._match_group(c, i - 3, 4, t)
             matched = [*c[i - 3 : i + 1], *c[first:]]
             pause = (c[i].end_s, c[first].start_s)
-            if a is not None and (
-                self._even(j, matched, pause, t, None) or self._contrast(j, matched, pause)
+            if (
+                a is not None
+                and not _fading(matched)
+                and self._partials(j, matched)
+                and (self._even(j, matched, pause, t, None) or self._contrast(j, matched, pause))
             ):
                 error = max(a, b, t.pause.error(c[first].start_s - c[i].end_s))
                 return _Match(error, self.settings.tolerance, matched)
@@ -806,7 +841,12 @@ class AlarmDetector:
             louder, softer = sorted(
                 (float(np.median([c[k].power for k in g])) for g in (a, b)), reverse=True
             )
-            if softer >= louder * self._weaker and self._contrast(j, matched, pause):
+            if (
+                softer >= louder * self._weaker
+                and not _fading(matched)
+                and self._partials(j, matched)
+                and self._contrast(j, matched, pause)
+            ):
                 period = _Window(t.on.nominal + t.gap.nominal, self.settings.tolerance, 0.0)
                 error = max(period.error(pace / 3), t.pause.error(pause[1] - pause[0]))
                 return _Match(error, self.settings.tolerance, matched, "onsets")
@@ -852,6 +892,30 @@ class AlarmDetector:
         if np.mean(rest >= level * 10 ** (-_WEAKER_DB / 20)) > _PAUSE_LOUD_SHARE:
             return False
         return _db(level / max(float(np.percentile(rest, 90)), 1e-9)) >= _CONTRAST_DB
+
+    def _partials(self, j: int, tones: list[_Tone]) -> bool:
+        """A harmonic channel's match rests on several of its harmonics, not on one.
+
+        A square wave sounds all its odd harmonics. One strong partial alone (a note's
+        harmonic, a sine alarm) lifts a channel's geometric mean too, and the chance
+        peaks of the floor in its other bins then cut the channel into tones of any
+        rhythm (music made a T3 so). So ``_PARTIALS`` of the channel's harmonics must
+        stand ``_PARTIAL_DB`` out over the matched tones (median of their frames' stored
+        prominence); masking that hides one harmonic still leaves three. A sine alarm is
+        matched in its own bin. Runs only for matches on harmonic channels.
+        """
+        if j < self._bins:
+            return True
+        hist, size = self._history, len(self._history)
+        frames = np.concatenate(
+            [np.arange(round(x.start_s / _FRAME_S), round(x.end_s / _FRAME_S)) for x in tones]
+        )
+        frames = frames[frames > self._frame - size]
+        if not len(frames):
+            return False
+        bins = self._harmonics[j - self._bins]
+        level = np.median(hist[np.ix_(frames % size, bins)], axis=0)
+        return int(np.count_nonzero(level >= 10 ** (_PARTIAL_DB / 10))) >= _PARTIALS
 
     def _match_periodic(self, tones: deque[_Tone]) -> _Match | None:
         """A regular beeping lasting ``unclassified_min_s`` (the last tone just ended).
