@@ -46,6 +46,7 @@ from agent.audio.delay import AlignerSettings, ReferenceAligner
 from agent.audio.format import FRAME_SAMPLES, SAMPLE_RATE
 from agent.audio.speexdsp import EchoCanceller, Preprocessor, Resampler
 from agent.audio.webrtc_ns import DELAY_SAMPLES, Level, NoiseSuppressor
+from agent.audio.webrtc_ns import RATE as NS_RATE
 
 logger = logging.getLogger(__name__)
 
@@ -235,19 +236,20 @@ class QuietBypass:
     second, clean speech lost 0.1 PESQ to the denoiser coming in mid-sentence); the room
     is quiet once each half of the last three seconds had a frame under ``quiet_dbfs``."""
 
-    _BLOCK_FRAMES = 25  # half a second of 20 ms frames
+    _BLOCK_S = 0.5
     _QUIET_BLOCKS = 6
     _NOISY_BLOCKS = 3
     _HYSTERESIS_DB = 5.0
 
     def __init__(self, quiet_dbfs: float, frame_samples: int) -> None:
         self._quiet = quiet_dbfs
+        self._block_frames = round(self._BLOCK_S * NS_RATE / frame_samples)
         self._delay = bytes(2 * DELAY_SAMPLES)
         self._ramp = np.linspace(0.0, 1.0, frame_samples, endpoint=False)
         self._minima: deque[float] = deque(maxlen=self._QUIET_BLOCKS)
         self._block_min = np.inf
         self._frames = 0
-        self.denoising = False  # the denoiser learns the first half second meanwhile
+        self.denoising = False  # until noise is found: the denoiser learns meanwhile
         self.floor_dbfs: float | None = None
         """The quietest frame level of the last half second."""
 
@@ -269,7 +271,7 @@ class QuietBypass:
         level = 10 * np.log10(float(np.dot(x, x)) / len(x) / 32768.0**2 + 1e-12)
         self._block_min = min(self._block_min, level)
         self._frames += 1
-        if self._frames < self._BLOCK_FRAMES:
+        if self._frames < self._block_frames:
             return
         self.floor_dbfs = floor = self._block_min
         self._minima.append(floor)
