@@ -16,7 +16,8 @@ PulseAudio, real-time pacing), with SRTP on. Figures:
   library work counted as floor too;
 - rss_mb: resident memory of one agent process in the call (rss_anon_mb: its heap and other
   private memory; rss_file_mb: mapped library pages); rss_floor_mb: a bare Python process
-  that imports the agent's third-party dependencies (``install_requires``) and nothing else;
+  that imports every module the agent imports (standard library and dependencies) but
+  the agent's own;
 - added_latency_ms: microphone-to-speaker delay (clicks and cross-correlation) of the call,
   minus that of a bare full-duplex copy between the same two devices measured in this run;
 - pesq_wb_clean / _loss10 / _burst: PESQ wideband of espeak-ng speech through the
@@ -161,9 +162,7 @@ def floor_rss_mb() -> float:
     run = functools.partial(subprocess.run, capture_output=True, text=True, check=True, timeout=60)
     modules = run([sys.executable, "-c", _IMPORTS, "agent.app"]).stdout.splitlines()[0]
     names = [m for m in modules.split() if not m.startswith("__")]
-    out = run([sys.executable, "-c", _IMPORTS, *names]).stdout
-    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
-    return int(fields["VmRSS"].split()[0]) / 1024
+    return _rss_mb(run([sys.executable, "-c", _IMPORTS, *names]).stdout)["VmRSS"]
 
 
 def _cpu(stat: Path) -> float:
@@ -176,12 +175,14 @@ def _proc_cpu(pid: int) -> tuple[float, float]:
     return _cpu(Path(f"/proc/{pid}/stat")), _cpu(Path(f"/proc/{pid}/task/{pid}/stat"))
 
 
-def _proc_rss_mb(pid: int) -> dict[str, float]:
-    """VmRSS, RssAnon and RssFile of a process, in MB."""
-    fields = dict(
-        line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
-    )
+def _rss_mb(status: str) -> dict[str, float]:
+    """VmRSS, RssAnon and RssFile from the text of a ``/proc/PID/status``, in MB."""
+    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
     return {key: int(fields[key].split()[0]) / 1024 for key in ("VmRSS", "RssAnon", "RssFile")}
+
+
+def _proc_rss_mb(pid: int) -> dict[str, float]:
+    return _rss_mb(Path(f"/proc/{pid}/status").read_text())
 
 
 def _to16k(x: np.ndarray) -> np.ndarray:
