@@ -12,6 +12,7 @@ import ctypes
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -314,6 +315,68 @@ async def test_pulse_playback_plays_a_tone_at_device_pace(
     played = _active(recorded)
     assert len(played) == pytest.approx(85 * FRAME_SAMPLES, rel=0.1)
     assert dominant_frequency(played) == pytest.approx(1000.0, abs=2.0)
+
+
+async def _write_tone(playback: AlsaPlayback, source: ToneSource, frames: int) -> None:
+    for _ in range(frames):
+        await playback.write(await source.read())
+
+
+async def test_pulse_playback_takes_each_frame_lead_ms_after_write_returns(
+    alsa_home: Path, pulse_server: PulseServer
+) -> None:
+    # The next frame is made just before the device asks for it: it waits in the queue
+    # about lead_ms, not the whole period it waited when write() returned at once.
+    write_asoundrc(alsa_home, {"vspk": pulse_server.playback_pcm("spk")})
+    playback = AlsaPlayback(DeviceConfig(name="vspk", lead_ms=5.0))
+    loop = asyncio.get_running_loop()
+    returned: list[float] = []
+    taken: list[float] = []
+    freed = playback._freed
+
+    def on_freed(gen: int, status: int) -> None:
+        taken.append(loop.time())
+        freed(gen, status)
+
+    playback._freed = on_freed  # type: ignore[method-assign]
+    source = ToneSource(1000.0)
+    try:
+        await playback.start()
+        await _write_tone(playback, source, 10)  # past PulseAudio's start-up
+        for _ in range(100):
+            await playback.write(await source.read())
+            returned.append(loop.time())
+    finally:
+        await playback.close()
+    waits = [min(t for t in taken if t > r) - r for r in returned[:-1]]
+    lead = playback.stats.lead_ms  # 5, or a step more per underrun on a busy machine
+    assert 5.0 <= lead <= 13.0
+    assert float(np.median(waits)) * 1000 < 15.0  # a period (20 ms) before
+
+
+async def test_pulse_playback_lead_grows_when_the_writer_is_late_but_not_when_idle(
+    alsa_home: Path, pulse_server: PulseServer
+) -> None:
+    write_asoundrc(alsa_home, {"vspk": pulse_server.playback_pcm("spk")})
+    playback = AlsaPlayback(DeviceConfig(name="vspk", lead_ms=8.0, lead_step_ms=4.0))
+    source = ToneSource(1000.0)
+    try:
+        await playback.start()
+        await _write_tone(playback, source, 25)
+        before = playback.stats
+        await asyncio.sleep(1.0)  # a pause between calls: the device plays silence meanwhile
+        await _write_tone(playback, source, 5)
+        idle = playback.stats
+        await playback.write(await source.read())
+        time.sleep(0.06)  # noqa: ASYNC251 (the loop is late on purpose: the device runs dry)
+        await _write_tone(playback, source, 5)
+        late = playback.stats
+    finally:
+        await playback.close()
+    assert idle.underruns > before.underruns
+    assert idle.lead_ms == before.lead_ms
+    assert late.underruns > idle.underruns
+    assert late.lead_ms == pytest.approx(idle.lead_ms + 4.0)
 
 
 async def test_capture_falls_back_to_the_default_rate_when_refused(

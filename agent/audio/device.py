@@ -42,6 +42,8 @@ logger = logging.getLogger(__name__)
 
 # Consecutive callbacks flagged with lost samples (1 s of 20 ms buffers) that mean a dead device.
 _MAX_ERROR_CALLBACKS = 50
+_LEAD_RELAX_S = 60.0  # playback: an underrun-free minute takes one lead step back
+_WRITER_IDLE_S = 0.5  # playback: a writer away this long paused (between calls), not late
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,9 +68,16 @@ class DeviceConfig:
     """Capture: frames kept for a slow reader; when full the oldest is dropped."""
     prefill_frames: int = 1
     """Playback: frames queued ahead of the device; ``write`` waits while this many are.
-    PortAudio keeps its own periods queued too, so one more frame here is enough margin for
-    the event loop to decode the next one: a second cost 30 ms of mouth-to-ear delay on the
-    virtual boards and no PESQ (clean 4.02-4.07, 10 % loss 3.75-4.05 with one)."""
+    PortAudio keeps its own periods queued too, so one frame here is margin enough: a
+    second cost 30 ms of mouth-to-ear delay on the virtual boards and no PESQ."""
+    lead_ms: float = 8.0
+    """Playback: ``write`` returns this long before the device's next callback is due, not
+    as soon as it took the last frame, so that the next frame is made just in time and waits
+    ``lead_ms`` in the queue instead of a whole period (12 ms less mouth-to-ear delay at 8).
+    Each callback that finds nothing queued (the loop was late) adds ``lead_step_ms``, up to
+    a whole period (the frame is then made right after each callback); a minute without
+    one takes a step back."""
+    lead_step_ms: float = 4.0
     reopen_interval_s: float = 1.0
     """Pause between attempts to find and re-open a lost device."""
     stall_timeout_s: float = 5.0
@@ -90,6 +99,8 @@ class DeviceConfig:
             raise ValueError(f"channel must be 0..{self.channels - 1}, got {self.channel}")
         if self.queue_frames < 1 or self.prefill_frames < 1:
             raise ValueError("queue_frames and prefill_frames must be at least 1")
+        if self.lead_ms < 0 or self.lead_step_ms <= 0:
+            raise ValueError("lead_ms must be >= 0 and lead_step_ms > 0")
         if min(self.reopen_interval_s, self.stall_timeout_s, self.watch_interval_s) <= 0:
             raise ValueError(
                 "reopen_interval_s, stall_timeout_s and watch_interval_s must be positive"
@@ -140,6 +151,9 @@ class PlaybackStats:
     """Attempts to find and re-open the device after it was lost."""
     device_rate: int | None
     """Rate the device is open at; None while it is lost."""
+    lead_ms: float
+    """How long before the device's next callback ``write`` now returns (``lead_ms`` of the
+    config, raised after underruns)."""
 
 
 def find_device(devices: list[DeviceInfo], pattern: str, *, capture: bool) -> DeviceInfo:
@@ -642,6 +656,12 @@ class AlsaPlayback(_DeviceStream):
         self._played = 0
         self._discarded = 0
         self._underruns = 0  # written only by the PortAudio thread
+        self._underruns_seen = 0
+        self._period = config.frames_per_buffer / SAMPLE_RATE
+        self._lead = min(config.lead_ms / 1000, self._period)
+        self._lead_since = 0.0  # loop time the lead last changed
+        self._returned = 0.0  # loop time write() last returned
+        self._callback_gap = 0.0  # seconds between the device's last two callbacks
 
     @property
     def stats(self) -> PlaybackStats:
@@ -652,6 +672,7 @@ class AlsaPlayback(_DeviceStream):
             device_lost=self._device_lost,
             reopen_attempts=self._reopen_attempts,
             device_rate=self._opened.rate if self._opened is not None and self._healthy else None,
+            lead_ms=1000 * self._lead,
         )
 
     async def write(self, frame: bytes) -> None:
@@ -659,9 +680,6 @@ class AlsaPlayback(_DeviceStream):
             raise ValueError(f"expected a {FRAME_BYTES}-byte frame, got {len(frame)} bytes")
         if self._loop is None or self._closed:
             raise RuntimeError("playback is not running")
-        while self._healthy and len(self._buffer) >= self.config.prefill_frames:
-            self._space.clear()
-            await self._space.wait()
         if not self._healthy:
             await self._pacer.wait()
             self._discarded += 1
@@ -673,6 +691,29 @@ class AlsaPlayback(_DeviceStream):
         self._buffer.extend(chunks)
         self._primed = True
         self._played += 1
+        await self._until_due(self._loop)
+
+    async def _until_due(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Wait until the device has room and its next callback is ``lead`` away."""
+        while self._healthy and len(self._buffer) >= self.config.prefill_frames:
+            self._space.clear()
+            await self._space.wait()
+        now = loop.time()
+        lead, cap = self._lead, self._period
+        if self._underruns != self._underruns_seen:
+            self._underruns_seen = self._underruns
+            if self._returned > now - _WRITER_IDLE_S:
+                lead = min(cap, lead + self.config.lead_step_ms / 1000)
+        elif lead > self.config.lead_ms / 1000 and now - self._lead_since > _LEAD_RELAX_S:
+            lead = max(self.config.lead_ms / 1000, lead - self.config.lead_step_ms / 1000)
+        if lead != self._lead:
+            logger.info("playback lead %.0f -> %.0f ms", 1000 * self._lead, 1000 * lead)
+            self._lead, self._lead_since = lead, now
+        # An unpaced device (a file PCM) calls back at once: nothing to wait for.
+        due = self._last_callback + min(cap, self._callback_gap) - lead
+        if self._healthy and due > now:
+            await asyncio.sleep(due - now)
+        self._returned = loop.time()
 
     async def close(self) -> None:
         """Play what is queued (if the device is taking audio), then close."""
@@ -713,6 +754,7 @@ class AlsaPlayback(_DeviceStream):
     def _install(self, opened: _Opened, *, healthy: bool) -> None:
         self._buffer.clear()
         self._primed = False
+        self._callback_gap = 0.0
         self._resampler = FrameResampler(SAMPLE_RATE, opened.rate, self._device_frames(opened.rate))
         super()._install(opened, healthy=healthy)
 
@@ -720,5 +762,7 @@ class AlsaPlayback(_DeviceStream):
         self._space.set()
 
     def _freed(self, gen: int, status: int) -> None:
+        previous = self._last_callback
         if self._callback_arrived(gen, status):
+            self._callback_gap = self._last_callback - previous
             self._space.set()
