@@ -23,8 +23,9 @@ the filter is handed silence instead.
 WebRTC's suppressor costs clean speech about 0.2-0.4 PESQ however gently it is set, so
 its output is used only while there is noise to remove: ``QuietBypass`` follows the
 noise floor (the quietest frames of the last seconds) and, in a quiet room, passes the
-microphone through delayed as the suppressor delays it, cross-fading at each switch. The
-suppressor keeps running either way, so its noise estimate is current when noise comes.
+microphone through as it is, without the suppressor's 6 ms of delay (the output moves by
+that much at each switch, inside a one-frame cross-fade). The suppressor keeps running
+either way, so its noise estimate is current when noise comes.
 
 Wiring: ``source(capture)`` is the call's microphone (``FrontendSource``) and
 ``tap(speaker)`` the speaker (``ReferenceTap``: it hands each frame it plays to the front
@@ -45,8 +46,8 @@ from agent.audio.base import AudioSink, AudioSource
 from agent.audio.delay import AlignerSettings, ReferenceAligner
 from agent.audio.format import FRAME_SAMPLES, SAMPLE_RATE
 from agent.audio.speexdsp import EchoCanceller, Preprocessor, Resampler
-from agent.audio.webrtc_ns import DELAY_SAMPLES, Level, NoiseSuppressor
 from agent.audio.webrtc_ns import RATE as NS_RATE
+from agent.audio.webrtc_ns import Level, NoiseSuppressor
 
 logger = logging.getLogger(__name__)
 
@@ -185,7 +186,7 @@ class AudioFrontend:
 
     def process(self, frame: bytes) -> bytes:
         """The 48 kHz microphone frame, cleaned (and delayed: the resamplers' ~3 ms, the
-        denoiser's 6 ms)."""
+        denoiser's 6 ms while its output is in use)."""
         low = frame if self._down is None else self._down.process(frame)
         out = bytearray()
         for i in range(0, len(low), self._chunk):
@@ -229,8 +230,8 @@ class AudioFrontend:
 
 
 class QuietBypass:
-    """Chooses, frame by frame, between the denoiser's output and its input delayed alike,
-    by the noise floor: the lowest frame level in each half second (speech has pauses,
+    """Chooses, frame by frame, between the denoiser's output and its input, by the noise
+    floor: the lowest frame level in each half second (speech has pauses,
     noise has none). Noise is there once a second and a half has had no frame under
     ``quiet_dbfs`` + 5 dB (a talker rarely goes that long without a pause: with half a
     second, clean speech lost 0.1 PESQ to the denoiser coming in mid-sentence); the room
@@ -244,7 +245,6 @@ class QuietBypass:
     def __init__(self, quiet_dbfs: float, frame_samples: int) -> None:
         self._quiet = quiet_dbfs
         self._block_frames = round(self._BLOCK_S * NS_RATE / frame_samples)
-        self._delay = bytes(2 * DELAY_SAMPLES)
         self._ramp = np.linspace(0.0, 1.0, frame_samples, endpoint=False)
         self._minima: deque[float] = deque(maxlen=self._QUIET_BLOCKS)
         self._block_min = np.inf
@@ -254,17 +254,15 @@ class QuietBypass:
         """The quietest frame level of the last half second."""
 
     def choose(self, raw: bytes, denoised: bytes) -> bytes:
-        """``denoised``, or ``raw`` delayed by the denoiser's delay, or a cross-fade."""
-        delayed = self._delay + raw[: len(raw) - len(self._delay)]
-        self._delay = raw[len(raw) - len(self._delay) :]
+        """``denoised``, or ``raw``, or a cross-fade from one to the other."""
         was = self.denoising
         self._track(raw)
         if self.denoising != was:  # fade into the new choice over this frame
-            x = np.frombuffer(delayed, np.int16).astype(np.float32)
+            x = np.frombuffer(raw, np.int16).astype(np.float32)
             y = np.frombuffer(denoised, np.int16).astype(np.float32)
             fade = self._ramp if self.denoising else 1.0 - self._ramp
             return np.round(x + (y - x) * fade).astype(np.int16).tobytes()
-        return denoised if self.denoising else delayed
+        return denoised if self.denoising else raw
 
     def _track(self, frame: bytes) -> None:
         x = np.frombuffer(frame, np.int16).astype(np.float32)
@@ -302,16 +300,18 @@ class FrontendSource:
 
 
 class ReferenceTap:
-    """An ``AudioSink`` that hands each frame, once the speaker took it, to the front end
-    as the echo reference."""
+    """An ``AudioSink`` that hands each frame to the front end as the echo reference as it
+    goes to the speaker: before ``write``, which returns only shortly before the speaker
+    wants the next one (``DeviceConfig.lead_ms``), so that the reference never comes after
+    the microphone could hear it."""
 
     def __init__(self, sink: AudioSink, frontend: AudioFrontend) -> None:
         self._sink = sink
         self._frontend = frontend
 
     async def write(self, frame: bytes) -> None:
-        await self._sink.write(frame)
         self._frontend.reference(frame)
+        await self._sink.write(frame)
 
     async def close(self) -> None:
         await self._sink.close()
