@@ -50,6 +50,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, RowMapping
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.sql.base import Executable
 
 from agent.edge.alerts import Alert
 from cloud_relay.clips import ClipInfo
@@ -584,14 +585,14 @@ class Store:
         """Record the answer (the first one); False if the store has no such call (yet)."""
         params = {"c_id": call, "c_at": at}
         with self._transaction() as conn:
-            return bool(conn.execute(_CALL_ANSWERED, params).rowcount) or _has_call(conn, params)
+            return _update_existing(conn, _CALL_ANSWERED, _CALL_EXISTS, params)
 
     def call_ended(self, call: str, reason: str, at: datetime) -> bool:
         """Record the end (see ``_CALL_ENDED`` for which of several); False if the store
         has no such call (yet)."""
         params = {"c_id": call, "c_at": at, "c_reason": reason}
         with self._transaction() as conn:
-            return bool(conn.execute(_CALL_ENDED, params).rowcount) or _has_call(conn, params)
+            return _update_existing(conn, _CALL_ENDED, _CALL_EXISTS, params)
 
     def calls(self, *, open_only: bool = False) -> list[CallRecord]:
         query = select(calls).order_by(calls.c.started, calls.c.id)
@@ -616,16 +617,14 @@ class Store:
     ) -> bool:
         """Record the outcome of a command still ``sent``; False if there is no such command
         (yet: another relay worker may be recording it)."""
+        finish = (
+            update(commands)
+            .where(commands.c.id == cmd_id, commands.c.status == "sent")
+            .values(status=status, result=None if result is None else dict(result))
+        )
+        exists = select(commands.c.id).where(commands.c.id == cmd_id)
         with self._transaction() as conn:
-            finished = conn.execute(
-                update(commands)
-                .where(commands.c.id == cmd_id, commands.c.status == "sent")
-                .values(status=status, result=None if result is None else dict(result))
-            ).rowcount
-            if finished:
-                return True
-            found = conn.execute(select(commands.c.id).where(commands.c.id == cmd_id)).first()
-            return found is not None
+            return _update_existing(conn, finish, exists, {})
 
     def commands(self) -> list[CommandRecord]:
         with self._engine.connect() as conn:
@@ -1190,8 +1189,20 @@ def _api_token(r: RowMapping) -> ApiTokenRecord:
     )
 
 
-def _has_call(conn: Connection, params: Mapping[str, Any]) -> bool:
-    return conn.execute(_CALL_EXISTS, params).first() is not None
+def _update_existing(
+    conn: Connection, change: Executable, exists: Executable, params: Mapping[str, Any]
+) -> bool:
+    """Run ``change`` on a row; False if ``exists`` finds no such row (yet).
+
+    PostgreSQL's statements each see what was committed when they began: a row another
+    worker commits after ``change`` ran and before ``exists`` looks is changed then, not
+    taken for a row that needed no change (that lost a call's end under load)."""
+    if conn.execute(change, params).rowcount:
+        return True
+    if conn.execute(exists, params).first() is None:
+        return False
+    conn.execute(change, params)
+    return True
 
 
 def _device(r: RowMapping) -> DeviceRecord:

@@ -8,16 +8,20 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import pytest
 from mqtt_env import eventually, now_ms, until
+from sqlalchemy import create_engine, event, insert
 from sqlalchemy.exc import IntegrityError
 
 from agent.signaling.envelope import new_id
 from cloud_relay.config import RelayConfig, StoreSettings
 from cloud_relay.routing import CallAnswered, CallEnded
+from cloud_relay.schema import calls
 from cloud_relay.service import Relay
 from cloud_relay.store import PEER_ENDED, Store, utc_from_ms
+from tools.lab.postgres import Postgres
 
 
 async def test_queued_writes_land_in_order_and_reads_see_them(store_url: str) -> None:
@@ -107,6 +111,41 @@ async def test_answer_and_end_of_a_call_stored_late_by_another_worker(
     finally:
         await relay.close()
         await other.close()
+        await store.close()
+
+
+@pytest.mark.parametrize("change", ["answer", "end"])
+async def test_a_call_another_worker_commits_while_an_update_runs_is_still_updated(
+    postgres: Postgres, change: str
+) -> None:
+    """On PostgreSQL each statement sees what was committed when it began. Another worker
+    commits the call right after our update ran (and missed it) and before we look for the
+    row: the answer or end must still be stored, not taken as needing no change."""
+    url = postgres.create_database()
+    store = await Store.open(url)
+    other = create_engine(url)
+    try:
+        call, at = new_id(), utc_from_ms(now_ms())
+        with other.connect() as conn:
+            pending = conn.begin()
+            conn.execute(insert(calls).values(id=call, caller="door-a", callee="door-b",
+                                              mode="normal", started=at))  # fmt: skip
+
+            def commit_after_the_first_update(_conn: Any, _cursor: Any, statement: str,
+                                              *_: Any) -> None:  # fmt: skip
+                if statement.lstrip().upper().startswith("UPDATE") and pending.is_active:
+                    pending.commit()
+
+            event.listen(store._engine, "after_cursor_execute", commit_after_the_first_update)
+            if change == "answer":
+                assert await store.run(store.call_answered, call, at) is True
+            else:
+                assert await store.run(store.call_ended, call, "hangup", at) is True
+            assert not pending.is_active  # the race did happen
+        (record,) = await store.run(store.calls)
+        assert (record.answered if change == "answer" else record.ended) == at
+    finally:
+        other.dispose()
         await store.close()
 
 
