@@ -250,8 +250,11 @@ class QuietBypass:
         self._block_min = np.inf
         self._frames = 0
         self.denoising = False  # until noise is found: the denoiser learns meanwhile
-        self.floor_dbfs: float | None = None
-        """The quietest frame level of the last half second."""
+
+    @property
+    def floor_dbfs(self) -> float | None:
+        """The quietest frame level of the last half second (None before the first)."""
+        return self._minima[-1] if self._minima else None
 
     def choose(self, raw: bytes, denoised: bytes) -> bytes:
         """``denoised``, or ``raw``, or a cross-fade from one to the other."""
@@ -271,8 +274,7 @@ class QuietBypass:
         self._frames += 1
         if self._frames < self._block_frames:
             return
-        self.floor_dbfs = floor = self._block_min
-        self._minima.append(floor)
+        self._minima.append(self._block_min)
         self._block_min, self._frames = np.inf, 0
         noisy = self._quiet + self._HYSTERESIS_DB
         if not self.denoising and min(list(self._minima)[-self._NOISY_BLOCKS :]) > noisy:

@@ -165,10 +165,10 @@ def _pesq(clean: np.ndarray, degraded: np.ndarray) -> float:
 
 
 def doubletalk_clip(
-    seed: int, work: Path, settings: FrontendSettings, far_first_s: float
-) -> tuple[float, float, float]:
-    """PESQ of the near end through the front end during double talk, unprocessed, and
-    through the canceller's filter alone, after ``far_first_s`` of the far end alone."""
+    seed: int, work: Path, variants: Sequence[FrontendSettings | None], far_first_s: float
+) -> tuple[float, ...]:
+    """PESQ of the near end during double talk after ``far_first_s`` of the far end alone,
+    through the front end with each of ``variants`` (None: the microphone unprocessed)."""
     rng = np.random.default_rng(seed)
     path = EchoPath.draw(rng)
     far = sounds.speech(work, rng, far_first_s + DOUBLETALK_S, sounds.VOICES)
@@ -185,14 +185,11 @@ def doubletalk_clip(
     mic[start : start + len(near)] += near / 32768
     mic16 = _int16(mic)
     ref16 = _int16(far)
-    out, _, _ = run(settings, mic16, ref16)
-    bare = dataclasses.replace(settings, residual_echo_suppression=False, noise_suppression=False)
-    filtered, _, _ = run(bare, mic16, ref16)
     part = slice(start, len(mic16) - tail)
-    return (
-        _pesq(near[: part.stop - start], _aligned(near, out, part)),
-        _pesq(near[: part.stop - start], mic16[part]),
-        _pesq(near[: part.stop - start], _aligned(near, filtered, part)),
+    clean = near[: part.stop - start]
+    return tuple(
+        _pesq(clean, mic16[part] if v is None else _aligned(near, run(v, mic16, ref16)[0], part))
+        for v in variants
     )
 
 
@@ -280,12 +277,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
         print(f"frontend: {args.echo_clips} echo, {args.doubletalk_clips} double-talk, "
               f"{noise_clips} noise clips at {args.rate} Hz", flush=True)  # fmt: skip
         echoes = [echo_clip(int(seeds[0]) + i, work, settings) for i in range(args.echo_clips)]
+        # The canceller's filter alone: residual echo and noise suppression off.
+        bare = dataclasses.replace(
+            settings, residual_echo_suppression=False, noise_suppression=False
+        )
         talks, first_calls = (
             [
-                doubletalk_clip(int(seeds[1]) + i, work, settings, far_first_s)
+                doubletalk_clip(int(seeds[1]) + i, work, variants, far_first_s)
                 for i in range(args.doubletalk_clips)
             ]
-            for far_first_s in (TRAINING_S, CONVERGE_S)
+            for variants, far_first_s in (
+                ((settings, None, bare), TRAINING_S),
+                ((settings,), CONVERGE_S),
+            )
         )
         noisy, clean = {}, {}
         for name, ns in denoisers.items():
@@ -318,9 +322,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
         "pesq_wb_near_doubletalk": round(statistics.fmean(p for p, _, _ in talks), 2),
         "pesq_wb_near_doubletalk_unprocessed": round(statistics.fmean(b for _, b, _ in talks), 2),
         "pesq_wb_near_doubletalk_filter_only": round(statistics.fmean(f for _, _, f in talks), 2),
-        "pesq_wb_near_doubletalk_first_call": round(
-            statistics.fmean(p for p, _, _ in first_calls), 2
-        ),
+        "pesq_wb_near_doubletalk_first_call": round(statistics.fmean(p for (p,) in first_calls), 2),
         "pesq_wb_ns": round(statistics.fmean(p for p, _ in noisy[args.denoiser]), 2),
         "pesq_wb_noisy": round(statistics.fmean(b for _, b in noisy[args.denoiser]), 2),
         "pesq_gain_ns": round(statistics.fmean(p - b for p, b in noisy[args.denoiser]), 2),
