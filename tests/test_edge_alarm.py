@@ -152,6 +152,18 @@ def test_random_drifted_alarms_in_a_reverberant_room(kind: str, seed: int) -> No
     assert_one(detect(x), kind, within_s=8.0 if kind == "smoke_alarm" else 12.0)
 
 
+def test_t3_drifted_to_long_tones_in_a_reverberant_room() -> None:
+    """The room's tail makes 0.64 s tones over 0.69 s, out of T3's window: the onsets still
+    keep T3's pace."""
+    rng = np.random.default_rng(31)
+    segments = sounds.temporal(
+        rng, "smoke_alarm", CLIP - AT - 2, on_scale=1.28, gap_scale=1.28, jitter=0.0
+    )
+    wet = sounds.reverb(rng, sounds.beeps(segments, CLIP - AT - 2, 3300.0), rt60_s=0.6)
+    x = sounds.to_int16(sounds.mix(wet, quiet(rng, CLIP), 20, AT), -30)
+    assert_one(detect(x), "smoke_alarm", within_s=8.0)
+
+
 @pytest.mark.parametrize("kind", ["smoke_alarm", "co_alarm"])
 @pytest.mark.parametrize("background", ["white", "pink", "household", "music"])
 @pytest.mark.parametrize("seed", range(2))
@@ -437,6 +449,18 @@ def test_continuous_tone_is_an_unclassified_alarm_sound() -> None:
     assert "unclassified" in found[0].detail and "continuous" in found[0].detail
     assert found[0].end_s == pytest.approx(22.0, abs=0.2)  # unclassified_min_s after onset
     assert found[0].confidence <= 0.75  # lower than a recognised pattern
+
+
+def test_continuous_tone_is_timed_from_its_own_onset() -> None:
+    """A tone elsewhere that began earlier and stopped before it started neither hastens
+    nor delays it, nor does a note out of the alarm bands sounding meanwhile."""
+    rng = np.random.default_rng(9)
+    earlier = sounds.beeps([(2.0, 8.0)], 47.0, 3300.0) + sounds.beeps([(15.0, 30.0)], 47.0, 1000.0)
+    tone = sounds.beeps([(21.0, 45.0)], 47.0, 2700.0)
+    found = detect(sounds.to_int16(earlier + tone + quiet(rng, 47.0), -30))
+    assert [d.kind for d in found] == ["alarm_sound"]
+    assert found[0].start_s == pytest.approx(21.0, abs=0.05)
+    assert found[0].end_s == pytest.approx(41.0, abs=0.2)  # unclassified_min_s after it
 
 
 @pytest.mark.parametrize(("on", "off"), [(0.25, 0.25), (1.0, 1.0), (0.3, 0.8)])

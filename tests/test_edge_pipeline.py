@@ -12,11 +12,14 @@ import pytest
 import soxr
 
 from agent.audio.format import SAMPLE_RATE
+from agent.edge.alarm import AlarmDetector
 from agent.edge.alerts import Severity
 from agent.edge.base import Detection
-from agent.edge.pipeline import DETECTORS, EdgeSettings, to_alert
+from agent.edge.glass import GlassBreakDetector
+from agent.edge.pipeline import DETECTORS, EdgeAnalyzer, EdgeSettings, to_alert
 from agent.service.config import load_config
 from agent.service.tomlconf import ConfigError
+from tools.lab import events as ev
 from tools.lab import sounds
 from tools.lab.fleet import AGENT_CMD, REPO
 from tools.lab.virtual_audio import write_wav
@@ -74,3 +77,32 @@ def test_a_detection_becomes_an_alert_with_its_severity_and_wall_clock_times() -
     assert alert.detail == {"detail": "T3, 3.1 kHz"}
     voice = to_alert(Detection("voice", "voice", 1.0, 2.0, 0.6, -40.0), start, start)
     assert voice.severity is Severity.INFO and voice.id != alert.id
+
+
+def test_detectors_sharing_the_frame_fft_find_what_each_finds_alone() -> None:
+    """The alarm and glass-break detectors of one stream share each frame's FFT: together
+    they report exactly what each reports on its own, also when a capture loop refills one
+    array in place for every frame (no frame may be taken for the one before)."""
+    rng = np.random.default_rng(3)
+    smoke = sounds.to_int16(sounds.alarm(rng, "smoke_alarm", 14.0).samples)
+    glass = ev.pad(ev.glass_break(2), before_s=1.0, after_s=2.0)
+    clip = sounds.concat(glass, smoke, glass)
+    alone = sounds.detect(AlarmDetector(), clip) + sounds.detect(GlassBreakDetector(), clip)
+    assert sorted(d.kind for d in alone) == ["glass_break", "glass_break", "smoke_alarm"]
+    for refill in (False, True):
+        detectors = EdgeSettings(enabled=("alarm", "glass_break")).detectors()
+        buffer = np.zeros(960, np.int16)
+        together: list[Detection] = []
+        for frame in sounds.frames(clip):
+            buffer[:] = frame
+            fed = buffer if refill else frame
+            for detector in detectors:
+                together += detector.feed(fed)
+        assert sorted(together, key=lambda d: (d.start_s, d.kind)) == sorted(
+            alone, key=lambda d: (d.start_s, d.kind)
+        )
+    analyzer = EdgeAnalyzer(EdgeSettings(enabled=("alarm", "glass_break")))
+    found = [d for frame in sounds.frames(clip) for d in analyzer.feed(frame.tobytes())]
+    assert sorted(found, key=lambda d: (d.start_s, d.kind)) == sorted(
+        alone, key=lambda d: (d.start_s, d.kind)
+    )

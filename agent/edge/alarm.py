@@ -23,7 +23,8 @@ direct sound while it lasts; and a T4 match whose tones are uneven or whose paus
 speech is still accepted when the bin's stored prominence contrasts sharply between the
 tones and the pause (``_contrast``: a matched filter over the cycle). Speech and TV at
 low SNR cut T3 tones into pieces: if the tones as tracked do not match, they are
-matched again with the pieces joined (``_join``).
+matched again with the pieces joined (``_join``). A room's tail also lengthens T3 tones
+and shortens their gaps: a T3 off by that much is accepted at T3's pace (``_paced``).
 
 Per-bin tracking means a 520 Hz square wave is tracked at its fundamental and each odd
 harmonic separately; whichever is clearest over the background matches. At low SNR
@@ -53,11 +54,12 @@ import math
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
 from agent.audio.format import FRAME_SAMPLES, SAMPLE_RATE
-from agent.edge.base import Detection
+from agent.edge.base import Detection, FrameSpectrum
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +84,8 @@ _SQUARE_STEP_HZ = 10.0  # harmonic channels' spacing: the 7th harmonic stays in 
 _PARTIALS = 3  # a harmonic channel's match needs this many of its harmonics ...
 _PARTIAL_DB = 5.0  # ... standing out this far over the matched tones, see ``_partials``
 _FADE_DB = 2.5  # T4 groups fading tone by tone this much are a beating note, see ``_fading``
+_ROOM_S = 0.1  # a room's tail lengthens T3 tones and shortens their gaps this much, see ``_paced``
+_NEVER = 1 << 62  # a frame number no stream reaches
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,8 +204,10 @@ class AlarmSettings:
             raise ValueError(f"unclassified_min_s + unclassified_max_gap_s must be <= {_KEEP_S}")
 
 
-@dataclass(frozen=True, slots=True)
-class _Tone:
+class _Tone(NamedTuple):
+    """One tone of a bin. A named tuple: a busy bin ends a few tones a second, and a
+    tuple is made in a third of a frozen dataclass's time."""
+
     start_s: float
     end_s: float
     power: float  # peak bin power (FFT units)
@@ -293,12 +299,15 @@ class AlarmDetector:
 
     name = "alarm"
 
-    def __init__(self, settings: AlarmSettings | None = None) -> None:
+    def __init__(
+        self, settings: AlarmSettings | None = None, spectrum: FrameSpectrum | None = None
+    ) -> None:
+        """``spectrum``: shared with the other detectors of the stream (one FFT a frame)."""
         s = self.settings = settings or AlarmSettings()
+        self._spectrum = spectrum or FrameSpectrum()
         self._lo = math.floor(s.min_freq_hz / _BIN_HZ)
         self._hi = math.ceil(s.max_freq_hz / _BIN_HZ) + 1  # band bins: [lo, hi)
         self._off = _NEAR[1] + 1  # first band bin's index in the extended spectrum slice
-        self._window = np.hanning(FRAME_SAMPLES + 2)[1:-1]
         # Power of a full-scale sine in its own bin (Hann: |X| = A N / 4), for dBFS.
         self._full_power = (_FULL_SCALE * FRAME_SAMPLES / 4) ** 2
         self._min_power = self._full_power * 10 ** (s.min_level_dbfs / 10)
@@ -324,7 +333,18 @@ class AlarmDetector:
         )
         self._bins = len(freqs)
         self._freqs = np.concatenate((freqs, fundamentals))
+        # Each frame's figures, written in place (numpy's per-call cost dominates a frame):
+        # peak and prominence of the bins then the channels; the bins' peak + 1 then floor.
+        self._peak_now = np.zeros(len(self._freqs))
+        self._ratio_now = np.zeros(len(self._freqs))
+        self._logs_of = np.zeros(2 * self._bins)
+        self._logs_at = np.stack((self._harmonics, self._harmonics + self._bins))
         self._in_alarm_band = np.concatenate((in_band, np.ones(len(fundamentals), dtype=bool)))
+        # Bins whose tones are looked at: in an alarm band, or next to one (``_even``). The
+        # others (speech's 700-1300 Hz) need no tone list.
+        self._heard = self._in_alarm_band.copy()
+        for j in np.flatnonzero(self._in_alarm_band):
+            self._heard[self._near(int(j))] = True
         tol, slack = s.tolerance, s.slack_s
         self._t3 = _Pattern(
             3,
@@ -338,8 +358,27 @@ class AlarmDetector:
             _Window(s.t4_gap_s, tol, slack),
             _Window(s.t4_pause_s, tol, slack),
         )
+        # In a room: T3 tones longer and gaps shorter by a tail, at T3's pace (``_paced``).
+        self._t3_room = _Pattern(
+            3,
+            _Window(s.t3_on_s, tol, slack),
+            _Window(s.t3_gap_s, tol, slack),
+            _Window(s.t3_pause_s, tol, slack),
+        )
+        self._t3_room.on.high += _ROOM_S
+        self._t3_room.gap.low -= _ROOM_S
+        self._t3_period = _Window(s.t3_on_s + s.t3_gap_s, tol, slack)
         # T4's pace: from one tone's onset to the next.
         self._t4_period = _Window(s.t4_on_s + s.t4_gap_s, tol, slack)
+        # How far before a T4 group's last onset the one before it lies, and its first one
+        # at most, however the group is told (tone lengths and gaps, or onsets at the
+        # pace), a frame to spare: ``_match_t4`` rules out most short tones with them.
+        t4, step = self._t4, self._t4_period
+        self._t4_next = (
+            min(t4.on.low + t4.gap.low, step.low) - _FRAME_S,
+            max(t4.on.high + t4.gap.high, step.high) + _FRAME_S,
+        )
+        self._t4_reach = 3 * max(t4.on.high + t4.gap.high, step.high + _PERIOD_SPREAD_S) + _FRAME_S
         self._weaker = 10 ** (-_WEAKER_DB / 10)
         self._csum = np.zeros(self._hi - self._lo + 2 * self._off + 1)
         self._continuous_frames = round(s.unclassified_min_s / _FRAME_S)
@@ -360,6 +399,8 @@ class AlarmDetector:
         self._peak_ratio = np.zeros(n)
         self._valley = np.zeros(n)
         self._trials: dict[int, _Trial] = {}
+        # No alarm band tone can have sounded ``unclassified_min_s`` before this frame.
+        self._long_from = self._continuous_frames
         # Each bin's prominence over the last T4 cycle and more, for ``_contrast``.
         self._history = np.zeros((self._history_frames, n), dtype=np.float32)
         self._tones: dict[int, deque[_Tone]] = {}
@@ -383,35 +424,41 @@ class AlarmDetector:
         f = self._frame
         self._frame = f + 1
         near_lo, near_hi = _NEAR
-        spec = np.fft.rfft(frame * self._window)[self._lo - self._off : self._hi + self._off]
-        power = spec.real * spec.real
-        power += spec.imag * spec.imag
-        o, n = self._off, self._hi - self._lo
+        power = self._spectrum.power(frame, f)[self._lo - self._off : self._hi + self._off]
+        o, n = self._off, self._bins
+        peak, ratio = self._peak_now, self._ratio_now
         # A tone may straddle two bins: the band bin sees the max of itself and neighbours.
-        peak = np.maximum(power[o - 1 : o + n - 1], power[o : o + n])
-        np.maximum(peak, power[o + 1 : o + n + 1], out=peak)
+        np.maximum(power[o - 1 : o + n - 1], power[o : o + n], out=peak[:n])
+        np.maximum(peak[:n], power[o + 1 : o + n + 1], out=peak[:n])
         csum = self._csum
-        np.cumsum(power, out=csum[1:])
+        np.add.accumulate(power, out=csum[1:])  # cumsum, without its Python layer
+        width = near_hi - near_lo + 1
+        sums = csum[width:] - csum[:-width]  # sums[i]: bins i .. i + width - 1
         # The quieter side: a speech or music harmonic on one side does not mask the tone.
-        a, b = o - near_hi, o - near_lo + 1
-        c, d = o + near_lo, o + near_hi + 1
-        floor = np.minimum(csum[b : b + n] - csum[a : a + n], csum[d : d + n] - csum[c : c + n])
-        floor *= 1 / (near_hi - near_lo + 1)
+        a, c = o - near_hi, o + near_lo
+        logs_of = self._logs_of
+        floor = logs_of[n:]
+        np.minimum(sums[a : a + n], sums[c : c + n], out=floor)
+        floor *= 1 / width
         floor += 1.0
-        ratio = peak / floor
+        np.divide(peak[:n], floor, out=ratio[:n])
         if len(self._harmonics):
-            h = self._harmonics
-            level = np.log(peak[h] + 1.0).mean(axis=1)
-            peak = np.concatenate((peak, np.exp(level)))
-            ratio = np.concatenate((ratio, np.exp(level - np.log(floor[h]).mean(axis=1))))
+            # Geometric means over each channel's harmonics of peak + 1 and of the floor.
+            np.add(peak[:n], 1.0, out=logs_of[:n])
+            means = np.add.reduce(np.log(logs_of[self._logs_at]), axis=2)
+            means /= self._harmonics.shape[1]
+            np.exp(means[0], out=peak[n:])
+            means[0] -= means[1]
+            np.exp(means[0], out=ratio[n:])
         self._history[f % len(self._history)] = ratio
         kept = ratio > self._hold
         kept &= peak > self._min_power
         tonal = ratio > self._prominence
         tonal &= kept
 
+        # count_nonzero: a bool array's cheapest "any" (ndarray.any goes through Python).
         active = self._active
-        if not tonal.any() and not active.any():  # the usual case: nothing is sounding
+        if not np.count_nonzero(tonal) and not np.count_nonzero(active):  # nothing sounds
             np.minimum(self._valley, peak, out=self._valley)
             if self._episodes:
                 self._refresh_episodes(f)
@@ -421,8 +468,11 @@ class AlarmDetector:
         falling = peak < ref * self._release
         # A much louder tone starting in a bin that already holds a weak one (a note of
         # the music under the alarm) starts a tone of its own.
-        jump = active & tonal & (peak >= ref * self._onset)
-        holding = active & kept & ~falling & ~jump
+        jump = active & tonal
+        jump &= peak >= ref * self._onset
+        # On bool arrays ``a > b`` is ``a & ~b`` in one numpy call instead of two.
+        holding = active & kept
+        np.greater(holding, falling | jump, out=holding)
         waiting: list[int] = []
         decayed: list[int] = []
         if self._trials:
@@ -436,51 +486,58 @@ class AlarmDetector:
                 waiting=waiting,
                 decayed=decayed,
             )
-        lapsed = active & ~holding
+        lapsed = active > holding
         first = lapsed & (self._off_count == 0)
         first &= ratio > self._trial_ratio  # fallen (or jumped) but still clearly prominent
-        if first.any():
-            self._put_on_trial(f, np.flatnonzero(first & ~jump), peak, waiting)
-        self._off_count = np.where(holding, 0, self._off_count + lapsed)
-        ended = lapsed & (self._off_count >= self.settings.hang_frames) & ~jump
+        if np.count_nonzero(first):
+            self._put_on_trial(f, (first > jump).nonzero()[0], peak, waiting)
+        off_count = self._off_count
+        off_count += lapsed
+        off_count[holding] = 0
+        ended = off_count >= self.settings.hang_frames
+        ended &= lapsed
+        np.greater(ended, jump, out=ended)
         if waiting:
             ended[waiting] = False
         if decayed:
             ended[decayed] = True
-        onset = ~active & tonal & (peak >= self._valley * self._onset)
+        onset = tonal > active
+        onset &= peak >= self._valley * self._onset
 
         out: list[Detection] = []
-        if ended.any():
-            for j in np.flatnonzero(ended):
-                out += self._tone_ended(int(j), f)
-            active &= ~ended
+        if np.count_nonzero(ended):
+            for j in (ended & self._heard).nonzero()[0].tolist():
+                out += self._tone_ended(j, f)
+            np.greater(active, ended, out=active)
             # After a fall (a tail) a new tone must rise; after masking it may just resume.
-            self._valley[ended] = np.where(falling[ended], peak[ended], 0.0)
+            np.copyto(self._valley, np.where(falling, peak, 0.0), where=ended)
         np.maximum(ref, peak, out=ref, where=holding)
-        if jump.any():
-            for j in np.flatnonzero(jump):
-                out += self._tone_ended(int(j), f)
+        if np.count_nonzero(jump):
+            for j in (jump & self._heard).nonzero()[0].tolist():
+                out += self._tone_ended(j, f)
             onset |= jump
         if self._trials:
             for gone in [k for k in self._trials if not active[k]]:
                 del self._trials[gone]
-        grow = holding & (peak > self._peak)
-        if grow.any():
-            self._peak[grow] = peak[grow]
-            self._peak_ratio[grow] = ratio[grow]
+        grow = peak > self._peak
+        grow &= holding
+        if np.count_nonzero(grow):
+            np.copyto(self._peak, peak, where=grow)
+            np.copyto(self._peak_ratio, ratio, where=grow)
         self._last_on[holding] = f
-        if onset.any():
+        if np.count_nonzero(onset):
             active |= onset
             self._start[onset] = f
+            self._long_from = min(self._long_from, f + self._continuous_frames)
             self._last_on[onset] = f
             self._off_count[onset] = 0
-            self._peak[onset] = peak[onset]
-            ref[onset] = peak[onset]
-            self._peak_ratio[onset] = ratio[onset]
+            np.copyto(self._peak, peak, where=onset)
+            np.copyto(ref, peak, where=onset)
+            np.copyto(self._peak_ratio, ratio, where=onset)
         idle = ~active
         np.minimum(self._valley, peak, out=self._valley, where=idle)
 
-        if self.settings.unclassified and active.any():
+        if self.settings.unclassified and f >= self._long_from:
             out += self._check_continuous(f)
         if self._episodes:
             self._refresh_episodes(f)
@@ -545,14 +602,14 @@ class AlarmDetector:
         return range(max(lo, j - 2), min(hi, j + 3))
 
     def _tone_ended(self, j: int, f: int) -> list[Detection]:
-        start, last = int(self._start[j]), int(self._last_on[j])
+        start, last = self._start.item(j), self._last_on.item(j)
         if last + 1 - start < self.settings.min_tone_frames:
             return []
         tone = _Tone(
             start * _FRAME_S,
             (last + 1) * _FRAME_S,
-            float(self._peak[j]),
-            _db(float(self._peak_ratio[j])),
+            self._peak.item(j),
+            _db(self._peak_ratio.item(j)),
             (last + 1 - start) * _FRAME_S,
         )
         tones = self._tones.get(j)
@@ -566,7 +623,7 @@ class AlarmDetector:
                 episode.last_s = tone.end_s
         now = f * _FRAME_S
         out: list[Detection] = []
-        if not self._in_alarm_band[j]:
+        if not self._in_alarm_band.item(j):
             return out
         # Cheap tests first: most tones (music, speech) are not of any pattern's length.
         found: _Match | None = None
@@ -576,7 +633,7 @@ class AlarmDetector:
                 out += self._report("co_alarm", j, now, found)
         # A T3 tone ends, whole or in pieces (a T4 group joined is no T3: no 0.5 s gaps).
         if found is None and (
-            tone.length_s in self._t3.on or self._joined_length(tones) in self._t3.on
+            tone.length_s in self._t3_room.on or self._joined_length(tones) in self._t3.on
         ):
             found = self._match_t3(j, tones)
             if found is not None:
@@ -737,16 +794,20 @@ class AlarmDetector:
         Two, not one: three beeps and, by chance, one tone of the music a pause later
         happen; two in the T3 rhythm rarely do.
         """
-        t = self._t3
-        found = self._match_t3_in(j, tones, None) if tones[-1].length_s in t.on else None
+        t, room = self._t3, self._t3_room
+        last = tones[-1].length_s
+        found = self._match_t3_in(j, tones, None, t) if last in t.on else None
         # Tones cut into pieces: judged joined. Not always: a reverberant tail that swells
         # again just after a tone is no piece of it (it is skipped).
         if found is None and (joined := self._joined(tones, t, _JOIN_GAP_S)):
-            found = self._match_t3_in(j, joined, _JOIN_GAP_S)
+            found = self._match_t3_in(j, joined, _JOIN_GAP_S, t)
+        if found is None and last in room.on:
+            found = self._match_t3_in(j, tones, None, room)
         return found
 
-    def _match_t3_in(self, j: int, tones: Sequence[_Tone], gap_s: float | None) -> _Match | None:
-        t = self._t3
+    def _match_t3_in(
+        self, j: int, tones: Sequence[_Tone], gap_s: float | None, t: _Pattern
+    ) -> _Match | None:
         # Blips between the tones (a reverberant tail swelling again, a click of the
         # music) are skipped: T3 tones are long enough to tell apart from them.
         c = [x for x in self._strong(tones, t.horizon_s) if x.length_s in t.on]
@@ -760,6 +821,7 @@ class AlarmDetector:
             matched = [*c[i - 2 : i + 1], *c[first:]]
             if (
                 group is not None
+                and (t is self._t3 or self._paced(matched))
                 and self._even(j, matched, (c[i].end_s, b1.start_s), t, gap_s)
                 and self._partials(j, matched)
             ):
@@ -767,12 +829,42 @@ class AlarmDetector:
                 return _Match(error, self.settings.tolerance, matched)
         return None
 
+    def _paced(self, tones: list[_Tone]) -> bool:
+        """The onsets of a T3 match (three, then two) keep T3's pace.
+
+        A room's tail lengthens every tone and shortens every gap by as much: an alarm
+        drifted towards long tones or short gaps then leaves T3's windows (a 0.64 s tone
+        is tracked 0.74 s long at RT60 0.6 s). Its onsets do not move, so a T3 match with
+        tones up to ``_ROOM_S`` longer and gaps that much shorter is accepted when they
+        come at T3's pace (tone plus gap, within tolerance).
+        """
+        return all(
+            b.start_s - a.start_s in self._t3_period
+            for g in (tones[:3], tones[3:])
+            for a, b in itertools.pairwise(g)
+        )
+
     def _match_t4(self, j: int, tones: deque[_Tone]) -> _Match | None:
         """Two T4 groups with the pause between them (the second just ended)."""
+        # Cheap first: most short tones (speech, music) have no group of four around them.
+        last = tones[-1]
+        reach, floor, before = last.start_s - self._t4_reach, last.power * self._weaker, 0
+        low, high = self._t4_next
+        paced = False
+        for x in itertools.islice(reversed(tones), 1, None):
+            if x.start_s < reach:
+                break
+            if x.power >= floor:
+                before += 1
+                paced = paced or low <= last.start_s - x.start_s <= high
+        if before < 3 or not paced:
+            return None
         t = self._t4
         c = self._strong(tones, t.horizon_s)
+        if len(c) < 8:  # two groups of four, told by their lengths or by their onsets
+            return None
         first = len(c) - 4
-        b = self._match_group(c, first, 4, t) if first >= 4 else None
+        b = self._match_group(c, first, 4, t)
         if b is None:
             return self._match_t4_onsets(j, c)
         for i in self._after_pause(c[:first], c[first].start_s, t):
@@ -926,16 +1018,23 @@ class AlarmDetector:
         """
         s = self.settings
         last = tones[-1]
+        # A bin's tones do not overlap: the first one sets the longest span possible.
+        if last.end_s - tones[0].start_s < s.unclassified_min_s:
+            return None
         spread = _LENGTH_SLACK_S + 0.25 * last.length_s
-        chain = [
-            t
-            for t in self._strong(tones, s.unclassified_min_s + s.unclassified_max_gap_s)
-            if abs(t.length_s - last.length_s) <= spread and t.power >= last.power * 0.25
-        ]
-        i = len(chain) - 1
-        while i > 0 and chain[i].start_s - chain[i - 1].end_s <= s.unclassified_max_gap_s:
-            i -= 1
-        chain = chain[i:]
+        # Back from the last tone, while tones like it follow each other closely enough.
+        since = last.end_s - (s.unclassified_min_s + s.unclassified_max_gap_s)
+        low = max(last.power * self._weaker, last.power * 0.25)
+        chain = [last]
+        for t in itertools.islice(reversed(tones), 1, None):
+            if t.end_s < since:
+                break
+            if t.power < low or abs(t.length_s - last.length_s) > spread:
+                continue
+            if chain[-1].start_s - t.end_s > s.unclassified_max_gap_s:
+                break
+            chain.append(t)
+        chain.reverse()
         span = chain[-1].end_s - chain[0].start_s
         if span < s.unclassified_min_s or len(chain) < max(4, span / _PERIODIC_MAX_PERIOD_S):
             return None
@@ -957,8 +1056,15 @@ class AlarmDetector:
 
     def _check_continuous(self, f: int) -> list[Detection]:
         """``alarm_sound`` for a tone that has not stopped for ``unclassified_min_s``."""
-        long = self._active & self._in_alarm_band & (f - self._start >= self._continuous_frames)
-        if not long.any():
+        long = self._start <= f - self._continuous_frames
+        long &= self._active
+        long &= self._in_alarm_band
+        if not np.count_nonzero(long):
+            # None yet: look again when the earliest tone sounding now (or one that
+            # starts later) could have sounded long enough.
+            sounding = self._active & self._in_alarm_band
+            starts = self._start[sounding]
+            self._long_from = int(starts.min()) + self._continuous_frames if len(starts) else _NEVER
             return []
         j = int(np.flatnonzero(long)[np.argmax(self._peak[long])])
         if _db(float(self._peak_ratio[j])) < self.settings.unclassified_prominence_db:
@@ -978,7 +1084,7 @@ class AlarmDetector:
     def _refresh_episodes(self, f: int) -> None:
         now = f * _FRAME_S
         for kind, episode in list(self._episodes.items()):
-            if self._active[list(episode.bins)].any():
+            if np.count_nonzero(self._active[list(episode.bins)]):
                 episode.last_s = now
             elif now - episode.last_s > self.settings.cooldown_s:
                 logger.debug("%s episode over at %.2f s", kind, now)

@@ -13,6 +13,8 @@ from typing import Protocol
 
 import numpy as np
 
+from agent.audio.format import FRAME_SAMPLES
+
 
 @dataclass(frozen=True, slots=True)
 class Detection:
@@ -45,6 +47,37 @@ class Detector(Protocol):
     def reset(self) -> None:
         """Forget all state and restart the clock at 0 (a new stream)."""
         ...
+
+
+class FrameSpectrum:
+    """The Hann-windowed power spectrum of the 20 ms frame being analysed, shared.
+
+    The alarm and glass-break detectors both start from this FFT (50 Hz bins); holding one
+    ``FrameSpectrum`` between them (``EdgeSettings.detectors``), the second to see a frame
+    reuses the first's spectrum instead of paying for another FFT.
+    """
+
+    def __init__(self) -> None:
+        self.window = np.hanning(FRAME_SAMPLES + 2)[1:-1]
+        """The Hann window the spectrum is taken with (its scale sets band levels)."""
+        self._frame: np.ndarray | None = None
+        self._index = -1
+        self._power = np.zeros(FRAME_SAMPLES // 2 + 1)
+        self._windowed = np.zeros(FRAME_SAMPLES)
+        self._spectrum = np.zeros(FRAME_SAMPLES // 2 + 1, dtype=np.complex128)
+
+    def power(self, frame: np.ndarray, index: int) -> np.ndarray:
+        """``|rfft(frame * hann)|^2`` (read-only) of ``frame``, the caller's frame number
+        ``index`` since its last reset: a caller that refills one array in place for the
+        next frame must not get the last frame's spectrum."""
+        if frame is not self._frame or index != self._index:
+            np.multiply(frame, self.window, out=self._windowed)
+            parts = np.fft.rfft(self._windowed, out=self._spectrum).view(np.float64)
+            parts *= parts  # re^2, im^2 interleaved
+            power = parts[0::2] + parts[1::2]
+            power.flags.writeable = False
+            self._frame, self._index, self._power = frame, index, power
+        return self._power
 
 
 def check_settings(settings: object, limits: dict[str, tuple[float, float]]) -> None:

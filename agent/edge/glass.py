@@ -27,7 +27,7 @@ from enum import Enum
 import numpy as np
 
 from agent.audio.format import FRAME_SAMPLES, SAMPLE_RATE
-from agent.edge.base import Detection, check_settings
+from agent.edge.base import Detection, FrameSpectrum, check_settings
 from agent.edge.level import FLOOR_DBFS, FULL_SCALE
 
 log = logging.getLogger(__name__)
@@ -236,11 +236,14 @@ class GlassBreakDetector:
 
     name = "glass_break"
 
-    def __init__(self, settings: GlassBreakSettings | None = None) -> None:
+    def __init__(
+        self, settings: GlassBreakSettings | None = None, spectrum: FrameSpectrum | None = None
+    ) -> None:
+        """``spectrum``: shared with the other detectors of the stream (one FFT a frame)."""
         self.settings = s = settings or GlassBreakSettings()
-        self._window = np.hanning(FRAME_SAMPLES + 2)[1:-1]
+        self._spectrum = spectrum or FrameSpectrum()
         # Band mean squares from the one-sided power spectrum: 2 |X|^2 / (N sum w^2).
-        self._scale = 2.0 / (FRAME_SAMPLES * float(np.sum(self._window**2)))
+        self._scale = 2.0 / (FRAME_SAMPLES * float(np.sum(self._spectrum.window**2)))
         self._to_db = 10.0 * math.log10(self._scale / (FULL_SCALE * FULL_SCALE))
         self._low = _bins(s.low_band_hz)
         self._mid = _bins((1000.0, 4000.0))
@@ -295,17 +298,16 @@ class GlassBreakDetector:
                 f"expected {FRAME_SAMPLES} int16 samples, got {frame.dtype} {frame.shape}"
             )
         s = self.settings
+        power = self._spectrum.power(frame, self._samples // FRAME_SAMPLES)
         start = self._samples / SAMPLE_RATE
         self._samples += FRAME_SAMPLES
         now = self._samples / SAMPLE_RATE
-        x = frame.astype(np.float64)
-        spectrum = np.fft.rfft(x * self._window)
-        power = spectrum.real * spectrum.real + spectrum.imag * spectrum.imag
-        low = self._db(float(power[self._low[0] : self._low[1]].sum()))
+        # np.add.reduce is ndarray.sum without its Python wrapper (a frame's cost is in such).
+        low = self._db(float(np.add.reduce(power[self._low[0] : self._low[1]])))
         high_power = power[self._high[0] : self._high[1]]
         # Each sub-band's energy (a hair over zero, so that digital silence has a ratio).
         bands = np.add.reduceat(high_power, self._starts)
-        high = self._db(float(bands.sum()))
+        high = self._db(float(np.add.reduce(bands)))
         bands += _TINY
         floor_low = low if self._floor_low is None else self._floor_low
         recent = bands if self._recent_energy is None else self._recent_energy
@@ -353,7 +355,7 @@ class GlassBreakDetector:
             if active:
                 self._last_active_s = now
                 self._flatness.append(_flatness(high_power))
-                d = np.diff(x, 2)
+                d = np.diff(frame.astype(np.float64), 2)
                 rms = math.sqrt(float(np.dot(d, d)) / len(d))
                 crest = float(np.max(np.abs(d))) / rms if rms > 0 else 0.0
                 ratio = _peak_ratio(high_power)

@@ -79,19 +79,23 @@ class AWeightedMeter:
         window = np.hanning(n + 2)[1:-1]
         self._window = window
         self._weights = power / (n * float(np.sum(window * window)))
-        self._previous = np.zeros(frame_samples)
+        self._block = np.zeros(n)
+        """The previous frame then the current one, as float64, refilled in place."""
+        self._windowed = np.zeros(n)
+        self._spectrum = np.zeros(frame_samples + 1, dtype=np.complex128)
 
     def mean_square(self, frame: np.ndarray) -> float:
         """A-weighted mean square (int16 units squared) of the last two frames."""
-        current = frame.astype(np.float64)
-        block = np.concatenate((self._previous, current))
-        self._previous = current
-        spectrum = np.fft.rfft(block * self._window)
-        magnitude = spectrum.real * spectrum.real + spectrum.imag * spectrum.imag
-        return float(np.dot(magnitude, self._weights))
+        block, n = self._block, self.frame_samples
+        block[:n] = block[n:]
+        block[n:] = frame
+        np.multiply(block, self._window, out=self._windowed)
+        parts = np.fft.rfft(self._windowed, out=self._spectrum).view(np.float64)
+        parts *= parts  # re^2, im^2 interleaved
+        return float(np.dot(parts[0::2] + parts[1::2], self._weights))
 
     def reset(self) -> None:
-        self._previous = np.zeros(self.frame_samples)
+        self._block[:] = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -343,6 +347,7 @@ class MicFaultDetector:
 
     def __init__(self, settings: MicFaultSettings | None = None) -> None:
         self.settings = settings or MicFaultSettings()
+        self._clip_window = round(self.settings.clip_window_s * SAMPLE_RATE)
         self.reset()
 
     def reset(self) -> None:
@@ -358,13 +363,13 @@ class MicFaultDetector:
         start = self._samples / SAMPLE_RATE
         self._samples += len(frame)
         now = self._samples / SAMPLE_RATE
-        low, high = int(frame.min()), int(frame.max())
+        # Plain ufunc reductions: ndarray.min/max/sum add a Python layer, a frame's main cost.
+        low, high = int(np.minimum.reduce(frame)), int(np.maximum.reduce(frame))
         peak = max(-low, high)
         x = frame.astype(np.float64)
         mean_square = float(np.dot(x, x)) / len(x)
-        mean = float(x.sum()) / len(x)
+        mean = float(np.add.reduce(x)) / len(x)
         std = math.sqrt(max(0.0, mean_square - mean * mean))
-        level = dbfs(mean_square)
 
         silent = peak <= s.silent_peak
         stuck = not silent and (std <= s.stuck_std or abs(mean) >= s.stuck_offset * FULL_SCALE)
@@ -376,7 +381,7 @@ class MicFaultDetector:
         self._clips.append((clipped, len(frame), start))
         self._clip_count += clipped
         self._clip_total += len(frame)
-        window = round(s.clip_window_s * SAMPLE_RATE)
+        window = self._clip_window
         while self._clip_total - self._clips[0][1] >= window:
             old, n, _ = self._clips.popleft()
             self._clip_count -= old
@@ -384,54 +389,37 @@ class MicFaultDetector:
         fraction = self._clip_count / self._clip_total
         full_window = self._clip_total >= window - len(frame) // 2
 
+        # Details are written only for a detection: most frames report nothing.
         out: list[Detection] = []
-        exact = peak == 0 if silent else low == high
-        for fault, on, hold, confidence, detail in (
-            (
-                self._faults["mic_silent"],
-                silent,
-                s.silent_s,
-                1.0 if peak == 0 else 0.8,
-                f"peak {peak} LSB",
-            ),
-            (
-                self._faults["mic_stuck"],
-                stuck,
-                s.stuck_s,
-                1.0 if exact else 0.8,
-                f"mean {mean:.0f} LSB, std {std:.1f} LSB",
-            ),
-        ):
-            out += self._track(
-                fault,
-                on=on,
-                stays=on,
-                hold_s=hold,
-                clear_s=s.clear_s,
-                start=start,
-                now=now,
-                confidence=confidence,
-                level=level,
-                detail=detail,
-            )
-        clip = self._faults["mic_clipping"]
-        on = full_window and fraction >= s.clip_fraction
-        stays = fraction >= s.clip_fraction * s.clip_clear_ratio
-        if clip.since is None and on:
-            # Met over the window: it began with the window's first clipped frame.
-            clip.since = next(t for count, _, t in self._clips if count)
-        out += self._track(
-            clip,
-            on=on,
-            stays=stays,
-            hold_s=0.0,
-            clear_s=0.0,
+        fault = self._faults["mic_silent"]
+        if self._track(
+            fault,
+            on=silent,
+            stays=silent,
+            hold_s=s.silent_s,
+            clear_s=s.clear_s,
             start=start,
             now=now,
-            confidence=min(1.0, fraction / (2 * s.clip_fraction)),
-            level=level,
-            detail=f"{100 * fraction:.2f} % of samples clipped over {s.clip_window_s:g} s",
-        )
+        ):
+            confidence = 1.0 if peak == 0 else 0.8
+            out.append(self._detection(fault, now, confidence, mean_square, f"peak {peak} LSB"))
+        fault = self._faults["mic_stuck"]
+        if self._track(
+            fault, on=stuck, stays=stuck, hold_s=s.stuck_s, clear_s=s.clear_s, start=start, now=now
+        ):
+            exact = peak == 0 if silent else low == high
+            detail = f"mean {mean:.0f} LSB, std {std:.1f} LSB"
+            out.append(self._detection(fault, now, 1.0 if exact else 0.8, mean_square, detail))
+        fault = self._faults["mic_clipping"]
+        on = full_window and fraction >= s.clip_fraction
+        stays = fraction >= s.clip_fraction * s.clip_clear_ratio
+        if fault.since is None and on:
+            # Met over the window: it began with the window's first clipped frame.
+            fault.since = next(t for count, _, t in self._clips if count)
+        if self._track(fault, on=on, stays=stays, hold_s=0.0, clear_s=0.0, start=start, now=now):
+            confidence = min(1.0, fraction / (2 * s.clip_fraction))
+            detail = f"{100 * fraction:.2f} % of samples clipped over {s.clip_window_s:g} s"
+            out.append(self._detection(fault, now, confidence, mean_square, detail))
         return out
 
     def _track(
@@ -444,41 +432,38 @@ class MicFaultDetector:
         clear_s: float,
         start: float,
         now: float,
-        confidence: float,
-        level: float,
-        detail: str,
-    ) -> list[Detection]:
-        """Advance one fault's state; a detection when it has held for ``hold_s``."""
+    ) -> bool:
+        """Advance one fault's state; True when it is to be reported: it has held for
+        ``hold_s`` (or, with ``repeat_s``, goes on)."""
         if fault.active:
             if stays:
                 fault.normal_since = None
                 if self.settings.repeat_s > 0 and now - fault.reported_at >= self.settings.repeat_s:
                     fault.reported_at = now
-                    return [self._detection(fault, now, confidence, level, detail)]
-                return []
+                    return True
+                return False
             if fault.normal_since is None:
                 fault.normal_since = start
             if now - fault.normal_since >= clear_s:
                 fault.active = False
                 fault.since = None
                 fault.normal_since = None
-            return []
+            return False
         if not on:
             fault.since = None
-            return []
+            return False
         if fault.since is None:
             fault.since = start
         if now - fault.since < hold_s - 1e-9:
-            return []
+            return False
         fault.active = True
         fault.reported_at = now
         fault.normal_since = None
-        return [self._detection(fault, now, confidence, level, detail)]
+        return True
 
     def _detection(
-        self, fault: _Fault, now: float, confidence: float, level: float, detail: str
+        self, fault: _Fault, now: float, confidence: float, mean_square: float, detail: str
     ) -> Detection:
         since = fault.since if fault.since is not None else now
-        return Detection(
-            self.name, fault.kind, since, now, round(confidence, 3), round(level, 1), detail
-        )
+        level = round(dbfs(mean_square), 1)
+        return Detection(self.name, fault.kind, since, now, round(confidence, 3), level, detail)

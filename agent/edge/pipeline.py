@@ -15,7 +15,7 @@ import numpy as np
 from agent.audio.format import FRAME_BYTES
 from agent.edge.alarm import AlarmDetector, AlarmSettings
 from agent.edge.alerts import MAX_TEXT, Alert, Severity, new_alert_id
-from agent.edge.base import Detection, Detector
+from agent.edge.base import Detection, Detector, FrameSpectrum
 from agent.edge.glass import GlassBreakDetector, GlassBreakSettings
 from agent.edge.level import (
     LevelMeter,
@@ -61,11 +61,13 @@ class EdgeSettings:
             raise ValueError(f"unknown detector(s) {unknown}: choose from {', '.join(DETECTORS)}")
 
     def detectors(self) -> list[Detector]:
+        """The enabled detectors of one stream: fed the same frames, they share its FFT."""
+        spectrum = FrameSpectrum()
         made: dict[str, Detector] = {
-            "alarm": AlarmDetector(self.alarm),
+            "alarm": AlarmDetector(self.alarm, spectrum),
             "loud_noise": LoudNoiseDetector(self.loud_noise),
             "mic_fault": MicFaultDetector(self.mic_fault),
-            "glass_break": GlassBreakDetector(self.glass_break),
+            "glass_break": GlassBreakDetector(self.glass_break, spectrum),
             "voice": VoiceActivityDetector(self.voice),
         }
         return [made[name] for name in DETECTORS if name in self.enabled]
