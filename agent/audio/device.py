@@ -658,7 +658,9 @@ class AlsaPlayback(_DeviceStream):
         self._underruns = 0  # written only by the PortAudio thread
         self._underruns_seen = 0
         self._period = config.frames_per_buffer / SAMPLE_RATE
-        self._lead = min(config.lead_ms / 1000, self._period)
+        self._lead_floor = min(config.lead_ms / 1000, self._period)
+        self._lead_step = config.lead_step_ms / 1000
+        self._lead = self._lead_floor
         self._lead_since = 0.0  # loop time the lead last changed
         self._returned = 0.0  # loop time write() last returned
         self._callback_gap = 0.0  # seconds between the device's last two callbacks
@@ -703,9 +705,9 @@ class AlsaPlayback(_DeviceStream):
         if self._underruns != self._underruns_seen:
             self._underruns_seen = self._underruns
             if self._returned > now - _WRITER_IDLE_S:
-                lead = min(cap, lead + self.config.lead_step_ms / 1000)
-        elif lead > self.config.lead_ms / 1000 and now - self._lead_since > _LEAD_RELAX_S:
-            lead = max(self.config.lead_ms / 1000, lead - self.config.lead_step_ms / 1000)
+                lead = min(cap, lead + self._lead_step)
+        elif lead > self._lead_floor and now - self._lead_since > _LEAD_RELAX_S:
+            lead = max(self._lead_floor, lead - self._lead_step)
         if lead != self._lead:
             logger.info("playback lead %.0f -> %.0f ms", 1000 * self._lead, 1000 * lead)
             self._lead, self._lead_since = lead, now

@@ -48,6 +48,7 @@ until they have been silent for ``cooldown_s``.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import math
@@ -256,6 +257,12 @@ class _Window:
     def error(self, value: float) -> float:
         return abs(value - self.nominal) / self.nominal
 
+    def widened(self, *, shorter: float = 0.0, longer: float = 0.0) -> _Window:
+        """This window, also taking values up to ``shorter`` below and ``longer`` above it."""
+        wide = _Window(self.nominal, 0.0, 0.0)
+        wide.low, wide.high = self.low - shorter, self.high + longer
+        return wide
+
 
 @dataclass(frozen=True, slots=True)
 class _Pattern:
@@ -359,14 +366,11 @@ class AlarmDetector:
             _Window(s.t4_pause_s, tol, slack),
         )
         # In a room: T3 tones longer and gaps shorter by a tail, at T3's pace (``_paced``).
-        self._t3_room = _Pattern(
-            3,
-            _Window(s.t3_on_s, tol, slack),
-            _Window(s.t3_gap_s, tol, slack),
-            _Window(s.t3_pause_s, tol, slack),
+        self._t3_room = dataclasses.replace(
+            self._t3,
+            on=self._t3.on.widened(longer=_ROOM_S),
+            gap=self._t3.gap.widened(shorter=_ROOM_S),
         )
-        self._t3_room.on.high += _ROOM_S
-        self._t3_room.gap.low -= _ROOM_S
         self._t3_period = _Window(s.t3_on_s + s.t3_gap_s, tol, slack)
         # T4's pace: from one tone's onset to the next.
         self._t4_period = _Window(s.t4_on_s + s.t4_gap_s, tol, slack)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from agent.audio.format import SAMPLE_RATE
-from agent.edge.base import Detection, check_settings
+from agent.edge.base import Detection, check_settings, power_spectrum
 
 FULL_SCALE = 32768.0
 FLOOR_DBFS = -140.0
@@ -89,10 +89,8 @@ class AWeightedMeter:
         block, n = self._block, self.frame_samples
         block[:n] = block[n:]
         block[n:] = frame
-        np.multiply(block, self._window, out=self._windowed)
-        parts = np.fft.rfft(self._windowed, out=self._spectrum).view(np.float64)
-        parts *= parts  # re^2, im^2 interleaved
-        return float(np.dot(parts[0::2] + parts[1::2], self._weights))
+        power = power_spectrum(block, self._window, self._windowed, self._spectrum)
+        return float(np.dot(power, self._weights))
 
     def reset(self) -> None:
         self._block[:] = 0.0
