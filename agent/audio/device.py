@@ -1,8 +1,10 @@
 """ALSA capture and playback through PortAudio callbacks, found by name, surviving unplugs.
 
-PortAudio calls us on its own thread; the callbacks only move bytes and hand
-the event to the loop (``_Waker``, a ``call_soon_threadsafe`` that wakes the
-loop once for the capture and playback callbacks it has not run yet).
+PortAudio calls us on its own thread; the callbacks only move bytes, note the
+time (``_note_callback``) and hand the event to the loop (``_Waker``, a
+``call_soon_threadsafe`` that wakes the loop once for the callbacks it has not
+run yet). Capture wakes the loop with every buffer; playback only when the loop
+waits for one of its callbacks, since its writer runs on a timer of its own.
 Everything else (queues, resampling, counters, recovery) happens on the loop.
 
 When a stream dies (stopped by PortAudio, a run of error callbacks, no
@@ -28,6 +30,7 @@ import functools
 import logging
 import os
 import re
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -252,10 +255,9 @@ class _Waker:
     device callbacks, shared by every stream on one loop.
 
     ``call_soon_threadsafe`` makes a handle and writes a byte to the loop's self-pipe for
-    every call, and the loop then reads that pipe until it is empty. Two devices call back
-    every 20 ms; here a call that finds the loop already woken and not yet run adds itself to
-    that wake-up (capture and playback periods that end close together cost one), and the
-    loop reads the pipe once per wake-up.
+    every call, and the loop then reads that pipe until it is empty. Here a call that finds
+    the loop already woken and not yet run adds itself to that wake-up (callbacks that come
+    close together cost one), and the loop reads the pipe once per wake-up.
     """
 
     _by_loop: ClassVar[dict[asyncio.AbstractEventLoop, _Waker]] = {}
@@ -336,7 +338,8 @@ class _DeviceStream(abc.ABC):
         self._healthy = False
         self._closed = False
         self._generation = 0
-        self._last_callback = 0.0
+        # Written by the PortAudio thread while a stream runs (``_note_callback``).
+        self._last_callback = 0.0  # time.monotonic()
         self._error_callbacks = 0
         self._supervisor: asyncio.Task[None] | None = None
         self._waker: _Waker | None = None
@@ -479,19 +482,25 @@ class _DeviceStream(abc.ABC):
     def _install(self, opened: _Opened, *, healthy: bool) -> None:
         self._opened = opened
         self._error_callbacks = 0
-        assert self._loop is not None
-        self._last_callback = self._loop.time()
+        self._last_callback = time.monotonic()
         self._healthy = healthy
 
-    # -- called on the loop by the PortAudio callbacks ---------------------------------------
+    # -- the PortAudio callbacks' side ---------------------------------------------------------
 
-    def _callback_arrived(self, gen: int, status: int) -> bool:
-        """Book-keeping for one callback; False if it belongs to a stream we dropped."""
+    def _note_callback(self, gen: int, status: int) -> bool:
+        """PortAudio thread: book-keeping for one callback (attributes the loop only reads);
+        False if it belongs to a stream we dropped."""
         if gen != self._generation or self._closed:
             return False
-        assert self._loop is not None
-        self._last_callback = self._loop.time()
+        self._last_callback = time.monotonic()
         self._error_callbacks = self._error_callbacks + 1 if status & ERROR_FLAGS else 0
+        return True
+
+    def _callback_arrived(self, gen: int) -> bool:
+        """Loop: a callback of stream ``gen`` came; False if it belongs to a stream we
+        dropped."""
+        if gen != self._generation or self._closed:
+            return False
         if not self._healthy and self._opened is not None:
             # A re-opened stream counts as back once it actually calls us.
             self._healthy = True
@@ -522,7 +531,7 @@ class _DeviceStream(abc.ABC):
             return "stream stopped"
         if self._error_callbacks >= _MAX_ERROR_CALLBACKS:
             return f"{self._error_callbacks} callbacks in a row lost samples"
-        silent_for = self._loop.time() - self._last_callback
+        silent_for = time.monotonic() - self._last_callback
         if silent_for > self.config.stall_timeout_s:
             return f"no callback for {silent_for:.1f} s"
         return None
@@ -608,6 +617,8 @@ class AlsaCapture(_DeviceStream):
 
         def on_input(data: bytes, status: int) -> bool:
             # PortAudio thread: hand over and return.
+            if not self._note_callback(gen, status):
+                return True  # a stream we dropped: it is being closed
             try:
                 waker.call(deliver, gen, rate, data, status)
             except RuntimeError:  # the loop is closed: nobody is listening any more
@@ -621,7 +632,7 @@ class AlsaCapture(_DeviceStream):
         self._ready.set()
 
     def _deliver(self, gen: int, rate: int, data: bytes, status: int) -> None:
-        if not self._callback_arrived(gen, status):
+        if not self._callback_arrived(gen):
             return
         if self.config.channels > 1:
             data = _pick_channel(data, self.config.channel, self.config.channels)
@@ -661,9 +672,10 @@ class AlsaPlayback(_DeviceStream):
         self._lead_floor = min(config.lead_ms / 1000, self._period)
         self._lead_step = config.lead_step_ms / 1000
         self._lead = self._lead_floor
-        self._lead_since = 0.0  # loop time the lead last changed
-        self._returned = 0.0  # loop time write() last returned
+        self._lead_since = 0.0  # time.monotonic() the lead last changed
+        self._returned = 0.0  # time.monotonic() write() last returned
         self._callback_gap = 0.0  # seconds between the device's last two callbacks
+        self._waiting = False  # the loop waits for a callback to take a frame
 
     @property
     def stats(self) -> PlaybackStats:
@@ -693,14 +705,22 @@ class AlsaPlayback(_DeviceStream):
         self._buffer.extend(chunks)
         self._primed = True
         self._played += 1
-        await self._until_due(self._loop)
+        await self._until_due()
 
-    async def _until_due(self, loop: asyncio.AbstractEventLoop) -> None:
+    async def _until_room(self, queued: int) -> None:
+        """Wait until at most ``queued`` chunks are left (or the device is gone)."""
+        # Set before looking: a callback that takes a chunk after we looked then wakes us.
+        self._waiting = True
+        try:
+            while self._healthy and len(self._buffer) > queued:
+                self._space.clear()
+                await self._space.wait()
+        finally:
+            self._waiting = False
+
+    async def _until_due(self) -> None:
         """Wait until the device has room and its next callback is ``lead`` away."""
-        while self._healthy and len(self._buffer) >= self.config.prefill_frames:
-            self._space.clear()
-            await self._space.wait()
-        now = loop.time()
+        now = time.monotonic()
         lead, cap = self._lead, self._period
         if self._underruns != self._underruns_seen:
             self._underruns_seen = self._underruns
@@ -711,11 +731,20 @@ class AlsaPlayback(_DeviceStream):
         if lead != self._lead:
             logger.info("playback lead %.0f -> %.0f ms", 1000 * self._lead, 1000 * lead)
             self._lead, self._lead_since = lead, now
-        # An unpaced device (a file PCM) calls back at once: nothing to wait for.
-        due = self._last_callback + min(cap, self._callback_gap) - lead
+        # Each chunk queued beyond what prefill_frames allows goes at one callback: sleep
+        # through them to ``lead`` before the next, a timer and not a wake-up per callback.
+        gap = min(cap, self._callback_gap)  # 0 on an unpaced device (a file PCM)
+        over = max(0, len(self._buffer) - self.config.prefill_frames + 1)
+        due = self._last_callback + (1 + over) * gap - lead
         if self._healthy and due > now:
             await asyncio.sleep(due - now)
-        self._returned = loop.time()
+        if self._healthy and len(self._buffer) >= self.config.prefill_frames:
+            # The device is late (or unpaced): its next callback makes room.
+            await self._until_room(self.config.prefill_frames - 1)
+            due = self._last_callback + gap - lead
+            if self._healthy and due > (now := time.monotonic()):
+                await asyncio.sleep(due - now)
+        self._returned = time.monotonic()
 
     async def close(self) -> None:
         """Play what is queued (if the device is taking audio), then close."""
@@ -723,9 +752,7 @@ class AlsaPlayback(_DeviceStream):
             # Bounded: a device that stalls now must not hold up shutdown.
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(0.5 + 0.04 * len(self._buffer)):
-                    while self._healthy and self._buffer:
-                        self._space.clear()
-                        await self._space.wait()
+                    await self._until_room(0)
         await super().close()
 
     def _open_stream(self, pa: PortAudio, device: DeviceInfo, rate: int, gen: int) -> Stream:
@@ -739,14 +766,20 @@ class AlsaPlayback(_DeviceStream):
 
         def on_output(frame_count: int, status: int) -> bytes:
             # PortAudio thread: one queued chunk per call, silence if there is none.
-            try:
-                data = self._buffer.popleft() if gen == self._generation else silence
-            except IndexError:
-                data = silence
-                if self._primed:
-                    self._underruns += 1
-            with contextlib.suppress(RuntimeError):  # loop closed: the stream is being closed
-                waker.call(freed, gen, status)
+            previous = self._last_callback
+            data = silence
+            if self._note_callback(gen, status):
+                self._callback_gap = self._last_callback - previous
+                try:
+                    data = self._buffer.popleft()
+                except IndexError:
+                    if self._primed:
+                        self._underruns += 1
+                # The writer sleeps on its own timer (_until_due): only a loop waiting for
+                # room, or for a re-opened device to call, needs waking.
+                if self._waiting or not self._healthy:
+                    with contextlib.suppress(RuntimeError):  # loop closed: stream closing
+                        waker.call(freed, gen)
             if len(data) != frame_count * frame_bytes:
                 data = data[: frame_count * frame_bytes].ljust(frame_count * frame_bytes, b"\0")
             return data
@@ -763,8 +796,6 @@ class AlsaPlayback(_DeviceStream):
     def _wake(self) -> None:
         self._space.set()
 
-    def _freed(self, gen: int, status: int) -> None:
-        previous = self._last_callback
-        if self._callback_arrived(gen, status):
-            self._callback_gap = self._last_callback - previous
+    def _freed(self, gen: int) -> None:
+        if self._callback_arrived(gen):
             self._space.set()
