@@ -6,12 +6,14 @@ from hypothesis import strategies as st
 
 from agent.media.red import (
     MAX_DISTANCE,
+    MAX_REACH,
     RedBlock,
     RedEncoder,
     RedError,
     decode_red,
     encode_red,
     split_red,
+    spread_offsets,
 )
 
 
@@ -171,13 +173,14 @@ def test_round_trip(pt: int, primary: bytes, redundant: list[tuple[int, bytes]])
 
 @given(
     st.integers(0, 3),
+    st.integers(0, 4),
     st.integers(0, 0xFFFFFFFF),
     st.lists(st.tuples(st.integers(1, 3000), st.binary(max_size=20)), min_size=1, max_size=8),
 )
 def test_encoder_blocks_reconstruct_their_timestamps(
-    distance: int, start: int, frames: list[tuple[int, bytes]]
+    distance: int, further: int, start: int, frames: list[tuple[int, bytes]]
 ) -> None:
-    enc = RedEncoder(distance)
+    enc = RedEncoder(distance, reach=distance + further)
     sent: dict[int, bytes] = {}
     ts = start
     for step, payload in frames:
@@ -219,3 +222,50 @@ def test_encoder_distance_can_change_mid_stream() -> None:
     assert [b.timestamp_offset for b in decode_red(enc.encode(5 * 960, b"\x06" * 10))] == [960, 0]
     with pytest.raises(ValueError):
         enc.set_distance(MAX_DISTANCE + 1)
+
+
+def test_spread_offsets_reach_out_in_geometric_steps() -> None:
+    assert spread_offsets(5, 8) == (8, 5, 3, 2, 1)
+    assert spread_offsets(5, 5) == (5, 4, 3, 2, 1)  # contiguous, as browsers send
+    assert spread_offsets(3, 8) == (8, 3, 1)
+    assert spread_offsets(1, 1) == (1,)
+    assert spread_offsets(0, 0) == ()
+    with pytest.raises(ValueError, match="reach"):
+        spread_offsets(5, 4)
+    with pytest.raises(ValueError, match="reach"):
+        spread_offsets(5, MAX_REACH + 1)
+
+
+def _unrecovered(enc: RedEncoder, lost: range, frames: int = 40) -> list[int]:
+    """Frames of which no copy arrives when the packets in ``lost`` are lost."""
+    got: set[int] = set()
+    for n in range(frames):
+        payload = enc.encode(960 * n, n.to_bytes(2, "big"))
+        if n not in lost:
+            got.update(int.from_bytes(b.payload, "big") for b in decode_red(payload))
+    return [n for n in range(frames) if n not in got]
+
+
+def test_a_burst_as_long_as_the_reach_loses_no_frame() -> None:
+    assert _unrecovered(RedEncoder(5, reach=8), range(10, 18)) == []
+    # The same five copies side by side lose the burst's first three frames.
+    assert _unrecovered(RedEncoder(5), range(10, 18)) == [10, 11, 12]
+    # One packet more than the reach: only the burst's first frame is gone.
+    assert _unrecovered(RedEncoder(5, reach=8), range(10, 19)) == [10]
+
+
+def test_reach_can_change_mid_stream() -> None:
+    enc = RedEncoder(2)
+    for n in range(10):
+        enc.encode(n * 960, bytes([n + 1]) * 10)
+    enc.set_distance(5, 8)
+    assert (enc.distance, enc.reach) == (5, 8)
+    offsets = [b.timestamp_offset // 960 for b in decode_red(enc.encode(10 * 960, b"x"))]
+    assert offsets == [2, 1, 0]  # only the two frames kept so far
+    for n in range(11, 19):
+        blocks = decode_red(enc.encode(n * 960, b"x"))
+    assert [b.timestamp_offset // 960 for b in blocks] == [8, 5, 3, 2, 1, 0]
+    enc.set_distance(2)
+    assert (enc.distance, enc.reach) == (2, 2)
+    blocks = decode_red(enc.encode(19 * 960, b"y"))
+    assert [b.timestamp_offset // 960 for b in blocks] == [2, 1, 0]

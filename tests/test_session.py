@@ -104,6 +104,20 @@ async def test_fec_follows_reported_loss_without_red() -> None:
         assert c.b.stats.red_recovered == 0
 
 
+@pytest.mark.parametrize(("reach", "target_ms"), [(8, 180.0), (5, 120.0)])
+async def test_under_heavy_loss_red_reaches_back_and_the_peer_waits_for_its_copies(
+    reach: int, target_ms: float
+) -> None:
+    # Five copies reaching back `reach` frames: the receiver's buffer holds that many frames
+    # plus the one being played, so that a copy arrives before its frame is due.
+    config = MediaConfig(red_reach=reach, rtcp_interval_s=0.2, media_timeout_s=1.0)
+    async with _call(Impairment(loss=0.15, mean_burst=3.0, seed=3), config) as c:
+        await _wait_for(lambda: c.b.stats.jitter_target_ms >= target_ms)
+        await asyncio.sleep(0.5)
+        assert c.b.stats.jitter_target_ms == target_ms
+        assert c.b.stats.red_recovered > 0
+
+
 async def test_hangup_reaches_the_peer_as_bye(call: Call) -> None:
     await _wait_for(lambda: call.b.stats.packets_received > 10)
     assert await call.a.close() is EndReason.LOCAL_HANGUP
