@@ -164,6 +164,36 @@ def test_t3_drifted_to_long_tones_in_a_reverberant_room() -> None:
     assert_one(detect(x), "smoke_alarm", within_s=8.0)
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_t4_whose_first_group_only_is_split_is_found_in_the_first_cycles(seed: int) -> None:
+    """Only the first group has a tone cut in two (speech masking it once): the second
+    group matches by its tones' lengths, and the first by its onsets (a cycle later before)."""
+    rng = np.random.default_rng(seed)
+    seconds = CLIP - AT - 2
+    segments = sounds.temporal(rng, "co_alarm", seconds, on_scale=1.3, jitter=0.0)
+    a, b = segments[1]
+    middle = (a + b) / 2
+    segments[1:2] = [(a, middle - 0.025), (middle + 0.025, b)]
+    tone = sounds.beeps(segments, seconds, 2900.0)
+    x = sounds.to_int16(sounds.mix(tone, quiet(rng, CLIP), 30, AT), -30)
+    assert_one(detect(x), "co_alarm", within_s=7.0)
+
+
+@pytest.mark.parametrize("rt60_s", [0.7, 0.8])
+@pytest.mark.parametrize("seed", range(4))
+def test_t4_whose_tones_a_reverberant_room_merges(rt60_s: float, seed: int) -> None:
+    """Long tones, short gaps (0.13 s, 0.07 s) and a long tail: the tail fills the gaps and
+    a group is tracked as one tone, but each tone's onset still rises out of the tail at
+    T4's pace. Found in the first two cycles (half of these were missed or a cycle late)."""
+    rng = np.random.default_rng(50 + seed)
+    segments = sounds.temporal(
+        rng, "co_alarm", CLIP - AT - 2, on_scale=1.3, gap_scale=0.7, jitter=0.0
+    )
+    wet = sounds.reverb(rng, sounds.beeps(segments, CLIP - AT - 2, 3100.0), rt60_s=rt60_s)
+    x = sounds.to_int16(sounds.mix(wet, quiet(rng, CLIP), 20, AT), -30)
+    assert_one(detect(x), "co_alarm", within_s=7.0)
+
+
 @pytest.mark.parametrize("kind", ["smoke_alarm", "co_alarm"])
 @pytest.mark.parametrize("background", ["white", "pink", "household", "music"])
 @pytest.mark.parametrize("seed", range(2))

@@ -21,10 +21,15 @@ Rooms and low SNR: a tone that falls soon after its onset but stays prominent is
 trial (``settle_frames``) rather than ended, for the reflections may cancel part of the
 direct sound while it lasts; and a T4 match whose tones are uneven or whose pause holds
 speech is still accepted when the bin's stored prominence contrasts sharply between the
-tones and the pause (``_contrast``: a matched filter over the cycle). Speech and TV at
+tones and the pause (``_contrast``: a matched filter over the cycle); T4 groups that
+do not match by their tones' lengths and gaps (a tone cut in two, a blip between two)
+are matched by their onsets' pace (``_match_t4_onsets``). Speech and TV at
 low SNR cut T3 tones into pieces: if the tones as tracked do not match, they are
 matched again with the pieces joined (``_join``). A room's tail also lengthens T3 tones
 and shortens their gaps: a T3 off by that much is accepted at T3's pace (``_paced``).
+A longer tail fills T4's 0.1 s gaps and merges a group's tones into one, but each tone
+still rises sharply out of the tail: T4 also sees such a tone cut at those onsets
+(``_pieces``).
 
 Per-bin tracking means a 520 Hz square wave is tracked at its fundamental and each odd
 harmonic separately; whichever is clearest over the background matches. At low SNR
@@ -408,6 +413,13 @@ class AlarmDetector:
         # Each bin's prominence over the last T4 cycle and more, for ``_contrast``.
         self._history = np.zeros((self._history_frames, n), dtype=np.float32)
         self._tones: dict[int, deque[_Tone]] = {}
+        # Each bin's level in the last two frames (raised by ``onset_db``); the onsets inside
+        # its sounding tone; its tones as T4 sees them where a room's tail merged some and
+        # when the last such tone ended (see ``_pieces``).
+        self._recent = np.zeros((2, n))
+        self._reonsets: dict[int, list[int]] = {}
+        self._split: dict[int, deque[_Tone]] = {}
+        self._cut_s: dict[int, float] = {}
         self._episodes: dict[str, _Episode] = {}
 
     # --- per frame --------------------------------------------------------------------
@@ -474,6 +486,14 @@ class AlarmDetector:
         # the music under the alarm) starts a tone of its own.
         jump = active & tonal
         jump &= peak >= ref * self._onset
+        # A sounding tone rising ``onset_db`` out of its last two frames, back to its level.
+        rise = np.minimum(self._recent[0], self._recent[1])
+        np.maximum(rise, ref, out=rise)
+        rise = rise <= peak
+        rise &= active
+        np.multiply(peak, self._onset, out=self._recent[f % 2])
+        if np.count_nonzero(rise):
+            self._note_onsets(f, rise.nonzero()[0])
         # On bool arrays ``a > b`` is ``a & ~b`` in one numpy call instead of two.
         holding = active & kept
         np.greater(holding, falling | jump, out=holding)
@@ -547,6 +567,18 @@ class AlarmDetector:
             self._refresh_episodes(f)
         return out
 
+    def _note_onsets(self, f: int, rising: np.ndarray) -> None:
+        """Onsets inside sounding tones, each at T4's pace from the one before and standing
+        ``_TRIAL_PROMINENCE_DB`` out (a room's tail filling the gap is a pure tone too)."""
+        step = self._t4_period
+        for j in rising.tolist():
+            if not self._in_alarm_band.item(j) or self._ratio_now.item(j) <= self._trial_ratio:
+                continue
+            onsets = self._reonsets.setdefault(j, [])
+            last = onsets[-1] if onsets else self._start.item(j)
+            if step.low <= (f - last) * _FRAME_S <= step.high:
+                onsets.append(f)
+
     def _put_on_trial(self, f: int, fell: np.ndarray, peak: np.ndarray, waiting: list[int]) -> None:
         """Tones that fell soon after their onset but stay prominent go on trial."""
         for j in fell.tolist():
@@ -607,6 +639,7 @@ class AlarmDetector:
 
     def _tone_ended(self, j: int, f: int) -> list[Detection]:
         start, last = self._start.item(j), self._last_on.item(j)
+        onsets = [x for x in self._reonsets.pop(j, ()) if x <= last]
         if last + 1 - start < self.settings.min_tone_frames:
             return []
         tone = _Tone(
@@ -629,12 +662,20 @@ class AlarmDetector:
         out: list[Detection] = []
         if not self._in_alarm_band.item(j):
             return out
+        split = self._pieces(j, tones, start, onsets) if onsets or j in self._split else None
         # Cheap tests first: most tones (music, speech) are not of any pattern's length.
         found: _Match | None = None
         if tone.length_s in self._t4.on:
             found = self._match_t4(j, tones)
-            if found is not None:
-                out += self._report("co_alarm", j, now, found)
+        if (
+            found is None
+            and split is not None
+            and (onsets or tone.length_s in self._t4.on)
+            and self._group_near(split)
+        ):
+            found = self._match_t4_onsets(j, self._strong(split, self._t4.horizon_s))
+        if found is not None:
+            out += self._report("co_alarm", j, now, found)
         # A T3 tone ends, whole or in pieces (a T4 group joined is no T3: no 0.5 s gaps).
         if found is None and (
             tone.length_s in self._t3_room.on or self._joined_length(tones) in self._t3.on
@@ -647,6 +688,51 @@ class AlarmDetector:
             if found is not None:
                 out += self._report("alarm_sound", j, now, found)
         return out
+
+    def _pieces(
+        self, j: int, tones: deque[_Tone], start: int, onsets: list[int]
+    ) -> deque[_Tone] | None:
+        """The bin's tones as T4 sees them, or None while none within T4's reach had
+        onsets inside it.
+
+        A room's tail longer than T4's 0.1 s gaps merges a group's four tones into one
+        (RT60 0.45-0.8 s), but each tone still rises sharply out of the tail, at T4's pace.
+        Cut at those ``onsets`` (frames), the pieces are the group's tones again, each
+        lasting until two frames before the next onset (the gap is lost in the tail), the
+        last no longer. They are matched by their onsets only (``_match_t4_onsets``, with
+        its contrast check); T3 and the other patterns keep the tones whole.
+        """
+        split = self._split.get(j)
+        whole = tones[-1]
+        if not onsets:
+            if split is None:
+                return None
+            if whole.end_s - self._cut_s[j] > self._t4.horizon_s:  # no piece within reach
+                del self._split[j], self._cut_s[j]
+                return None
+            split.append(whole)
+        else:
+            self._cut_s[j] = whole.end_s
+            if split is None:
+                split = self._split[j] = deque(itertools.islice(tones, len(tones) - 1), 256)
+            starts = [start, *onsets]
+            longest = max(b - a for a, b in itertools.pairwise(starts)) - 2
+            ends = [x - 2 for x in onsets] + [
+                min(round(whole.end_s / _FRAME_S), onsets[-1] + longest)
+            ]
+            for a, b in zip(starts, ends, strict=True):
+                split.append(
+                    _Tone(
+                        a * _FRAME_S,
+                        b * _FRAME_S,
+                        whole.power,
+                        whole.prominence_db,
+                        (b - a) * _FRAME_S,
+                    )
+                )
+        while split and split[0].end_s < whole.end_s - _KEEP_S:
+            split.popleft()
+        return split
 
     def _match_group(self, tones: list[_Tone], first: int, count: int, t: _Pattern) -> float | None:
         """Largest timing error of ``count`` tones from index ``first`` as one group, or None."""
@@ -848,9 +934,9 @@ class AlarmDetector:
             for a, b in itertools.pairwise(g)
         )
 
-    def _match_t4(self, j: int, tones: deque[_Tone]) -> _Match | None:
-        """Two T4 groups with the pause between them (the second just ended)."""
-        # Cheap first: most short tones (speech, music) have no group of four around them.
+    def _group_near(self, tones: deque[_Tone]) -> bool:
+        """Three tones about as loud as the last one within a T4 group's reach before it,
+        one of them at T4's pace: a cheap test most short tones (speech, music) fail."""
         last = tones[-1]
         reach, floor, before = last.start_s - self._t4_reach, last.power * self._weaker, 0
         low, high = self._t4_next
@@ -861,7 +947,11 @@ class AlarmDetector:
             if x.power >= floor:
                 before += 1
                 paced = paced or low <= last.start_s - x.start_s <= high
-        if before < 3 or not paced:
+        return before >= 3 and paced
+
+    def _match_t4(self, j: int, tones: deque[_Tone]) -> _Match | None:
+        """Two T4 groups with the pause between them (the second just ended)."""
+        if not self._group_near(tones):
             return None
         t = self._t4
         c = self._strong(tones, t.horizon_s)
@@ -883,7 +973,9 @@ class AlarmDetector:
             ):
                 error = max(a, b, t.pause.error(c[first].start_s - c[i].end_s))
                 return _Match(error, self.settings.tolerance, matched)
-        return None
+        # The last four make a group but no first group matches them: blips may sit
+        # between its tones (speech cutting them), which only the onsets see past.
+        return self._match_t4_onsets(j, c)
 
     def _onset_group(self, c: list[_Tone], last: int, period: float | None) -> list[int] | None:
         """Indices of four tones up to ``c[last]`` whose onsets are evenly spaced at T4's
